@@ -1,0 +1,69 @@
+"""The two public conversion calls. torch is imported only when torch tensors are asked for."""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+from convert.mapping import (ConversionError, infer_config, params_to_state_dict, state_dict_to_params,
+                             strip_wrapper_prefixes)
+
+
+def _to_numpy(value: Any, key: str) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor; bf16/fp16 go through float32 (NumPy has no bfloat16)
+        t = value.detach().cpu()
+        if not t.is_floating_point():
+            return t.numpy()
+        return t.float().numpy()
+    try:
+        arr = np.asarray(value)
+    except Exception as e:  # noqa: BLE001
+        raise ConversionError(f"value of key {key!r} is not an array ({type(value).__name__})") from e
+    if arr.dtype == object:
+        raise ConversionError(f"value of key {key!r} is not an array ({type(value).__name__})")
+    return arr.astype(np.float32) if np.issubdtype(arr.dtype, np.floating) else arr
+
+
+def select_state_dict(obj: Mapping[str, Any], use_model: bool = False) -> Mapping[str, Any]:
+    """A release state_dict as is; from a train.py checkpoint the "ema" weights (or "model" if asked)."""
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"expected a state_dict or a checkpoint dict, got {type(obj).__name__}")
+    if "model" in obj or "ema" in obj:
+        want = "model" if use_model else "ema"
+        if want not in obj:
+            raise ConversionError(f"checkpoint has keys {sorted(obj)} but no {want!r} entry"
+                                  + ("" if use_model else " (use --use-model / use_model=True for 'model')"))
+        return obj[want]
+    return obj
+
+
+def torch_to_flax(obj: Mapping[str, Any], use_model: bool = False, num_heads: Optional[int] = None,
+                  input_size: Optional[int] = None, num_classes: Optional[int] = None,
+                  ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """A PyTorch DiT state_dict (release layout or diffusers layout) or train.py checkpoint dict ->
+    (Flax params as NumPy float32, DiT keyword arguments inferred from the shapes)."""
+    from convert import diffusers_keys  # local: keeps `import convert` light
+
+    state = select_state_dict(obj, use_model)
+    state = {k: _to_numpy(v, k) for k, v in strip_wrapper_prefixes(state).items()}
+    extra: Dict[str, Any] = {}
+    if diffusers_keys.is_diffusers_state_dict(state):
+        state, extra = diffusers_keys.diffusers_to_release(state)
+        input_size = input_size if input_size is not None else extra.pop("input_size", None)
+    cfg = infer_config(state, num_heads=num_heads, input_size=input_size, num_classes=num_classes)
+    cfg.update(extra)
+    return state_dict_to_params(state, cfg), cfg
+
+
+def flax_to_torch(params: Mapping[str, Any], cfg: Optional[Mapping[str, Any]] = None, as_numpy: bool = False
+                  ) -> Dict[str, Any]:
+    """Flax params -> release-layout state_dict (torch float32 tensors, or NumPy with as_numpy=True) that
+    loads into the PyTorch DiT with strict=True. `cfg` gives input_size for pos_embed (32 if omitted)."""
+    if "params" in params and len(params) == 1:
+        params = params["params"]
+    state = params_to_state_dict(params, cfg)
+    if as_numpy:
+        return state
+    import torch
+
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}

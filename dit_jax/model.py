@@ -1,0 +1,367 @@
+"""DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers") in Flax linen.
+
+Mirrors the PyTorch release layer for layer so weights convert one-to-one (see convert/). The JAX side
+works in NHWC: inputs (N, H, W, C), outputs (N, H, W, out_channels).
+
+Parameter names follow the release's state_dict keys (`blocks_3/attn/qkv` <-> `blocks.3.attn.qkv`,
+`t_embedder/mlp_0` <-> `t_embedder.mlp.0`), so the converter's rename table stays one line per family.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# Release init: xavier-uniform linears with zero bias; the patch projection is xavier over its
+# flattened (C*p*q) fan-in, like `xavier_uniform_(w.view(D, -1))` in the release.
+xavier = nn.initializers.xavier_uniform()
+patch_xavier = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
+normal_002 = nn.initializers.normal(stddev=0.02)
+zeros = nn.initializers.zeros
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fixed embeddings (computed in float64 NumPy then cast to float32, exactly like the release)
+# ----------------------------------------------------------------------------------------------------
+def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    """(M,) positions -> (M, embed_dim): [sin(pos * omega), cos(pos * omega)]."""
+    assert embed_dim % 2 == 0, f"embed_dim must be even, got {embed_dim}"
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega  # (D/2,)
+    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)  # (M, D/2)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """(grid_size**2, embed_dim) table; token order is row-major (h, w).
+
+    The release builds `meshgrid(grid_w, grid_h)`, so the first half of the channels encodes the w
+    (column) coordinate and the second half the h (row) coordinate.
+    """
+    assert embed_dim % 2 == 0, f"embed_dim must be even, got {embed_dim}"
+    coords = np.arange(grid_size, dtype=np.float32)
+    w_coord, h_coord = np.meshgrid(coords, coords)  # both (G, G), indexed [h, w]
+    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, w_coord)
+    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, h_coord)
+    return np.concatenate([emb_w, emb_h], axis=1).astype(np.float32)  # (G*G, D)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> jax.Array:
+    """(N,) timesteps (may be fractional) -> (N, dim) float32 `cat([cos, sin])` features.
+
+    `freq_shift` 0 is the release; diffusers' DiT port divides by (half - 1), i.e. freq_shift 1.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))  # (half,)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]  # (N, half)
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """x (N, T, D) float32, shift/scale (N, D) float32."""
+    return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without affine parameters, always in float32."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Embedders
+# ----------------------------------------------------------------------------------------------------
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens, as a reshape + one matmul (same maths as the strided conv).
+
+    The kernel is stored as (p, q, C, D), i.e. torch's conv weight (D, C, p, q) transposed (2, 3, 1, 0).
+    """
+
+    patch_size: int
+    hidden_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, hh, ww, c = x.shape
+        p = self.patch_size
+        h, w = hh // p, ww // p
+        kernel = self.param("kernel", patch_xavier, (p, p, c, self.hidden_size), self.param_dtype)
+        bias = self.param("bias", zeros, (self.hidden_size,), self.param_dtype)
+        x = x.reshape(n, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)  # (N, h, w, p, q, C)
+        x = x.reshape(n, h * w, p * p * c).astype(self.dtype)  # (N, T, p*q*C)
+        y = jnp.dot(x, kernel.reshape(p * p * c, self.hidden_size).astype(self.dtype))
+        return y + bias.astype(self.dtype)  # (N, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> (N, D) through 256 sinusoid frequencies and Linear-SiLU-Linear."""
+
+    hidden_size: int
+    frequency_embedding_size: int = 256
+    freq_shift: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        t_freq = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)  # (N, 256)
+        dense = functools.partial(nn.Dense, self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  kernel_init=normal_002, bias_init=zeros)
+        h = dense(name="mlp_0")(t_freq)
+        h = nn.silu(h)
+        return dense(name="mlp_2")(h).astype(jnp.float32)  # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> (N, D). With dropout > 0 the table has a last "null" row used for guidance."""
+
+    num_classes: int
+    hidden_size: int
+    dropout_prob: float
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, labels: jax.Array, train: bool, force_drop_ids: Optional[jax.Array] = None) -> jax.Array:
+        use_cfg_embedding = int(self.dropout_prob > 0)
+        table = nn.Embed(self.num_classes + use_cfg_embedding, self.hidden_size, embedding_init=normal_002,
+                         param_dtype=self.param_dtype, name="embedding_table")
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            if force_drop_ids is None:
+                # Class dropout for classifier-free guidance: needs an rng only when training.
+                drop = jax.random.uniform(self.make_rng("dropout"), labels.shape) < self.dropout_prob
+            else:
+                drop = force_drop_ids == 1
+            labels = jnp.where(drop, self.num_classes, labels)
+        return table(labels).astype(jnp.float32)  # (N, D)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Transformer blocks
+# ----------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection (with bias), like timm's Attention."""
+
+    hidden_size: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None  # None (let JAX choose), "xla" or "cudnn"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, t, d = x.shape
+        head_dim = d // self.num_heads
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  kernel_init=xavier, bias_init=zeros)
+        qkv = dense(3 * d, name="qkv")(x).reshape(n, t, 3, self.num_heads, head_dim)  # (N, T, 3, H, Dh)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (N, T, H, Dh)
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)  # (N, T, H, Dh)
+        return dense(d, name="proj")(out.reshape(n, t, d))
+
+
+class Mlp(nn.Module):
+    hidden_size: int
+    mlp_hidden: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  kernel_init=xavier, bias_init=zeros)
+        x = dense(self.mlp_hidden, name="fc1")(x)
+        x = nn.gelu(x, approximate=True)  # tanh approximation, as in the release
+        return dense(self.hidden_size, name="fc2")(x)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: x + gate * f(modulate(LN(x), shift, scale)) for attention then the MLP."""
+
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None
+    mlp_norm_eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        # x: (N, T, D) float32 residual stream; c: (N, D) float32 conditioning.
+        d = self.hidden_size
+        mod = nn.Dense(6 * d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=zeros,
+                       bias_init=zeros, name="adaLN_modulation_1")(nn.silu(c)).astype(jnp.float32)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+        h = modulate(layer_norm(x), shift_msa, scale_msa).astype(self.dtype)
+        h = Attention(d, self.num_heads, self.dtype, self.param_dtype, self.attention_impl, name="attn")(h)
+        x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
+        h = modulate(layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp).astype(self.dtype)
+        h = Mlp(d, int(d * self.mlp_ratio), self.dtype, self.param_dtype, name="mlp")(h)
+        return x + gate_mlp[:, None, :] * h.astype(jnp.float32)
+
+
+class FinalLayer(nn.Module):
+    hidden_size: int
+    patch_size: int
+    out_channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        mod = nn.Dense(2 * self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=zeros,
+                       bias_init=zeros, name="adaLN_modulation_1")(nn.silu(c)).astype(jnp.float32)
+        shift, scale = jnp.split(mod, 2, axis=-1)
+        x = modulate(layer_norm(x), shift, scale).astype(self.dtype)
+        x = nn.Dense(self.patch_size**2 * self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernel_init=zeros, bias_init=zeros, name="linear")(x)
+        return x.astype(jnp.float32)  # (N, T, p*q*C_out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DiT
+# ----------------------------------------------------------------------------------------------------
+class DiT(nn.Module):
+    """Diffusion transformer with adaLN-Zero conditioning. NHWC in, NHWC out."""
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    dtype: Dtype = jnp.float32  # compute dtype of the matmuls
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False  # rematerialise each block in the backward pass (saves activation memory)
+    attention_impl: Optional[str] = None  # passed to jax.nn.dot_product_attention ("cudnn" for flash on GPU)
+    # Two details in which diffusers' DiTTransformer2DModel differs from the release; the converter sets
+    # them when it reads a diffusers model so its outputs are reproduced exactly.
+    timestep_freq_shift: float = 0.0  # diffusers: 1
+    mlp_norm_eps: float = 1e-6  # diffusers: config.norm_eps (1e-5)
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    def setup(self):
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.x_embedder = PatchEmbed(self.patch_size, self.hidden_size, **kw)
+        self.t_embedder = TimestepEmbedder(self.hidden_size, freq_shift=self.timestep_freq_shift, **kw)
+        self.y_embedder = LabelEmbedder(self.num_classes, self.hidden_size, self.class_dropout_prob,
+                                        param_dtype=self.param_dtype)
+        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+        self.blocks = [
+            block_cls(self.hidden_size, self.num_heads, self.mlp_ratio, attention_impl=self.attention_impl,
+                      mlp_norm_eps=self.mlp_norm_eps, name=f"blocks_{i}", **kw)
+            for i in range(self.depth)
+        ]
+        self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels, **kw)
+
+    def pos_embed(self) -> np.ndarray:
+        """(T, D) fixed sin-cos table; a constant, not a parameter (the release never trains it)."""
+        return get_2d_sincos_pos_embed(self.hidden_size, self.input_size // self.patch_size)
+
+    def unpatchify(self, x: jax.Array) -> jax.Array:
+        """(N, T, p*q*C) -> (N, H, W, C); channel order inside a token is (p, q, c) like the release."""
+        n = x.shape[0]
+        p, c = self.patch_size, self.out_channels
+        h = w = self.input_size // p
+        x = x.reshape(n, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)  # (N, h, p, w, q, C)
+        return x.reshape(n, h * p, w * p, c)
+
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, train: bool = False,
+                 force_drop_ids: Optional[jax.Array] = None) -> jax.Array:
+        """x: (N, H, W, C) latents, t: (N,) timesteps, y: (N,) int labels -> (N, H, W, out_channels)."""
+        if x.shape[1] != self.input_size or x.shape[2] != self.input_size:
+            raise ValueError(f"expected NHWC input of spatial size {self.input_size}, got shape {x.shape}")
+        if x.shape[3] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channels (NHWC, last axis), got shape {x.shape}")
+        h = self.x_embedder(x).astype(jnp.float32) + jnp.asarray(self.pos_embed())[None]  # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y, train, force_drop_ids)  # (N, D)
+        for block in self.blocks:
+            h = block(h, c)
+        h = self.final_layer(h, c)  # (N, T, p*q*C_out)
+        return self.unpatchify(h)
+
+    def forward_with_cfg(self, x: jax.Array, t: jax.Array, y: jax.Array, cfg_scale: float,
+                         guidance_channels: Optional[int] = 3) -> jax.Array:
+        """Classifier-free guidance over a batch whose second half holds the null labels.
+
+        Only the first `guidance_channels` output channels are guided (3, as in the release: a known quirk
+        kept for parity); `None` guides all `in_channels` eps channels. Returns (N, H, W, out_channels).
+        """
+        half = x[: x.shape[0] // 2]
+        combined = jnp.concatenate([half, half], axis=0)
+        out = self(combined, t, y, train=False)
+        nc = self.in_channels if guidance_channels is None else guidance_channels
+        eps, rest = out[..., :nc], out[..., nc:]
+        cond_eps, uncond_eps = jnp.split(eps, 2, axis=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = jnp.concatenate([half_eps, half_eps], axis=0)
+        return jnp.concatenate([eps, rest], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Size registry
+# ----------------------------------------------------------------------------------------------------
+SIZES = {  # name -> (depth, hidden_size, num_heads)
+    "XL": (28, 1152, 16),
+    "L": (24, 1024, 16),
+    "B": (12, 768, 12),
+    "S": (12, 384, 6),
+}
+
+
+def _make(size: str, patch: int) -> Callable[..., DiT]:
+    depth, hidden, heads = SIZES[size]
+
+    def factory(**kwargs) -> DiT:
+        return DiT(depth=kwargs.pop("depth", depth), hidden_size=hidden, num_heads=heads, patch_size=patch,
+                   **kwargs)
+
+    factory.__name__ = f"DiT_{size}_{patch}"
+    return factory
+
+
+DiT_models = {f"DiT-{s}/{p}": _make(s, p) for s in SIZES for p in (2, 4, 8)}
+
+
+def get_model(name: str, **kwargs) -> DiT:
+    """DiT_models[name](**kwargs) with an error that lists the valid names."""
+    if name not in DiT_models:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(DiT_models)}")
+    return DiT_models[name](**kwargs)
+
+
+def init_params(model: DiT, rng: jax.Array, batch_size: int = 1) -> dict:
+    """Release-style random init; returns the `params` collection."""
+    x = jnp.zeros((batch_size, model.input_size, model.input_size, model.in_channels), jnp.float32)
+    t = jnp.zeros((batch_size,), jnp.int32)
+    y = jnp.zeros((batch_size,), jnp.int32)
+    return model.init(rng, x, t, y, train=False)["params"]
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))

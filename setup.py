@@ -1,0 +1,43 @@
+"""dit_jax: DiT (Diffusion Transformers) in JAX/Flax with weights that move both ways with PyTorch."""
+from setuptools import find_packages, setup
+
+# Model, diffusion and sampling need only the JAX stack; the data stack (tensorflow, tfds) is imported
+# lazily so a GPU box without it can still sample and benchmark.
+core = [
+    "jax>=0.4.30",
+    "flax>=0.8.5",
+    "optax>=0.2.2",
+    "orbax-checkpoint>=0.6",
+    "numpy",
+    "pillow",
+    "safetensors",
+    "tqdm",
+    "ml_collections",
+    "huggingface_hub",
+    "tensorboard",
+]
+data = ["tensorflow-cpu", "tensorflow-datasets", "scikit-learn"]
+torch_side = ["torch>=2.0", "diffusers>=0.30"]
+
+setup(
+    name="dit_jax",
+    version="0.1.0",
+    description="DiT (Peebles & Xie) in JAX/Flax: training, sampling, and PyTorch weight conversion",
+    packages=find_packages(include=["dit_jax", "dit_jax.*", "convert", "convert.*", "configs", "configs.*"]),
+    python_requires=">=3.10",
+    install_requires=core,
+    extras_require={
+        "data": data,
+        "torch": torch_side,
+        "test": data + torch_side + ["pytest", "pytest-timeout"],
+    },
+    entry_points={
+        "console_scripts": [
+            "dit-jax-convert=convert.cli:main",
+            "dit-jax-train=dit_jax.main:main",
+            "dit-jax-sample=dit_jax.sample:main",
+            "dit-jax-sample-many=dit_jax.sample_many:main",
+            "dit-jax-extract-latents=dit_jax.extract_latents:main",
+        ]
+    },
+)
