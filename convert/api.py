@@ -39,17 +39,27 @@ def select_state_dict(obj: Mapping[str, Any], use_model: bool = False) -> Mappin
 
 def torch_to_flax(obj: Mapping[str, Any], use_model: bool = False, num_heads: Optional[int] = None,
                   input_size: Optional[int] = None, num_classes: Optional[int] = None,
+                  diffusers_config: Optional[Mapping[str, Any]] = None,
                   ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """A PyTorch DiT state_dict (release layout or diffusers layout) or train.py checkpoint dict ->
-    (Flax params as NumPy float32, DiT keyword arguments inferred from the shapes)."""
+    (Flax params as NumPy float32, DiT keyword arguments inferred from the shapes).
+
+    `diffusers_config` (a diffusers config.json as a dict) supplies input_size, heads and norm_eps for a
+    diffusers state_dict; explicit arguments win over it."""
     from convert import diffusers_keys  # local: keeps `import convert` light
 
     state = select_state_dict(obj, use_model)
+    if not isinstance(state, Mapping):
+        raise ConversionError(f"expected the weights to be a state_dict (a mapping of names to tensors), "
+                              f"got {type(state).__name__}")
     state = {k: _to_numpy(v, k) for k, v in strip_wrapper_prefixes(state).items()}
     extra: Dict[str, Any] = {}
     if diffusers_keys.is_diffusers_state_dict(state):
-        state, extra = diffusers_keys.diffusers_to_release(state)
+        state, extra = diffusers_keys.diffusers_to_release(state, diffusers_config)
         input_size = input_size if input_size is not None else extra.pop("input_size", None)
+        num_heads = num_heads if num_heads is not None else extra.pop("num_heads", None)
+        extra.pop("input_size", None)
+        extra.pop("num_heads", None)
     cfg = infer_config(state, num_heads=num_heads, input_size=input_size, num_classes=num_classes)
     cfg.update(extra)
     return state_dict_to_params(state, cfg), cfg
@@ -67,3 +77,22 @@ def flax_to_torch(params: Mapping[str, Any], cfg: Optional[Mapping[str, Any]] = 
     import torch
 
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+
+
+def load_torch_checkpoint(path: str, use_model: bool = False, num_heads: Optional[int] = None,
+                          input_size: Optional[int] = None, num_classes: Optional[int] = None,
+                          allow_pickle: bool = False, log=lambda s: None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """A checkpoint on disk (.pt/.pth/.bin, .safetensors, diffusers folder) -> (Flax params, DiT kwargs)."""
+    from convert import io
+
+    ckpt = io.read_checkpoint(path, allow_pickle=allow_pickle, log=log)
+    try:
+        n = len(select_state_dict(ckpt.obj, use_model))
+    except ConversionError as e:
+        raise ConversionError(f"{path}: {e}") from None
+    log(f"converting {n} tensors")
+    try:
+        return torch_to_flax(ckpt.obj, use_model=use_model, num_heads=num_heads, input_size=input_size,
+                             num_classes=num_classes, diffusers_config=ckpt.diffusers_config)
+    except ConversionError as e:
+        raise ConversionError(f"{path}: {e}") from None

@@ -1,0 +1,178 @@
+"""Writing release-layout state dicts: `.pt` (plain or train.py-style), `.safetensors`, diffusers folders.
+
+Every writer is atomic: it writes to a temporary name beside OUT and renames it into place, so an error
+(or Ctrl-C) never leaves a partial file or folder at OUT.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from typing import Any, Dict, Iterator, Mapping, Optional
+
+import numpy as np
+
+from convert.mapping import ConversionError
+
+FORMATS = ("pt", "train", "safetensors", "diffusers")
+
+
+def guess_format(out: str) -> str:
+    """Output format from OUT's suffix; a path without a suffix (a directory) means a diffusers folder."""
+    lower = out.lower().rstrip("/\\")
+    if lower.endswith((".pt", ".pth", ".bin", ".ckpt")):
+        return "pt"
+    if lower.endswith(".safetensors"):
+        return "safetensors"
+    if os.path.isdir(out) or not os.path.splitext(lower)[1]:
+        return "diffusers"
+    raise ConversionError(f"cannot tell the output format from {out!r}: use a .pt/.pth/.bin or .safetensors "
+                          f"suffix, a directory name for diffusers, or pass --format {'|'.join(FORMATS)}")
+
+
+def _check_target(out: str, overwrite: bool) -> None:
+    if os.path.lexists(out) and not overwrite:
+        raise ConversionError(f"{out} already exists; remove it or pass --overwrite (overwrite=True)")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise ConversionError(f"{out}: the parent directory {parent} does not exist")
+
+
+@contextlib.contextmanager
+def atomic_file(out: str, overwrite: bool = False) -> Iterator[str]:
+    """Yields a temporary path in OUT's directory; renamed onto OUT only if the block succeeds."""
+    _check_target(out, overwrite)
+    parent = os.path.dirname(os.path.abspath(out))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str, overwrite: bool = False) -> Iterator[str]:
+    """Yields a temporary directory beside OUT; moved onto OUT only if the block succeeds."""
+    _check_target(out, overwrite)
+    out = os.path.abspath(out)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=os.path.dirname(out))
+    try:
+        yield tmp
+        if os.path.lexists(out):  # overwrite: move the old one aside first, drop it after the swap
+            old = tmp + ".old"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
+        else:
+            os.rename(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _torch_state(state: Mapping[str, Any]) -> Dict[str, Any]:
+    import torch
+
+    def tensor(v):
+        if isinstance(v, torch.Tensor):
+            return v
+        v = np.ascontiguousarray(v)
+        return torch.from_numpy(v if v.flags.writeable else v.copy())  # orbax/mmap arrays are read-only
+
+    return {k: tensor(v) for k, v in state.items()}
+
+
+def _numpy_state(state: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
+            for k, v in state.items()}
+
+
+def write_pt(state: Mapping[str, Any], out: str, overwrite: bool = False) -> None:
+    """A plain state_dict, like the release files (loads into convert.torch_dit.DiT with strict=True)."""
+    import torch
+
+    with atomic_file(out, overwrite) as tmp:
+        torch.save(_torch_state(state), tmp)
+
+
+def model_name(cfg: Mapping[str, Any]) -> Optional[str]:
+    """"DiT-XL/2" etc. when the config is one of the 12 registry sizes, else None."""
+    from dit_jax.model import SIZES
+
+    for size, (depth, hidden, heads) in SIZES.items():
+        if (cfg["depth"], cfg["hidden_size"], cfg["num_heads"]) == (depth, hidden, heads) \
+                and cfg["patch_size"] in (2, 4, 8):
+            return f"DiT-{size}/{cfg['patch_size']}"
+    return None
+
+
+def train_args(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """A train.py-like "args" entry (plain types, so weights_only=True can read it back)."""
+    return {"model": model_name(cfg), "image_size": int(cfg["input_size"]) * 8, "num_classes": int(cfg["num_classes"])}
+
+
+def write_train(state: Mapping[str, Any], out: str, cfg: Optional[Mapping[str, Any]] = None,
+                model_state: Optional[Mapping[str, Any]] = None, overwrite: bool = False) -> None:
+    """A train.py-style dict {"model", "ema"[, "args"]}; `state` is the EMA, `model_state` the raw weights
+    (the EMA again when not given)."""
+    import torch
+
+    ema = _torch_state(state)
+    model = _torch_state(model_state) if model_state is not None else {k: v.clone() for k, v in ema.items()}
+    ckpt: Dict[str, Any] = {"model": model, "ema": ema}
+    if cfg is not None:
+        ckpt["args"] = train_args(cfg)
+    with atomic_file(out, overwrite) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def write_safetensors(state: Mapping[str, Any], out: str, overwrite: bool = False,
+                      metadata: Optional[Mapping[str, str]] = None) -> None:
+    from safetensors.numpy import save_file
+
+    meta = {"format": "pt", **(metadata or {})}  # "pt": what transformers/diffusers loaders look for
+    with atomic_file(out, overwrite) as tmp:
+        save_file(_numpy_state(state), tmp, metadata=meta)
+
+
+def write_diffusers(state: Mapping[str, Any], cfg: Mapping[str, Any], out: str, overwrite: bool = False) -> None:
+    """A DiTTransformer2DModel folder: config.json + diffusion_pytorch_model.safetensors."""
+    from safetensors.numpy import save_file
+
+    from convert.diffusers_keys import release_to_diffusers
+
+    d_state, d_config = release_to_diffusers(_numpy_state(state), cfg)
+    with atomic_dir(out, overwrite) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(d_config, f, indent=2)
+        save_file({k: np.ascontiguousarray(v) for k, v in d_state.items()},
+                  os.path.join(tmp, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+
+
+def write(state: Mapping[str, Any], cfg: Mapping[str, Any], out: str, fmt: Optional[str] = None,
+          overwrite: bool = False) -> str:
+    """Dispatch on `fmt` (guessed from OUT when None). Returns the format written."""
+    fmt = fmt or guess_format(out)
+    if fmt != "diffusers" and (float(cfg.get("timestep_freq_shift", 0.0)) != 0.0
+                               or float(cfg.get("mlp_norm_eps", 1e-6)) != 1e-6):
+        warnings.warn("these weights come from diffusers (timestep_freq_shift="
+                      f"{cfg.get('timestep_freq_shift')}, mlp_norm_eps={cfg.get('mlp_norm_eps')}); the release "
+                      "PyTorch DiT computes with 0 and 1e-6, so its outputs will differ slightly. Write "
+                      "--format diffusers to keep them exact")
+    if fmt == "pt":
+        write_pt(state, out, overwrite)
+    elif fmt == "train":
+        write_train(state, out, cfg, overwrite=overwrite)
+    elif fmt == "safetensors":
+        write_safetensors(state, out, overwrite, metadata={"dit_jax_config": json.dumps(dict(cfg))})
+    elif fmt == "diffusers":
+        write_diffusers(state, cfg, out, overwrite)
+    else:
+        raise ConversionError(f"unknown output format {fmt!r}; expected one of {FORMATS}")
+    return fmt

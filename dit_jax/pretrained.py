@@ -1,0 +1,178 @@
+"""Converted / pretrained DiT weights on disk, loaded in one call.
+
+A dit_jax model directory holds
+    config.json   DiT keyword arguments (input_size, patch_size, hidden_size, depth, num_heads, ...)
+    params/       the Flax `params` tree saved with orbax (float32 NumPy arrays)
+
+    save_pretrained(params, cfg, "out/DiT-XL-2-256")
+    model, params = load_pretrained("out/DiT-XL-2-256")
+    model, params = load_any("DiT-XL-2-256x256.pt")   # Flax dir, .pt/.pth/.bin, .safetensors or diffusers folder
+
+torch is imported only when a pickled PyTorch file is given (safetensors are read with NumPy).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import jax
+import numpy as np
+
+from dit_jax.model import DiT
+
+CONFIG_NAME = "config.json"
+PARAMS_NAME = "params"
+FORMAT_TAG = "dit_jax"
+# DiT fields written to config.json; the last two only when they differ from the release.
+CONFIG_FIELDS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
+                 "class_dropout_prob", "num_classes", "learn_sigma")
+OPTIONAL_FIELDS = {"timestep_freq_shift": 0.0, "mlp_norm_eps": 1e-6}
+
+
+class PretrainedError(ValueError):
+    """A model directory that cannot be read; the message names the file and what was expected."""
+
+
+def config_to_json(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """DiT kwargs -> the plain dict stored in config.json (runtime options like dtype are not stored)."""
+    out: Dict[str, Any] = {"_format": FORMAT_TAG}
+    for k in CONFIG_FIELDS:
+        if k in cfg:
+            v = cfg[k]
+            out[k] = v.item() if hasattr(v, "item") else v
+    for k, default in OPTIONAL_FIELDS.items():
+        if k in cfg and float(cfg[k]) != default:
+            out[k] = float(cfg[k])
+    return out
+
+
+def config_from_json(data: Mapping[str, Any], path: str = CONFIG_NAME) -> Dict[str, Any]:
+    allowed = set(CONFIG_FIELDS) | set(OPTIONAL_FIELDS)
+    unknown = sorted(k for k in data if not k.startswith("_") and k not in allowed)
+    if unknown:
+        raise PretrainedError(f"{path}: unknown DiT fields {unknown}; expected a subset of {sorted(allowed)}")
+    return {k: v for k, v in data.items() if k in allowed}
+
+
+def model_config(model_or_cfg: Any) -> Dict[str, Any]:
+    """The DiT kwargs that define the weights' shapes and maths, from a DiT module (or a dict, copied)."""
+    if isinstance(model_or_cfg, DiT):
+        return {k: getattr(model_or_cfg, k) for k in CONFIG_FIELDS + tuple(OPTIONAL_FIELDS)}
+    return dict(model_or_cfg)
+
+
+def save_pretrained(params: Mapping, cfg: Any, directory: str, overwrite: bool = False) -> str:
+    """Writes config.json + orbax params/ to `directory` atomically (temp dir, then rename).
+
+    `cfg` is the DiT kwargs dict (as returned by convert.torch_to_flax) or a DiT module."""
+    import orbax.checkpoint as ocp
+
+    from convert.writers import atomic_dir
+
+    if "params" in params and len(params) == 1:  # accept {"params": ...} too
+        params = params["params"]
+    cfg = model_config(cfg)
+    host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), dict(params))
+    check_params(host, cfg, directory)
+    directory = os.path.abspath(os.fspath(directory))
+    with atomic_dir(directory, overwrite) as tmp:
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(config_to_json(cfg), f, indent=2)
+        ocp.PyTreeCheckpointer().save(os.path.join(tmp, PARAMS_NAME), host)
+    return directory
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}/{k}" if prefix else str(k)
+        out.update(_flatten(v, path) if isinstance(v, Mapping) else {path: v})
+    return out
+
+
+def check_params(params: Mapping, cfg: Mapping[str, Any], where: str) -> None:
+    """The params tree must have exactly the keys and shapes DiT(**cfg) creates."""
+    import jax.numpy as jnp
+
+    model = DiT(**cfg)
+    x = jax.ShapeDtypeStruct((1, model.input_size, model.input_size, model.in_channels), jnp.float32)
+    i = jax.ShapeDtypeStruct((1,), jnp.int32)
+    shapes = jax.eval_shape(lambda a, b, c: model.init(jax.random.PRNGKey(0), a, b, c), x, i, i)  # no compute
+    want = _flatten(shapes["params"])
+    got = _flatten(params)
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        raise PretrainedError(f"{where}: params do not match DiT({_short(cfg)}): missing {missing[:6]}, "
+                              f"unexpected {extra[:6]}")
+    for k, s in want.items():
+        if tuple(got[k].shape) != tuple(s.shape):
+            raise PretrainedError(f"{where}: parameter {k!r} has shape {tuple(got[k].shape)}, expected "
+                                  f"{tuple(s.shape)} for DiT({_short(cfg)})")
+
+
+def _short(cfg: Mapping[str, Any]) -> str:
+    keys = ("depth", "hidden_size", "patch_size", "input_size", "num_classes")
+    return ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
+
+
+def read_config(directory: str) -> Dict[str, Any]:
+    path = os.path.join(directory, CONFIG_NAME)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise PretrainedError(f"{directory}: no {CONFIG_NAME}; expected a directory written by "
+                              f"save_pretrained / `dit-jax-convert to-flax`") from None
+    except json.JSONDecodeError as e:
+        raise PretrainedError(f"{path}: not valid JSON ({e})") from None
+    if data.get("_format") != FORMAT_TAG:
+        raise PretrainedError(f"{path}: not a dit_jax config (no \"_format\": \"{FORMAT_TAG}\"); a diffusers or "
+                              f"PyTorch folder can be read with load_any")
+    return config_from_json(data, path)
+
+
+def load_pretrained(directory: str, dtype: Any = None, **model_kwargs) -> Tuple[DiT, Dict[str, Any]]:
+    """(DiT module, params) from a directory written by save_pretrained.
+
+    `dtype` is the compute dtype (e.g. jnp.bfloat16); parameters stay float32. Extra keyword arguments
+    (remat=True, attention_impl="cudnn", ...) go to the DiT constructor."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    cfg = read_config(directory)
+    params_dir = os.path.join(directory, PARAMS_NAME)
+    if not os.path.isdir(params_dir):
+        raise PretrainedError(f"{directory}: no {PARAMS_NAME}/ folder with the orbax parameters")
+    try:
+        params = ocp.PyTreeCheckpointer().restore(params_dir)
+    except Exception as e:  # noqa: BLE001 -- orbax raises many kinds; name the directory
+        raise PretrainedError(f"{params_dir}: cannot restore the orbax parameters ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    check_params(params, cfg, params_dir)
+    params = jax.tree_util.tree_map(lambda a: jax.numpy.asarray(a, jax.numpy.float32), params)
+    if dtype is not None:
+        model_kwargs["dtype"] = dtype
+    return DiT(**cfg, **model_kwargs), params
+
+
+def is_pretrained_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, PARAMS_NAME)) and os.path.isfile(os.path.join(path, CONFIG_NAME))
+
+
+def load_any(path: str, dtype: Any = None, use_model: bool = False, num_heads: Optional[int] = None,
+             input_size: Optional[int] = None, num_classes: Optional[int] = None, allow_pickle: bool = False,
+             log: Callable[[str], None] = lambda s: None, **model_kwargs) -> Tuple[DiT, Dict[str, Any]]:
+    """(DiT module, params) from a dit_jax directory or any PyTorch format (converted on the fly):
+    release .pt, train.py checkpoint (EMA unless use_model), .safetensors, diffusers folder."""
+    path = os.fspath(path)
+    if is_pretrained_dir(path):
+        return load_pretrained(path, dtype=dtype, **model_kwargs)
+    from convert.api import load_torch_checkpoint
+
+    params, cfg = load_torch_checkpoint(path, use_model=use_model, num_heads=num_heads, input_size=input_size,
+                                        num_classes=num_classes, allow_pickle=allow_pickle, log=log)
+    params = jax.tree_util.tree_map(lambda a: jax.numpy.asarray(a, jax.numpy.float32), params)
+    if dtype is not None:
+        model_kwargs["dtype"] = dtype
+    return DiT(**cfg, **model_kwargs), params
