@@ -171,7 +171,8 @@ class TfdsStreamSource:
                                       options=options)
         ds = self.builder.as_dataset(split=self.split, shuffle_files=True, read_config=read_config,
                                      decoders={self.image_key: tfds.decode.SkipDecoding()})
-        ds = ds.repeat().shuffle(self.shuffle_buffer, seed=self.seed, reshuffle_each_iteration=True)
+        # shuffle within an epoch, then repeat: each epoch covers this process's split exactly once
+        ds = ds.shuffle(self.shuffle_buffer, seed=self.seed, reshuffle_each_iteration=True).repeat()
         ds = ds.skip(step * self.local_batch).batch(self.local_batch).prefetch(2)
         return ds.as_numpy_iterator()
 
