@@ -1,0 +1,133 @@
+"""dit-jax-sample on a tiny converted PyTorch checkpoint: PNG grid, latents, seeding, errors, download path."""
+import functools
+import http.server
+import os
+import shutil
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import rel_err
+from PIL import Image
+
+from convert.torch_dit import DiT as TorchDiT
+from dit_jax import sample
+from dit_jax.diffusion import create_diffusion
+from dit_jax.pretrained import load_any
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=384, depth=2, num_heads=6, num_classes=10)
+
+
+def tiny_torch_dit(seed=0):
+    """A small release-layout DiT with the zero-initialised adaLN / output layers randomised."""
+    torch.manual_seed(seed)
+    m = TorchDiT(**TINY).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "adaLN_modulation" in name or "final_layer.linear" in name:
+                p.copy_(0.02 * torch.randn_like(p))
+    return m
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(tiny_torch_dit().state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(1)
+    m = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+                                norm_num_groups=32, sample_size=16)
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    m.save_pretrained(path)
+    return str(path)
+
+
+COMMON = ["--num-sampling-steps", "4", "--no-progress"]
+
+
+def test_png_grid_with_tiny_vae(ckpt, tiny_vae_dir, tmp_path):
+    out = tmp_path / "grid.png"
+    lat = tmp_path / "lat.npy"
+    sample.main(["--ckpt", ckpt, "--vae", tiny_vae_dir, "--class-labels", "1", "2", "3", "--cfg-scale", "4",
+                 "--sampler", "ddim", "--out", str(out), "--save-latents", str(lat)] + COMMON)
+    img = np.asarray(Image.open(out))
+    # The tiny VAE downsamples by 2: 8x8 latents -> 16x16 images; 3 images in one row, 2 px black padding.
+    assert img.shape == (16 + 4, 3 * 18 + 2, 3) and img.dtype == np.uint8
+    assert img[:2].max() == 0 and img[2:18, 2:18].std() > 0
+    z = np.load(lat)
+    assert z.shape == (3, 8, 8, 4) and np.isfinite(z).all()
+    assert not any(n.endswith(".tmp") for n in os.listdir(tmp_path))
+
+
+def test_latents_match_direct_loop_and_do_not_depend_on_batch_size(ckpt, tmp_path):
+    runs = {}
+    for bs in ("3", "2"):
+        lat = tmp_path / f"lat{bs}.npy"
+        sample.main(["--ckpt", ckpt, "--vae", "none", "--class-labels", "4", "5", "6", "--cfg-scale", "1.5",
+                     "--batch-size", bs, "--out", str(tmp_path / f"g{bs}.png"), "--save-latents", str(lat)] + COMMON)
+        runs[bs] = np.load(lat)
+    assert rel_err(runs["2"], runs["3"]) <= 1e-5
+    # The same numbers from the library calls the command is made of (DDPM, 4 steps, guided).
+    model, params = load_any(ckpt)
+    fn = sample.latents_fn(model, create_diffusion("4"), "ddpm", cfg_scale=1.5)
+    want = jax.jit(fn)(params, jnp.array([4, 5, 6]), sample.image_keys(0, [0, 1, 2]))
+    assert rel_err(runs["3"], want) <= 1e-5
+    # A different seed or guidance scale gives different latents.
+    other = jax.jit(sample.latents_fn(model, create_diffusion("4"), "ddpm", cfg_scale=1.0))(
+        params, jnp.array([4, 5, 6]), sample.image_keys(0, [0, 1, 2]))
+    assert rel_err(other, want) > 1e-3
+
+
+def test_errors_name_the_bad_flag(ckpt, tmp_path):
+    out = str(tmp_path / "x.png")
+    with pytest.raises(SystemExit, match="--model DiT-XL/2 expects depth=28"):
+        sample.main(["--ckpt", ckpt, "--model", "DiT-XL/2", "--vae", "none", "--out", out] + COMMON)
+    with pytest.raises(SystemExit, match=r"--class-labels \[10\]"):
+        sample.main(["--ckpt", ckpt, "--vae", "none", "--class-labels", "10", "--out", out] + COMMON)
+    with pytest.raises(SystemExit, match="--image-size 256 does not match"):
+        sample.main(["--ckpt", ckpt, "--vae", "none", "--image-size", "256", "--class-labels", "1", "--out", out]
+                    + COMMON)
+    with pytest.raises(SystemExit, match="--ckpt .*missing.pt: no such file"):
+        sample.main(["--ckpt", str(tmp_path / "missing.pt"), "--vae", "none", "--out", out] + COMMON)
+    with pytest.raises(SystemExit, match="--vae nowhere"):
+        sample.main(["--ckpt", ckpt, "--vae", "nowhere", "--out", out] + COMMON)
+    assert not os.path.exists(out)
+
+
+def test_make_grid_layout():
+    imgs = np.stack([np.full((2, 3, 3), i + 1, np.uint8) for i in range(5)])
+    g = sample.make_grid(imgs, nrow=4, padding=1)
+    assert g.shape == (2 * 3 + 1, 4 * 4 + 1, 3)
+    assert g[1, 1, 0] == 1 and g[1, 13, 0] == 4 and g[4, 1, 0] == 5 and g[4, 5, 0] == 0
+
+
+def test_no_ckpt_downloads_release_file_from_local_server(ckpt, tmp_path, monkeypatch):
+    """Without --ckpt the release DiT-XL/2 file is fetched into the cache (here from 127.0.0.1)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(ckpt, served / "DiT-XL-2-256x256.pt")  # the tiny model under the release file name
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("DIT_JAX_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        cache = tmp_path / "cache"
+        out = tmp_path / "dl.png"
+        sample.main(["--vae", "none", "--class-labels", "1", "--cache-dir", str(cache), "--out", str(out)] + COMMON)
+        assert (cache / "DiT-XL-2-256x256.pt").stat().st_size == (served / "DiT-XL-2-256x256.pt").stat().st_size
+        assert out.exists()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
