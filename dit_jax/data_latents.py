@@ -58,8 +58,8 @@ def write_index(out_dir: str, settings: dict) -> dict:
             old = json.load(f)
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
-            raise DataError(f"{out_dir!r} holds an extraction with other settings ({', '.join(f'{k}: existing '
-                            f'{a!r} vs requested {b!r}' for k, (a, b) in diff.items())}); use another --out "
+            what = ", ".join(f"{k}: existing {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
+            raise DataError(f"{out_dir!r} holds an extraction with other settings ({what}); use another --out "
                             f"or delete it")
         return old
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"

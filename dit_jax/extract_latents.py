@@ -25,6 +25,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+_ENCODERS: dict = {}  # (vae, batch_size, devices) -> compiled encoder: a resumed or repeated call reuses it
+
+
 def make_encoder(vae, batch_size: int, devices=None):
     """jit: uint8 (B, S, S, 3) -> (mean, std), each (B, 2, h, w, 4) for [image, mirrored image].
 
@@ -36,7 +39,10 @@ def make_encoder(vae, batch_size: int, devices=None):
 
     from dit_jax.vae import AutoencoderKL
 
-    devices = list(devices if devices is not None else jax.local_devices())
+    devices = tuple(devices if devices is not None else jax.local_devices())
+    key = (vae, batch_size, devices)
+    if key in _ENCODERS:
+        return _ENCODERS[key]
     if batch_size % len(devices):
         raise ValueError(f"--batch_size {batch_size} must be a multiple of the {len(devices)} local devices")
     mesh = Mesh(np.asarray(devices), ("data",))
@@ -53,6 +59,7 @@ def make_encoder(vae, batch_size: int, devices=None):
                 jnp.stack([std[:b], std[b:]], axis=1))
 
     fn = jax.jit(encode, in_shardings=(replicated, batch_sharding), out_shardings=(batch_sharding, batch_sharding))
+    _ENCODERS[key] = fn, replicated
     return fn, replicated
 
 
