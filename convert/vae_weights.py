@@ -133,7 +133,8 @@ def canonical_key(key: str) -> str:
 
 
 def flax_path(key: str) -> Tuple[str, ...]:
-    """`encoder.down_blocks.0.resnets.1.conv1.weight` -> ('encoder', 'down_blocks_0', 'resnets_1', 'conv1', 'weight')."""
+    """`encoder.down_blocks.0.resnets.1.conv1.weight` ->
+    ('encoder', 'down_blocks_0', 'resnets_1', 'conv1', 'weight')."""
     out = []
     for p in canonical_key(key).split("."):
         if p.isdigit() and out:

@@ -57,7 +57,8 @@ def _range_start(value: Optional[str]) -> Optional[int]:
 def _fetch_once(url: str, part: str, progress: bool, timeout: float) -> None:
     """One HTTP request that appends to (206) or rewrites (200) `part`; raises on a short or failed read."""
     have = os.path.getsize(part) if os.path.exists(part) else 0
-    req = urllib.request.Request(url, headers={"User-Agent": "dit_jax", **({"Range": f"bytes={have}-"} if have else {})})
+    headers = {"User-Agent": "dit_jax", **({"Range": f"bytes={have}-"} if have else {})}
+    req = urllib.request.Request(url, headers=headers)
     try:
         resp = urllib.request.urlopen(req, timeout=timeout)
     except urllib.error.HTTPError as e:

@@ -112,7 +112,7 @@ def tiny_pair():
 def test_latent_helpers(tiny_pair):
     m, cfg = tiny_pair
     vae, params = AutoencoderKL(**cfg), torch_to_flax_vae(m.state_dict(), cfg)
-    images, latents = inputs(2, 16, np.random.default_rng(2))
+    images, latents = inputs(1, 16, np.random.default_rng(2))  # same shapes as the other tiny tests: one compile
     mean, logvar = _encode(vae, params, images)
     np.testing.assert_allclose(encode_to_latents(vae, params, images, None), mean * LATENT_SCALE, rtol=1e-5,
                                atol=1e-6)
@@ -159,6 +159,13 @@ def test_load_saved_diffusers_folder_safetensors_and_bin(tiny_pair, tmp_path):
     binf = tmp_path / "bare" / "diffusion_pytorch_model.bin"
     torch.save(m.state_dict(), binf)
     _check_loaded(m, *load_vae(str(binf)))
+    # A bfloat16 safetensors file (numpy cannot hold bf16: read through torch), upcast to float32.
+    from safetensors.torch import save_file
+
+    save_file({k: v.to(torch.bfloat16) for k, v in m.state_dict().items()}, str(tmp_path / "bare" / "bf16.safetensors"))
+    _, p16 = load_vae(str(tmp_path / "bare" / "bf16.safetensors"))
+    for a, b in zip(jax.tree_util.tree_leaves(p16), jax.tree_util.tree_leaves(params)):
+        assert a.dtype == np.float32 and rel_err(a, b) < 1e-2
     # bfloat16 compute through load_vae.
     assert load_vae(str(tmp_path / "vae"), dtype=jnp.bfloat16)[0].dtype == jnp.bfloat16
 
