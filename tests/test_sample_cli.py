@@ -131,3 +131,27 @@ def test_no_ckpt_downloads_release_file_from_local_server(ckpt, tmp_path, monkey
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def test_bfloat16_close_to_float32(ckpt, tmp_path):
+    lat = {}
+    for dt in ("float32", "bfloat16"):
+        lat[dt] = tmp_path / f"{dt}.npy"
+        sample.main(["--ckpt", ckpt, "--vae", "none", "--class-labels", "1", "2", "--dtype", dt, "--cfg-scale", "1",
+                     "--out", str(tmp_path / f"{dt}.png"), "--save-latents", str(lat[dt])] + COMMON)
+    a, b = np.load(lat["bfloat16"]), np.load(lat["float32"])
+    assert 0 < rel_err(a, b) <= 5e-2  # bf16 matmuls: close, but not the float32 numbers
+
+
+def test_console_script_in_a_subprocess(ckpt, tmp_path):
+    """The installed `python -m dit_jax.sample` entry point, with the progress bar on stderr."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli.png"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run([sys.executable, "-m", "dit_jax.sample", "--ckpt", ckpt, "--vae", "none",
+                           "--class-labels", "3", "--num-sampling-steps", "3", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.exists() and "3/3" in proc.stderr and f"wrote {out}" in proc.stderr

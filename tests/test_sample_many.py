@@ -85,3 +85,32 @@ def test_balanced_labels():
     b = sample_many.image_labels(0, range(10, 20), 10, "random")
     np.testing.assert_array_equal(a[10:], b)
     assert a.min() >= 0 and a.max() < 10 and len(set(a.tolist())) > 3
+
+
+@pytest.mark.slow
+def test_subprocess_killed_with_sigkill_then_resumed(ckpt, full_run, tmp_path):
+    """A real kill: SIGKILL as soon as the first PNG exists, then the same command again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "dit_jax.sample_many", "--ckpt", ckpt, "--vae", "none", "--num-sampling-steps", "3",
+           "--num-images", "10", "--per-device-batch-size", "1", "--cfg-scale", "2.0", "--seed", "7",
+           "--no-progress", "--out-dir", str(out)]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not (out.exists() and pngs(out)):
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    if os.path.exists(f"{out}.npz"):
+        pytest.skip("the run finished before it could be killed")
+    assert proc.returncode == -signal.SIGKILL and 0 < len(pngs(out)) < 10
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode == 0
+    np.testing.assert_array_equal(np.load(f"{out}.npz")["arr_0"], np.load(full_run[1])["arr_0"])
