@@ -76,7 +76,11 @@ def flax_to_torch(params: Mapping[str, Any], cfg: Optional[Mapping[str, Any]] = 
         return state
     import torch
 
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+    def tensor(v: np.ndarray):
+        v = np.ascontiguousarray(v)
+        return torch.from_numpy(v if v.flags.writeable else v.copy())  # arrays from JAX are read-only
+
+    return {k: tensor(v) for k, v in state.items()}
 
 
 def load_torch_checkpoint(path: str, use_model: bool = False, num_heads: Optional[int] = None,
