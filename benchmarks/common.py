@@ -1,0 +1,122 @@
+"""Shared pieces of the JAX-vs-PyTorch benchmarks: one set of weights for both, the two training steps,
+and a timer that waits for the device."""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Callable, Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def timed(fn: Callable[[], object], sync: Callable[[object], None], warmup: int, iters: int) -> float:
+    """Median seconds per call of fn() after `warmup` calls; `sync` blocks until the result is ready."""
+    for _ in range(warmup):
+        sync(fn())
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def jax_sync(x) -> None:
+    jax.block_until_ready(x)
+
+
+def torch_sync_fn(device: str) -> Callable[[object], None]:
+    import torch
+
+    def sync(_):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    return sync
+
+
+def make_pair(name: str, latent: int, num_classes: int = 1000, depth=None, seed: int = 0, device: str = "cpu"):
+    """(flax module, flax params, torch module) holding the same random weights (non-zero adaLN/output)."""
+    import torch
+
+    import convert
+    from convert.torch_dit import DiT_models as TorchModels
+    from dit_jax.model import DiT
+
+    torch.manual_seed(seed)
+    kw = {} if depth is None else {"depth": depth}
+    tmodel = TorchModels[name](input_size=latent, num_classes=num_classes, **kw)
+    with torch.no_grad():
+        for p in tmodel.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
+    params, cfg = convert.torch_to_flax(tmodel.state_dict())
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    return DiT(**cfg), params, cfg, tmodel.to(device)
+
+
+def make_jax_train_step(model, diffusion, lr: float = 1e-4, ema_decay: float = 0.9999):
+    """jitted (params, opt_state, ema, x, y, t, noise, rng) -> (params, opt_state, ema, loss); state donated."""
+    import optax
+
+    tx = optax.adamw(lr, weight_decay=0.0)
+
+    def loss_fn(params, x, y, t, noise, rng):
+        def model_fn(xt, tt):
+            return model.apply({"params": params}, xt, tt, y, train=True, rngs={"dropout": rng})
+
+        return jnp.mean(diffusion.training_losses(model_fn, x, t, noise=noise)["loss"])
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def step(params, opt_state, ema, x, y, t, noise, rng):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, t, noise, rng)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        ema = jax.tree_util.tree_map(lambda e, p: e * ema_decay + (1 - ema_decay) * p, ema, params)
+        return params, opt_state, ema, loss
+
+    return tx, step
+
+
+def make_torch_train_step(tmodel, tdiffusion, lr: float = 1e-4, ema_decay: float = 0.9999,
+                          autocast_dtype=None, forward=None) -> Callable:
+    """The release's train.py step: AdamW, diffusion loss, backward, EMA update. Returns step(x, y, t, noise).
+
+    `forward` is an optional torch.compile'd wrapper of tmodel used for the forward/backward."""
+    import copy
+
+    import torch
+
+    forward = tmodel if forward is None else forward
+
+    opt = torch.optim.AdamW(tmodel.parameters(), lr=lr, weight_decay=0)
+    ema = copy.deepcopy(tmodel).requires_grad_(False)
+    trainable = [p for _, p in tmodel.named_parameters() if p.requires_grad]
+    ema_params = [e for (_, e), (_, p) in zip(ema.named_parameters(), tmodel.named_parameters()) if p.requires_grad]
+    device_type = next(tmodel.parameters()).device.type
+    tmodel.train()
+
+    def step(x, y, t, noise):
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = tdiffusion.training_losses(lambda a, b: forward(a, b, y), x, t, noise)["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_mul_(ema_params, ema_decay)
+            torch._foreach_add_(ema_params, trainable, alpha=1 - ema_decay)
+        return loss
+
+    return step
+
+
+def batch_inputs(batch: int, latent: int, num_classes: int, seed: int = 0) -> Dict[str, np.ndarray]:
+    rs = np.random.RandomState(seed)
+    return {
+        "x": rs.randn(batch, 4, latent, latent).astype(np.float32),  # NCHW; JAX side transposes
+        "y": rs.randint(0, num_classes, size=batch).astype(np.int64),
+        "t": rs.randint(0, 1000, size=batch).astype(np.int64),
+        "noise": rs.randn(batch, 4, latent, latent).astype(np.float32),
+    }

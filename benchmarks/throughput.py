@@ -1,0 +1,144 @@
+"""Forward and training-step throughput, JAX vs the project's PyTorch reference, same weights, one process.
+
+    python -m benchmarks.throughput                       # CPU default: DiT-S/2, 256 px (latent 32), batch 8
+    python -m benchmarks.throughput --model DiT-XL/2 --batch 32 --dtype bfloat16   # on a GPU
+    python -m benchmarks.throughput --tiny                # smoke run (CI)
+    python -m benchmarks.throughput --memory              # also peak memory of each side (separate processes)
+
+The training step is the release's: diffusion loss (MSE + VB, learned sigma), backward, AdamW, EMA update.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import (batch_inputs, jax_sync, make_jax_train_step, make_pair, make_torch_train_step,
+                               timed, torch_sync_fn)
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="DiT-S/2")
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--depth", type=int, default=None, help="cut the depth (smoke runs)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help="DiT-S/2, depth 2, latent 8, batch 2, 1 iteration")
+    ap.add_argument("--memory", action="store_true", help="measure peak memory of each side in a subprocess")
+    ap.add_argument("--only", choices=["jax", "torch"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--json", action="store_true", help="print one JSON line with the results")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.depth, args.image_size, args.batch, args.iters, args.warmup = 2, 64, 2, 1, 1
+    return args
+
+
+def run_jax(args, model, params, inputs) -> dict:
+    from dit_jax.diffusion import create_diffusion
+
+    if args.dtype == "bfloat16":
+        model = model.clone(dtype=jnp.bfloat16)
+    diffusion = create_diffusion("")
+    x = jnp.asarray(inputs["x"].transpose(0, 2, 3, 1))  # (N, H, W, C)
+    noise = jnp.asarray(inputs["noise"].transpose(0, 2, 3, 1))
+    y, t = jnp.asarray(inputs["y"], jnp.int32), jnp.asarray(inputs["t"], jnp.int32)
+    fwd = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
+    fwd_s = timed(lambda: fwd(params, x, t, y), jax_sync, args.warmup, args.iters)
+    tx, step = make_jax_train_step(model, diffusion)
+    state = [jax.tree_util.tree_map(jnp.copy, params), None, jax.tree_util.tree_map(jnp.copy, params)]
+    state[1] = tx.init(state[0])
+    rng = jax.random.PRNGKey(0)
+
+    def one():
+        state[0], state[1], state[2], loss = step(state[0], state[1], state[2], x, y, t, noise, rng)
+        return loss
+
+    train_s = timed(one, jax_sync, args.warmup, args.iters)
+    out = {"jax_forward_ips": args.batch / fwd_s, "jax_train_ips": args.batch / train_s}
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["jax_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+    return out
+
+
+def run_torch(args, tmodel, inputs) -> dict:
+    import torch
+
+    from convert.torch_diffusion import TorchDiffusion
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tmodel = tmodel.to(device)
+    autocast = torch.bfloat16 if args.dtype == "bfloat16" else None
+    x = torch.from_numpy(inputs["x"]).to(device)
+    noise = torch.from_numpy(inputs["noise"]).to(device)
+    y, t = torch.from_numpy(inputs["y"]).to(device), torch.from_numpy(inputs["t"]).to(device)
+    sync = torch_sync_fn(device)
+    tmodel.eval()
+
+    def fwd():
+        with torch.no_grad(), torch.autocast(device, dtype=autocast, enabled=autocast is not None):
+            return tmodel(x, t, y)
+
+    fwd_s = timed(fwd, sync, args.warmup, args.iters)
+    step = make_torch_train_step(tmodel, TorchDiffusion(""), autocast_dtype=autocast)
+    train_s = timed(lambda: step(x, y, t, noise), sync, args.warmup, args.iters)
+    out = {"torch_forward_ips": args.batch / fwd_s, "torch_train_ips": args.batch / train_s}
+    if device == "cuda":
+        out["torch_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def peak_rss_subprocess(argv, which: str) -> float:
+    """Peak resident memory (GiB) of a child process that runs only one framework's benchmark."""
+    code = ("import resource, sys, runpy; sys.argv = sys.argv[1:]; "
+            "from benchmarks import throughput; throughput.main(sys.argv[1:]); "
+            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, "x", *argv, "--only", which], capture_output=True, text=True,
+                         check=True, env={**os.environ})
+    kib = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("MAXRSS")][0]
+    return kib / 2**20
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    latent = args.image_size // 8
+    model, params, cfg, tmodel = make_pair(args.model, latent, depth=args.depth)
+    inputs = batch_inputs(args.batch, latent, cfg["num_classes"])
+    res = {"model": args.model, "latent": latent, "batch": args.batch, "dtype": args.dtype,
+           "device": str(jax.devices()[0].platform)}
+    if args.only != "torch":
+        res.update(run_jax(args, model, params, inputs))
+    if args.only != "jax":
+        res.update(run_torch(args, tmodel, inputs))
+    if args.only is None:
+        res["forward_ratio"] = res["jax_forward_ips"] / res["torch_forward_ips"]
+        res["train_ratio"] = res["jax_train_ips"] / res["torch_train_ips"]
+        if args.memory and res["device"] == "cpu":
+            clean = [a for a in argv if a != "--memory"]
+            res["jax_peak_rss_gib"] = peak_rss_subprocess(clean, "jax")
+            res["torch_peak_rss_gib"] = peak_rss_subprocess(clean, "torch")
+        print(f"{args.model} latent {latent} batch {args.batch} {args.dtype} on {res['device']}")
+        print(f"  forward  images/s: JAX {res['jax_forward_ips']:8.2f}  PyTorch {res['torch_forward_ips']:8.2f}"
+              f"  ratio {res['forward_ratio']:.2f}x")
+        print(f"  train    images/s: JAX {res['jax_train_ips']:8.2f}  PyTorch {res['torch_train_ips']:8.2f}"
+              f"  ratio {res['train_ratio']:.2f}x")
+        for k in ("jax_peak_gib", "torch_peak_gib", "jax_peak_rss_gib", "torch_peak_rss_gib"):
+            if k in res:
+                print(f"  {k}: {res[k]:.2f}")
+        if args.json:
+            print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Each benchmark runs once on a tiny config so it does not rot (numbers are not checked here)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_flops_matches_table4_for_s2():
+    from benchmarks.flops import PAPER_GFLOPS, measure
+
+    params, macs, xla_half = measure("DiT-S/2", 256)
+    assert params == 32_963_360
+    # The paper's "Gflops" are multiply-adds of the matmuls; ours must agree within 1%.
+    assert abs(macs / 1e9 - PAPER_GFLOPS[("DiT-S/2", 256)]) / PAPER_GFLOPS[("DiT-S/2", 256)] < 0.01
+    assert xla_half >= macs  # XLA also counts elementwise work
+
+
+def test_throughput_tiny():
+    from benchmarks import throughput
+
+    res = throughput.main(["--tiny"])
+    for key in ("jax_forward_ips", "torch_forward_ips", "jax_train_ips", "torch_train_ips"):
+        assert res[key] > 0
+
+
+def test_sampling_tiny():
+    from benchmarks import sampling
+
+    res = sampling.main(["--tiny"])
+    assert set(res) == {"ddim5", "ddpm5"}
+    assert all(r["jax_s"] > 0 and r["torch_s"] > 0 for r in res.values())
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_on_cpu_tiny(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--tiny"], check=True, env=env, cwd=ROOT,
+                   capture_output=True, text=True, timeout=600)
+    assert '"jax_train_ips"' in (tmp_path / "gpu_bench.json").read_text()
