@@ -105,29 +105,34 @@ class TfdsChunkReader:
     """Sequential-friendly access to a tfrecord tfds split (used by the latent extraction).
 
     read(i) loads the chunk of `chunk` examples holding i through tfds split slicing ("train[a:b]") and
-    keeps the last one, so reading in data set order decodes each record once.
+    keeps the last few, so reading in data set order (a few threads around the same place) decodes each
+    record about once.
     """
 
-    def __init__(self, builder, split: str, image_size: int, chunk: int = 256):
+    def __init__(self, builder, split: str, image_size: int, chunk: int = 256, keep: int = 3):
+        import collections
         import threading
         self.builder, self.name, self.split, self.image_size = builder, builder.name, split, int(image_size)
         self.image_key, self.label_key = feature_keys(builder)
-        self.n, self.chunk = builder.info.splits[split].num_examples, int(chunk)
-        self._start, self._rows, self._lock = None, None, threading.Lock()
+        self.n, self.chunk, self.keep = builder.info.splits[split].num_examples, int(chunk), int(keep)
+        self._chunks, self._lock = collections.OrderedDict(), threading.Lock()
 
     def __len__(self) -> int:
         return self.n
 
     def _raw(self, i: int) -> dict:
+        start = (i // self.chunk) * self.chunk
         with self._lock:
-            start = (i // self.chunk) * self.chunk
-            if start != self._start:
+            if start not in self._chunks:
                 tfds = _tfds()
                 ds = self.builder.as_dataset(split=f"{self.split}[{start}:{min(start + self.chunk, self.n)}]",
                                              shuffle_files=False,
                                              decoders={self.image_key: tfds.decode.SkipDecoding()})
-                self._rows, self._start = list(ds.as_numpy_iterator()), start
-            return self._rows[i - start]
+                self._chunks[start] = list(ds.as_numpy_iterator())
+                while len(self._chunks) > self.keep:
+                    self._chunks.popitem(last=False)
+            self._chunks.move_to_end(start)
+            return self._chunks[start][i - start]
 
     def read(self, i: int) -> dict:
         ex = self._raw(int(i))

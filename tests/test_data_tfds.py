@@ -107,6 +107,20 @@ def test_tfrecord_stream(prepared):
     assert sorted(labels[0] + labels[1]) == list(range(N))
 
 
+def test_tfrecord_chunk_reader_for_extraction(prepared):
+    """The sequential reader dit-jax-extract-latents uses on tfrecord data sets (split slicing)."""
+    b = tfds.builder("dit_tiny_images", data_dir=prepared["tfrecord"])
+    r = data_tfds.TfdsChunkReader(b, "train", 16, chunk=6, keep=2)
+    ids = []
+    for i in list(range(N)) + [3, 19, 0]:  # in order, then jumps back and forth
+        gen = int(r._raw(i)["idx"])
+        ex = r.read(i)
+        np.testing.assert_array_equal(ex["pixels"], preprocess(tiny_image(gen), 16))
+        assert ex["y"] == gen % 3
+        ids.append(gen)
+    assert sorted(ids[:N]) == list(range(N)) and ids[N:] == [ids[3], ids[19], ids[0]]
+
+
 def test_not_prepared_and_unknown(tmp_path):
     with pytest.raises(DataError, match=r"'dit_tiny_images' is not prepared in .*" + tmp_path.name):
         make_source(cfg(str(tmp_path)), global_batch_size=2)
