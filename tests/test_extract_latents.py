@@ -154,10 +154,20 @@ def test_errors(setup, tmp_path):
         make_source(cfg(name="latents", latents_dir=""), global_batch_size=2)
 
 
-def test_cli_flags(tmp_path):
-    from dit_jax.extract_latents import parse_args
+def test_cli(setup, tmp_path, monkeypatch, capsys):
+    import dit_jax.vae
+    from dit_jax.extract_latents import main, parse_args
+    root, full, vae, params, _ = setup
     a = parse_args(["--folder", "/x", "--out", str(tmp_path), "--vae", "mse", "--batch_size", "16"])
     assert (a.folder, a.vae, a.batch_size, a.shard_size) == ("/x", "mse", 16, 1024)
-    from dit_jax.extract_latents import main
     with pytest.raises(DataError, match="does not exist"):
         main(["--folder", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no_progress"])
+    monkeypatch.setattr(dit_jax.vae, "load_vae", lambda name, *a, **k: (vae, params))  # no download in tests
+    args = ["--config", "configs/default.py", "--folder", str(root), "--image_size", str(SIZE), "--vae", "tiny",
+            "--batch_size", "8", "--shard_size", "4", "--out", str(tmp_path / "cli"), "--no_progress"]
+    main(args)
+    assert "3 shards written, 0 already done (of 3)" in capsys.readouterr().out
+    main(args)
+    assert "0 shards written, 3 already done (of 3)" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(tmp_path / "cli" / "shard-00002" / "std.npy"),
+                                  np.load(os.path.join(full, "shard-00002", "std.npy")))
