@@ -76,7 +76,7 @@ class SkipCorrupt:
                  max_tries: int = 1000):
         self.read, self.n, self.describe = read, num_examples, describe
         self.max_tries = min(max_tries, num_examples)
-        self.bad: set[int] = set()
+        self.bad: dict[int, str] = {}  # index -> why it could not be read
         self._lock = threading.Lock()
 
     @property
@@ -84,23 +84,25 @@ class SkipCorrupt:
         return len(self.bad)
 
     def __call__(self, index: int) -> dict:
-        errors = []
+        tried = []
         for k in range(self.max_tries):
             j = (int(index) + k) % self.n
+            tried.append(j)
             if j in self.bad:
                 continue
             try:
                 return self.read(j)
             except Exception as e:  # noqa: BLE001 - any decode failure means "skip this example"
+                why = f"{type(e).__name__}: {e}"
                 with self._lock:
                     new = j not in self.bad
-                    self.bad.add(j)
+                    self.bad[j] = why
                 if new:
-                    log.warning("skipping unreadable example %s (%s: %s); %d skipped so far",
-                                self.describe(j), type(e).__name__, e, self.num_skipped)
-                errors.append(f"{self.describe(j)}: {type(e).__name__}: {e}")
-        raise DataError(f"no readable example among {self.max_tries} tried from index {index}; first errors: "
-                        + "; ".join(errors[:3]) + ". Check that the files are images PIL can open.")
+                    log.warning("skipping unreadable example %s (%s); %d skipped so far",
+                                self.describe(j), why, self.num_skipped)
+        first = "; ".join(f"{self.describe(j)}: {self.bad.get(j, '?')}" for j in tried[:3])
+        raise DataError(f"no readable example among {len(tried)} tried from index {index}; first: {first}. "
+                        f"Check that the files are images PIL can open.")
 
 
 class IndexedSource:
