@@ -155,3 +155,17 @@ def test_console_script_in_a_subprocess(ckpt, tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.exists() and "3/3" in proc.stderr and f"wrote {out}" in proc.stderr
+
+
+def test_flax_directory_checkpoint_gives_the_same_latents(ckpt, tmp_path):
+    from dit_jax.pretrained import save_pretrained
+
+    model, params = load_any(ckpt)
+    flax_dir = save_pretrained(params, model, str(tmp_path / "tiny-flax"))
+    lat = {}
+    for name, path in (("pt", ckpt), ("flax", flax_dir)):
+        lat[name] = tmp_path / f"{name}.npy"
+        sample.main(["--ckpt", path, "--vae", "none", "--class-labels", "5", "--out",
+                     str(tmp_path / f"{name}.png"), "--save-latents", str(lat[name]), "--num-sampling-steps", "2",
+                     "--no-progress"])
+    np.testing.assert_array_equal(np.load(lat["pt"]), np.load(lat["flax"]))
