@@ -123,9 +123,10 @@ def check_image_size(args, model, vae) -> int:
     return size
 
 
-def make_diffusion(args) -> GaussianDiffusion:
+def make_diffusion(args, model) -> GaussianDiffusion:
+    """The release's sampling diffusion; fixed (large) variance when the model does not learn sigma."""
     spec = args.respacing or str(args.num_sampling_steps)
-    return create_diffusion(spec)
+    return create_diffusion(spec, learn_sigma=bool(getattr(model, "learn_sigma", True)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -256,7 +257,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if batch < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {batch}")
 
-    diffusion = make_diffusion(args)
+    diffusion = make_diffusion(args, model)
     sample = jax.jit(latents_fn(model, diffusion, args.sampler, args.cfg_scale, args.eta, guidance_channels(args),
                                 progress=not args.no_progress))
     decode = jax.jit(images_fn(vae))

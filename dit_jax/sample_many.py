@@ -159,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     chunk = per_dev * len(devices)
     host, hosts = jax.process_index(), jax.process_count()
 
-    diffusion = S.make_diffusion(args)
+    diffusion = S.make_diffusion(args, model)
     latents = S.latents_fn(model, diffusion, args.sampler, args.cfg_scale, args.eta, S.guidance_channels(args))
     to_images = S.images_fn(vae)
 

@@ -169,3 +169,14 @@ def test_flax_directory_checkpoint_gives_the_same_latents(ckpt, tmp_path):
                      str(tmp_path / f"{name}.png"), "--save-latents", str(lat[name]), "--num-sampling-steps", "2",
                      "--no-progress"])
     np.testing.assert_array_equal(np.load(lat["pt"]), np.load(lat["flax"]))
+
+
+def test_checkpoint_without_learned_sigma(tmp_path):
+    torch.manual_seed(4)
+    m = TorchDiT(**TINY, learn_sigma=False).eval()
+    path = tmp_path / "fixed_sigma.pt"
+    torch.save(m.state_dict(), path)
+    lat = tmp_path / "z.npy"
+    sample.main(["--ckpt", str(path), "--vae", "none", "--class-labels", "1", "2", "--out", str(tmp_path / "g.png"),
+                 "--save-latents", str(lat), "--num-sampling-steps", "2", "--no-progress"])
+    assert np.load(lat).shape == (2, 8, 8, 4)
