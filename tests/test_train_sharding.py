@@ -1,0 +1,121 @@
+"""Sharded training on 8 simulated CPU devices: shardings, parity with one device, restore on other meshes."""
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from dit_jax import sharding as shd
+from dit_jax import train
+from tests.conftest import rel_err
+from tests.train_tiny import tiny_config
+
+TOL = 1e-5  # float32 sums in another order (sharded reductions) differ by ~1e-7 relative
+
+
+def _flat(tree):
+    return {shd._path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+
+
+def test_param_specs_fsdp_and_tensor():
+    cfg = tiny_config()
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 4, 2
+    env = train.setup(cfg, "/nonexistent")
+    specs = shd.spec_tree(env["state_shardings"]["params"])
+    assert env["mesh"].shape == {"data": 1, "fsdp": 4, "tensor": 2}
+    # qkv kernel (32, 96): heads -> tensor on the output axis, fsdp on the only free axis left.
+    assert specs["blocks_0/attn/qkv/kernel"] == P("fsdp", "tensor")
+    assert specs["blocks_0/attn/proj/kernel"] == P("tensor", "fsdp")
+    assert specs["blocks_0/mlp/fc1/kernel"] == P("fsdp", "tensor")
+    assert specs["blocks_0/mlp/fc2/kernel"] == P("tensor", "fsdp")
+    assert specs["blocks_0/adaLN_modulation_1/kernel"] == P(None, "fsdp")  # (32, 192): largest axis
+    assert specs["blocks_0/attn/qkv/bias"] == P("tensor")  # 96 elements < fsdp_min_size: tensor only
+    assert specs["final_layer/linear/bias"] == P()  # small: replicated
+    # Adam moments follow their parameter; the step counters are replicated.
+    o_specs = shd.spec_tree(env["state_shardings"]["opt_state"])
+    mu = [v for k, v in o_specs.items() if k.endswith("mu/blocks_0/attn/qkv/kernel")]
+    assert mu == [P("fsdp", "tensor")]
+    assert all(v == P() for k, v in o_specs.items() if k.endswith("count"))
+
+
+def test_sharded_run_matches_single_device(tmp_path):
+    cfg8 = tiny_config()
+    cfg8.mesh.data, cfg8.mesh.fsdp = 2, 4
+    out8 = train.train_and_evaluate(cfg8, str(tmp_path / "d2f4"))
+    cfg1 = tiny_config()
+    cfg1.mesh.num_devices = 1
+    out1 = train.train_and_evaluate(cfg1, str(tmp_path / "one"))
+    assert sorted(out8["losses"]) == [1, 2, 3]
+    for s in (1, 2, 3):
+        assert abs(out8["losses"][s] - out1["losses"][s]) <= TOL * abs(out1["losses"][s]), s
+    p8, p1 = _flat(out8["state"]["params"]), _flat(out1["state"]["params"])
+    worst = max(rel_err(p8[k], p1[k]) for k in p1)
+    assert worst < TOL, worst
+    e8, e1 = _flat(out8["state"]["ema_params"]), _flat(out1["state"]["ema_params"])
+    assert max(rel_err(e8[k], e1[k]) for k in e1) < TOL
+    # The parameters really are sharded: fsdp splits the big kernels into 4 shards over 8 devices.
+    qkv = out8["state"]["params"]["blocks_0"]["attn"]["qkv"]["kernel"]  # (32, 96)
+    assert qkv.sharding.spec == P(None, "fsdp")
+    assert {s.data.shape for s in qkv.addressable_shards} == {(32, 24)}
+    assert out8["state"]["opt_state"][1][0].mu["blocks_0"]["attn"]["qkv"]["kernel"].sharding.spec == P(None, "fsdp")
+    assert len(out1["state"]["params"]["blocks_0"]["attn"]["qkv"]["kernel"].sharding.device_set) == 1
+
+
+def test_checkpoint_from_8_devices_restores_on_1_and_4(tmp_path):
+    base = tiny_config(num_steps=2)
+    base.mesh.data, base.mesh.fsdp = 2, 4
+    train.train_and_evaluate(base, str(tmp_path / "w8"))
+    for n, fsdp in ((1, 1), (4, 2)):
+        shutil.copytree(tmp_path / "w8", tmp_path / f"w{n}")
+    ref = tiny_config(num_steps=4)  # the uninterrupted continuation on the original 8-device mesh
+    ref.mesh.data, ref.mesh.fsdp = 2, 4
+    ref_out = train.train_and_evaluate(ref, str(tmp_path / "w8"))
+    assert sorted(ref_out["losses"]) == [3, 4]  # it resumed at step 2
+    for n, fsdp in ((1, 1), (4, 2)):
+        c = tiny_config(num_steps=4)
+        c.mesh.num_devices, c.mesh.fsdp = n, fsdp
+        out = train.train_and_evaluate(c, str(tmp_path / f"w{n}"))
+        assert sorted(out["losses"]) == [3, 4], n
+        assert len(out["state"]["params"]["blocks_0"]["attn"]["qkv"]["kernel"].sharding.device_set) == n
+        for s in (3, 4):
+            assert abs(out["losses"][s] - ref_out["losses"][s]) <= TOL * abs(ref_out["losses"][s]), (n, s)
+        pa, pb = _flat(out["state"]["params"]), _flat(ref_out["state"]["params"])
+        assert max(rel_err(pa[k], pb[k]) for k in pb) < TOL, n
+
+
+def test_options_bf16_remat_accum_clip(tmp_path):
+    c = tiny_config(num_steps=2, grad_accum_steps=2)
+    c.model.dtype, c.model.remat, c.optim.grad_clip = "bfloat16", True, 0.5
+    c.mesh.fsdp = 2
+    out = train.train_and_evaluate(c, str(tmp_path / "opts"))
+    assert all(np.isfinite(v) for v in out["losses"].values())
+    assert out["state"]["params"]["blocks_0"]["attn"]["qkv"]["kernel"].dtype == np.float32  # params stay f32
+
+
+def test_grad_accumulation_is_the_mean_of_micro_batch_gradients():
+    """accum=2 equals, by hand, the mean of the gradients of rows 0::2 and 1::2 with their own rngs."""
+    import optax
+
+    c = tiny_config(global_batch_size=8, grad_accum_steps=2)
+    c.mesh.num_devices = 1
+    env = train.setup(c, "/nonexistent")
+    model, tx = env["model"], env["tx"]
+    st = train.init_state(model, tx, jax.random.PRNGKey(0), env["state_shardings"])
+    batch = {k: jax.numpy.asarray(v) for k, v in train.make_source(c).batch(0).items()}
+    step = train.make_train_step(c, model, tx, env["diffusion"])
+    new, m = jax.jit(step)(jax.tree_util.tree_map(jax.numpy.copy, st), batch, jax.random.PRNGKey(3), None)
+    key = jax.random.fold_in(jax.random.PRNGKey(3), 0)  # the step-0 rng
+    grads, losses = [], []
+    for i in range(2):
+        (loss, _), g = jax.value_and_grad(step.loss_fn, has_aux=True)(
+            st["params"], {k: v[i::2] for k, v in batch.items()}, jax.random.fold_in(key, i), None)
+        grads.append(g)
+        losses.append(float(loss))
+    g = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *grads)
+    upd, _ = tx.update(g, st["opt_state"], st["params"])
+    want = _flat(optax.apply_updates(st["params"], upd))
+    got = _flat(new["params"])
+    assert max(rel_err(got[k], want[k]) for k in want) < TOL
+    assert abs(float(m["loss"]) - np.mean(losses)) < 1e-6
