@@ -261,7 +261,9 @@ def test_ddim_loop_eta0(spec, schedule, mean, var):
 
 
 def _noises(rng, d, shape):
-    return {k: np.asarray(step_noise(rng, k, shape), np.float64) for k in range(d.num_timesteps)}
+    """The noise each loop step uses, computed independently of the loop: {step k: (N, H, W, C)}."""
+    all_steps = np.asarray(jax.jit(jax.vmap(lambda k: step_noise(rng, k, shape)))(jnp.arange(d.num_timesteps)))
+    return {k: all_steps[k].astype(np.float64) for k in range(d.num_timesteps)}
 
 
 @pytest.mark.parametrize("spec,schedule,mean,var", LOOP_CONFIGS)
