@@ -2,6 +2,9 @@
 
     params, cfg = convert.torch_to_flax(state_dict_or_checkpoint_dict)
     state_dict = convert.flax_to_torch(params, cfg)
+    params, cfg = convert.load_torch_checkpoint("DiT-XL-2-256x256.pt")   # any format on disk
+
+Command line: `dit-jax-convert to-flax|to-torch IN OUT` (convert/cli.py); docs/convert.md.
 """
-from convert.api import flax_to_torch, torch_to_flax  # noqa: F401
+from convert.api import flax_to_torch, load_torch_checkpoint, torch_to_flax  # noqa: F401
 from convert.mapping import ConversionError  # noqa: F401

@@ -113,7 +113,7 @@ def release_to_diffusers(state: Mapping[str, np.ndarray], cfg: Mapping[str, Any]
     if cfg.get("timestep_freq_shift", 0.0) != DIFFUSERS_FREQ_SHIFT:
         warnings.warn("diffusers' DiTTransformer2DModel divides its timestep frequencies by (half - 1) where the "
                       "release divides by half; the diffusers model will not reproduce these weights' outputs "
-                      "exactly (a known diffusers difference; on random weights the outputs differ by ~10%, see docs/convert.md)")
+                      "exactly (a known diffusers difference; on random weights the outputs differ by ~20%, see docs/convert.md)")
     src = dict(state)
     src.pop("pos_embed", None)
     out: Dict[str, np.ndarray] = {}

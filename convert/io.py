@@ -69,6 +69,7 @@ def load_torch_file(path: str, allow_pickle: bool = False) -> Any:
         msg = str(e)
         if "Weights only load failed" in msg or "Unsupported global" in msg or "Unsupported operand" in msg:
             detail = next((line.strip() for line in msg.splitlines() if "Unsupported" in line), "")
+            detail = detail.split(" Please use")[0].replace("WeightsUnpickler error: ", "")  # drop torch's advice
             raise ConversionError(
                 f"{path}: refused to unpickle objects other than tensors and plain containers "
                 f"({detail or 'weights_only=True failed'}). A pickle can run arbitrary code when loaded; "
