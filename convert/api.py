@@ -96,7 +96,16 @@ def load_torch_checkpoint(path: str, use_model: bool = False, num_heads: Optiona
         raise ConversionError(f"{path}: {e}") from None
     log(f"converting {n} tensors")
     try:
-        return torch_to_flax(ckpt.obj, use_model=use_model, num_heads=num_heads, input_size=input_size,
-                             num_classes=num_classes, diffusers_config=ckpt.diffusers_config)
+        params, cfg = torch_to_flax(ckpt.obj, use_model=use_model, num_heads=num_heads, input_size=input_size,
+                                    num_classes=num_classes, diffusers_config=ckpt.diffusers_config)
     except ConversionError as e:
         raise ConversionError(f"{path}: {e}") from None
+    # Our .safetensors writer records the config; keep the two diffusers-only settings it may carry.
+    if "dit_jax_config" in ckpt.metadata:
+        import json
+
+        saved = json.loads(ckpt.metadata["dit_jax_config"])
+        for key in ("timestep_freq_shift", "mlp_norm_eps"):
+            if key in saved and key not in cfg:
+                cfg[key] = saved[key]
+    return params, cfg

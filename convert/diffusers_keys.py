@@ -61,8 +61,11 @@ def diffusers_to_release(state: Mapping[str, np.ndarray], config: Optional[Mappi
     and input_size/num_heads when a diffusers config.json is given)."""
     config = dict(config or {})
     src = dict(state)
-    src.pop("pos_embed.pos_embed", None)  # a buffer, recomputed from the size
+    pos = src.pop("pos_embed.pos_embed", None)  # a buffer, recomputed from the size
     depth = _depth(src)
+    if pos is not None and "sample_size" not in config and "pos_embed.proj.weight" in src:
+        # No config.json: the buffer still tells the latent size, (1, T, D) with T = (size / patch)^2.
+        config["sample_size"] = int(round(np.asarray(pos).shape[1] ** 0.5)) * src["pos_embed.proj.weight"].shape[-1]
     if depth == 0:
         raise ConversionError("no transformer_blocks.* keys: not a diffusers DiT state_dict")
     out: Dict[str, np.ndarray] = {}

@@ -109,3 +109,14 @@ def test_safetensors_bf16_is_read(tmp_path):
     k = "blocks.0.attn.qkv.weight"
     assert ckpt.obj[k].dtype == np.float32
     np.testing.assert_array_equal(ckpt.obj[k], state[k].to(torch.bfloat16).float().numpy())
+
+
+def test_safetensors_keeps_diffusers_settings(tmp_path):
+    """Weights read from diffusers keep timestep_freq_shift / mlp_norm_eps through our .safetensors file."""
+    state, _ = random_release_state()
+    params, cfg = convert.torch_to_flax(state)
+    cfg = {**cfg, "timestep_freq_shift": 1.0, "mlp_norm_eps": 1e-5}
+    with pytest.warns(UserWarning, match="come from diffusers"):
+        writers.write(convert.flax_to_torch(params, cfg, as_numpy=True), cfg, str(tmp_path / "w.safetensors"))
+    _, cfg2 = load_torch_checkpoint(str(tmp_path / "w.safetensors"))
+    assert cfg2["timestep_freq_shift"] == 1.0 and cfg2["mlp_norm_eps"] == 1e-5
