@@ -26,6 +26,8 @@ def _to_numpy(value: Any, key: str) -> np.ndarray:
 
 def select_state_dict(obj: Mapping[str, Any], use_model: bool = False) -> Mapping[str, Any]:
     """A release state_dict as is; from a train.py checkpoint the "ema" weights (or "model" if asked)."""
+    if not isinstance(obj, Mapping) and callable(getattr(obj, "state_dict", None)):
+        obj = obj.state_dict()  # a whole pickled nn.Module (only readable with allow_pickle)
     if not isinstance(obj, Mapping):
         raise ConversionError(f"expected a state_dict or a checkpoint dict, got {type(obj).__name__}")
     if "model" in obj or "ema" in obj:

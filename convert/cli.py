@@ -31,8 +31,10 @@ def _describe(cfg) -> str:
 
 def to_flax(args: argparse.Namespace) -> None:
     from convert.api import load_torch_checkpoint
+    from convert import writers
     from dit_jax.pretrained import save_pretrained
 
+    writers._check_target(args.output, args.overwrite)  # fail before the (slow) read
     params, cfg = load_torch_checkpoint(args.input, use_model=args.use_model, num_heads=args.num_heads,
                                         input_size=args.input_size, num_classes=args.num_classes,
                                         allow_pickle=args.unsafe_pickle, log=_log)
