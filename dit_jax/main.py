@@ -66,9 +66,21 @@ def setup_console_logging() -> None:
         ours.propagate = False
 
 
+def parse_flags(argv):
+    """absl parsing, with a one-line error for a config field that does not exist (a typo)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {e}\nPass --help for usage.")
+    except (AttributeError, KeyError) as e:  # ml_collections: an override names an unknown field
+        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        msg = " ".join(str(e.args[0] if e.args else e).replace("\\n", " ").split()).replace("\\", "").replace("'", "")
+        sys.exit(f"error: unknown config field in {' '.join(bad)}: {msg}")
+
+
 def main(argv=None) -> None:
     if argv is None:  # the console script calls main() with no arguments
-        return app.run(main)
+        return app.run(main, flags_parser=parse_flags)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     setup_console_logging()

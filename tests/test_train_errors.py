@@ -1,0 +1,138 @@
+"""Bad input fails with a clear error before any compute; NaN losses stop the run; TensorBoard files."""
+import glob
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from dit_jax import checkpoint as ckpt_lib
+from dit_jax import sharding as shd
+from dit_jax import train
+from tests.train_tiny import tiny_config
+
+
+def _no_compute(monkeypatch):
+    """Any attempt to build the train step means validation came too late."""
+    def boom(*a, **k):
+        raise AssertionError("compute started before the bad input was reported")
+
+    monkeypatch.setattr(train, "make_train_step", boom)
+    monkeypatch.setattr(train, "init_state", boom)
+
+
+def test_unknown_model_name(tmp_path, monkeypatch):
+    _no_compute(monkeypatch)
+    with pytest.raises(train.ConfigError, match=r"config.model.name: unknown model 'DiT-Q/2'.*DiT-B/2"):
+        train.train_and_evaluate(tiny_config(**{"model.name": "DiT-Q/2"}), str(tmp_path))
+
+
+def test_batch_not_divisible_by_data_devices(tmp_path, monkeypatch):
+    _no_compute(monkeypatch)
+    with pytest.raises(train.ConfigError, match=r"micro-batch 12 .* not divisible by the 8 data-parallel devices"):
+        train.train_and_evaluate(tiny_config(global_batch_size=12), str(tmp_path))
+
+
+def test_mesh_does_not_fit(tmp_path, monkeypatch):
+    _no_compute(monkeypatch)
+    c = tiny_config()
+    c.mesh.data, c.mesh.fsdp = -1, 3
+    with pytest.raises(shd.MeshError, match=r"mesh data=-1, fsdp=3, tensor=1 does not fit 8 devices"):
+        train.train_and_evaluate(c, str(tmp_path))
+    c.mesh.data, c.mesh.fsdp = 2, 2
+    with pytest.raises(shd.MeshError, match=r"needs 4 devices but 8 are in use"):
+        train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_unknown_config_field_on_the_command_line(tmp_path):
+    """The real entry point (a subprocess: absl parses flags once per process)."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "dit_jax.main", "--config", os.path.join(here, "configs", "digits.py"),
+           "--workdir", str(tmp_path / "w"), "--config.optim.lrr=0.5"]
+    r = subprocess.run(cmd, cwd=here, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "unknown config field in --config.optim.lrr" in r.stderr and 'Did you mean "lr"' in r.stderr
+    assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")
+
+
+def test_corrupt_checkpoint(tmp_path, monkeypatch):
+    wd = str(tmp_path / "run")
+    train.train_and_evaluate(tiny_config(num_steps=1, **{"mesh.num_devices": 1}), wd)
+    for path in glob.glob(os.path.join(wd, "checkpoints", "1", "state", "**", "*"), recursive=True):
+        if os.path.isfile(path) and "metadata" not in os.path.basename(path):
+            with open(path, "wb") as f:
+                f.write(b"not a checkpoint")
+    _no_compute(monkeypatch)
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoints/1 could not be restored"):
+        train.train_and_evaluate(tiny_config(num_steps=2, **{"mesh.num_devices": 1}), wd)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real = train.make_source
+
+    class Poisoned:
+        def __init__(self, src):
+            self.src, self.num_examples = src, src.num_examples
+
+        def batch(self, step):
+            b = self.src.batch(step)
+            if step >= 3:  # the 4th step sees NaN pixels
+                b["x"] = np.full_like(b["x"], np.nan)
+            return b
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(train, "make_source", lambda c: Poisoned(real(c)))
+    c = tiny_config(num_steps=8)
+    c.checkpoint.every_steps = 2
+    c.mesh.num_devices = 1
+    wd = str(tmp_path / "nan")
+    with pytest.raises(train.NonFiniteLossError, match=r"non-finite training loss at step 4 .*last good checkpoint is step 2"):
+        train.train_and_evaluate(c, wd)
+    steps = sorted(int(n) for n in os.listdir(os.path.join(wd, "checkpoints")) if n.isdigit())
+    assert steps == [2]
+
+
+def _read_records(path):
+    """Minimal TFRecord reader: (uint64 length, crc, data, crc) records, checking the masked crc32c."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    out = []
+    with open(path, "rb") as f:
+        while True:
+            head = f.read(8)
+            if not head:
+                return out
+            (n,) = struct.unpack("<Q", head)
+            assert struct.unpack("<I", f.read(4))[0] == masked_crc32c(head)
+            data = f.read(n)
+            assert struct.unpack("<I", f.read(4))[0] == masked_crc32c(data)
+            out.append(data)
+
+
+def test_tensorboard_events_and_sample_grid(tmp_path):
+    from tensorboard.compat.proto import event_pb2
+
+    c = tiny_config(num_steps=2, tensorboard=True)
+    c.sample.every_steps = 2
+    c.sample.per_class = 1
+    c.sample.respacing = "ddim5"
+    c.mesh.num_devices = 1
+    wd = str(tmp_path / "tb")
+    train.train_and_evaluate(c, wd)
+    files = glob.glob(os.path.join(wd, "tb", "events.out.tfevents.*"))
+    assert len(files) == 1
+    events = [event_pb2.Event.FromString(r) for r in _read_records(files[0])]
+    assert events[0].file_version == "brain.Event:2"
+    tags = {(e.step, v.tag) for e in events for v in e.summary.value}
+    for tag in ("loss", "grad_norm", "lr", "steps_per_sec", "images_per_sec"):
+        assert (2, tag) in tags and (1, tag) in tags
+    assert (2, "samples/ema") in tags
+    from PIL import Image
+
+    grid = Image.open(os.path.join(wd, "samples", "step_00000002.png"))
+    assert grid.size[0] > 0 and grid.size[1] > grid.size[0] * 5  # 10 rows (classes) x 1 column
