@@ -34,7 +34,7 @@ def to_flax(args: argparse.Namespace) -> None:
     from convert import writers
     from dit_jax.pretrained import save_pretrained
 
-    writers._check_target(args.output, args.overwrite)  # fail before the (slow) read
+    writers.check_target(args.output, args.overwrite)  # fail before the (slow) read
     params, cfg = load_torch_checkpoint(args.input, use_model=args.use_model, num_heads=args.num_heads,
                                         input_size=args.input_size, num_classes=args.num_classes,
                                         allow_pickle=args.unsafe_pickle, log=_log)
@@ -48,7 +48,7 @@ def to_torch(args: argparse.Namespace) -> None:
     from convert.api import flax_to_torch, load_torch_checkpoint
 
     fmt = args.format or writers.guess_format(args.output)
-    writers._check_target(args.output, args.overwrite)  # fail before the (slow) read
+    writers.check_target(args.output, args.overwrite)  # fail before the (slow) read
     if io.is_flax_dir(args.input):
         from dit_jax.pretrained import load_pretrained, model_config
 

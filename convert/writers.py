@@ -33,7 +33,7 @@ def guess_format(out: str) -> str:
                           f"suffix, a directory name for diffusers, or pass --format {'|'.join(FORMATS)}")
 
 
-def _check_target(out: str, overwrite: bool) -> None:
+def check_target(out: str, overwrite: bool) -> None:
     if os.path.lexists(out) and not overwrite:
         raise ConversionError(f"{out} already exists; remove it or pass --overwrite (overwrite=True)")
     parent = os.path.dirname(os.path.abspath(out))
@@ -44,7 +44,7 @@ def _check_target(out: str, overwrite: bool) -> None:
 @contextlib.contextmanager
 def atomic_file(out: str, overwrite: bool = False) -> Iterator[str]:
     """Yields a temporary path in OUT's directory; renamed onto OUT only if the block succeeds."""
-    _check_target(out, overwrite)
+    check_target(out, overwrite)
     parent = os.path.dirname(os.path.abspath(out))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
     os.close(fd)
@@ -59,7 +59,7 @@ def atomic_file(out: str, overwrite: bool = False) -> Iterator[str]:
 @contextlib.contextmanager
 def atomic_dir(out: str, overwrite: bool = False) -> Iterator[str]:
     """Yields a temporary directory beside OUT; moved onto OUT only if the block succeeds."""
-    _check_target(out, overwrite)
+    check_target(out, overwrite)
     out = os.path.abspath(out)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=os.path.dirname(out))
     try:
