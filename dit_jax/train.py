@@ -308,7 +308,7 @@ def setup(config, workdir: str) -> Dict[str, Any]:
     mesh = shd.make_mesh(config.mesh)
     model = build_model(config)
     local_batch, _ = validate_batch_config(config, mesh)
-    if config.data.name in PIXEL_SOURCES and config.model.in_channels != 1 and config.data.name == "digits":
+    if config.data.name == "digits" and config.model.in_channels != 1:
         raise ConfigError(f"digits are 1-channel images; config.model.in_channels={config.model.in_channels}")
     tx = build_optimizer(config)
     diffusion = build_diffusion(config)

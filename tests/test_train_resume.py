@@ -13,7 +13,7 @@ from dit_jax import train
 from tests.train_tiny import TINY_FLAGS, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS, EVERY = 40, 4
+STEPS, EVERY = 24, 3
 
 
 def _cmd(workdir):
