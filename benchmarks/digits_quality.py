@@ -64,7 +64,6 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from ml_collections import config_flags  # noqa: F401  (ensures ml_collections is there)
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("digits_cfg", args.config)
