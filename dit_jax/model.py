@@ -251,6 +251,10 @@ class DiT(nn.Module):
     dtype: Dtype = jnp.float32  # compute dtype of the matmuls
     param_dtype: Dtype = jnp.float32
     remat: bool = False  # rematerialise each block in the backward pass (saves activation memory)
+    # Run the blocks as one `lax.scan` over their stacked parameters (names and values unchanged: each block
+    # keeps its own `blocks_i` parameters). Faster backward on CPU (see docs/performance.md) and a compile
+    # time that does not grow with depth; False unrolls the blocks like the release.
+    scan_blocks: bool = True
     attention_impl: Optional[str] = None  # passed to jax.nn.dot_product_attention ("cudnn" for flash on GPU)
     # Two details in which diffusers' DiTTransformer2DModel differs from the release; the converter sets
     # them when it reads a diffusers model so its outputs are reproduced exactly.
@@ -273,15 +277,38 @@ class DiT(nn.Module):
                                         param_dtype=self.param_dtype)
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
         self.blocks = [
-            block_cls(self.hidden_size, self.num_heads, self.mlp_ratio, attention_impl=self.attention_impl,
-                      mlp_norm_eps=self.mlp_norm_eps, name=f"blocks_{i}", **kw)
-            for i in range(self.depth)
+            block_cls(**self._block_kwargs(), name=f"blocks_{i}") for i in range(self.depth)
         ]
         self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels, **kw)
 
     def pos_embed(self) -> np.ndarray:
         """(T, D) fixed sin-cos table; a constant, not a parameter (the release never trains it)."""
         return get_2d_sincos_pos_embed(self.hidden_size, self.input_size // self.patch_size)
+
+    def _block_kwargs(self) -> dict:
+        return dict(hidden_size=self.hidden_size, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                    dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+                    mlp_norm_eps=self.mlp_norm_eps)
+
+    def _scan_blocks(self, h: jax.Array, c: jax.Array) -> jax.Array:
+        """The blocks as one `lax.scan`: h (N, T, D) float32 -> (N, T, D).
+
+        Why: unrolled, XLA's CPU fusion recomputes the residual-stream gradient, a chain of elementwise adds
+        over all later blocks, inside every consumer of it, so the backward pass costs O(depth^2)
+        elementwise work (2/3 of a DiT-S/2 training step). A loop body is a fusion boundary: each block's
+        gradient is materialised once. The per-block parameters are stacked here (a copy, cheap next to the
+        blocks' matmuls) so the parameter tree keeps the release's layout and names.
+        """
+        stacked = jax.tree_util.tree_map(lambda *p: jnp.stack(p), *[b.variables["params"] for b in self.blocks])
+        block = DiTBlock(**self._block_kwargs(), parent=None)
+
+        def body(h, params):
+            return block.apply({"params": params}, h, c), None
+
+        if self.remat:
+            body = jax.checkpoint(body)
+        h, _ = jax.lax.scan(body, h, stacked)
+        return h
 
     def unpatchify(self, x: jax.Array) -> jax.Array:
         """(N, T, p*q*C) -> (N, H, W, C); channel order inside a token is (p, q, c) like the release."""
@@ -300,8 +327,11 @@ class DiT(nn.Module):
             raise ValueError(f"expected {self.in_channels} input channels (NHWC, last axis), got shape {x.shape}")
         h = self.x_embedder(x).astype(jnp.float32) + jnp.asarray(self.pos_embed())[None]  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, train, force_drop_ids)  # (N, D)
-        for block in self.blocks:
-            h = block(h, c)
+        if self.scan_blocks and self.depth > 1 and not self.is_initializing():
+            h = self._scan_blocks(h, c)
+        else:
+            for block in self.blocks:
+                h = block(h, c)
         h = self.final_layer(h, c)  # (N, T, p*q*C_out)
         return self.unpatchify(h)
 

@@ -1,0 +1,150 @@
+"""Where does the JAX training step spend its time?  Ablations and a per-op profile, one process.
+
+    python -m benchmarks.profile_train                          # DiT-S/2, latent 32, batch 8, all variants
+    python -m benchmarks.profile_train --depth 4 --variants base no_barrier --repeats 5
+    python -m benchmarks.profile_train --trace --variants base  # top XLA ops of one step (jax.profiler)
+
+Each variant is a jitted training step (the one in benchmarks/common.py) built with some part of the model
+swapped at trace time. Variants run interleaved, `--repeats` rounds, and both the wall time and the process
+CPU time of each call are reported (median): on a shared machine the CPU time is the steadier number.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import gzip
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import batch_inputs, make_jax_train_step, make_pair
+
+
+# ----------------------------------------------------------------------------------------------------
+# Variants: context managers active while the step is traced
+# ----------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _patched(obj, name, value):
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def _einsum_attention(q, k, v, *args, **kwargs):
+    """Plain einsum + softmax attention, (N, T, H, Dh) in and out."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("nthd,nshd->nhts", q * scale, k)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+    return jnp.einsum("nhts,nshd->nthd", probs, v)
+
+
+def variant(name: str, model):
+    """(model to use, context manager to trace under) for one variant."""
+    if name == "base":
+        return model, contextlib.nullcontext()
+    if name == "unrolled":  # the blocks as a Python loop (the release's structure) instead of one lax.scan
+        return model.clone(scan_blocks=False), contextlib.nullcontext()
+    if name == "einsum_attn":
+        return model, _patched(jax.nn, "dot_product_attention", _einsum_attention)
+    raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
+
+
+VARIANTS = ("base", "unrolled", "einsum_attn")
+
+
+# ----------------------------------------------------------------------------------------------------
+def build_steps(args):
+    from dit_jax.diffusion import create_diffusion
+
+    latent = args.image_size // 8
+    model, params, cfg, _ = make_pair(args.model, latent, depth=args.depth)
+    inputs = batch_inputs(args.batch, latent, cfg["num_classes"])
+    x = jnp.asarray(inputs["x"].transpose(0, 2, 3, 1))  # (N, H, W, C)
+    noise = jnp.asarray(inputs["noise"].transpose(0, 2, 3, 1))
+    y, t = jnp.asarray(inputs["y"], jnp.int32), jnp.asarray(inputs["t"], jnp.int32)
+    rng = jax.random.PRNGKey(0)
+    diffusion = create_diffusion("")
+    calls = {}
+    for name in args.variants:
+        vmodel, ctx = variant(name, model)
+        tx, step = make_jax_train_step(vmodel, diffusion)
+        state = [jax.tree_util.tree_map(jnp.copy, params), None, jax.tree_util.tree_map(jnp.copy, params)]
+        state[1] = tx.init(state[0])
+        with ctx:  # trace and compile now, under the patch
+            compiled = step.lower(*state, x, y, t, noise, rng).compile()
+
+        def call(compiled=compiled, state=state):
+            state[0], state[1], state[2], loss = compiled(*state, x, y, t, noise, rng)
+            return loss
+
+        calls[name] = call
+    return calls
+
+
+def time_interleaved(calls, repeats: int):
+    wall, cpu = defaultdict(list), defaultdict(list)
+    for f in calls.values():  # warm-up
+        jax.block_until_ready(f())
+    for _ in range(repeats):
+        for name, f in calls.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            jax.block_until_ready(f())
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu
+
+
+def top_ops(call, n: int = 25):
+    """Sum of profiler event durations per XLA op name over one step, largest first."""
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        jax.block_until_ready(call())
+        jax.profiler.stop_trace()
+        path = sorted(glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True))[-1]
+        with gzip.open(path) as f:
+            events = json.load(f)["traceEvents"]
+    acc = defaultdict(float)
+    for e in events:
+        if e.get("ph") == "X" and not e["name"].startswith(("$", "ThunkExecutor", "Slinky")):
+            acc[e["name"]] += e.get("dur", 0) / 1e3
+    return sorted(acc.items(), key=lambda kv: -kv[1])[:n]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="DiT-S/2")
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--depth", type=int, default=None)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--trace", action="store_true", help="print the top ops of one step of each variant")
+    args = ap.parse_args(argv)
+    calls = build_steps(args)
+    print(f"{args.model} depth {args.depth or 'full'} latent {args.image_size // 8} batch {args.batch}", flush=True)
+    if args.trace:
+        for name, call in calls.items():
+            jax.block_until_ready(call())
+            print(f"[{name}] top ops of one step (ms):")
+            for op, ms in top_ops(call):
+                print(f"  {ms:9.1f}  {op}")
+        return
+    wall, cpu = time_interleaved(calls, args.repeats)
+    for name in calls:
+        w, c = wall[name], cpu[name]
+        print(f"  {name:12s} step wall median {np.median(w):7.3f} s (min {min(w):.3f}, max {max(w):.3f})"
+              f"  cpu median {np.median(c):7.3f} s (min {min(c):.3f})  -> {args.batch / np.median(w):.2f} img/s")
+
+
+if __name__ == "__main__":
+    main()
