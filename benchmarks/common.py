@@ -23,6 +23,27 @@ def timed(fn: Callable[[], object], sync: Callable[[object], None], warmup: int,
     return float(np.median(times))
 
 
+def timed_interleaved(fns: Dict[str, Callable[[], object]], syncs: Dict[str, Callable[[object], None]],
+                      warmup: int, iters: int) -> Dict[str, Dict[str, float]]:
+    """Times several functions round-robin (A B A B ...) so that load from other processes hits all alike.
+
+    Returns name -> {"s": median wall seconds, "cpu_s": median process CPU seconds, "min_s", "max_s"}.
+    """
+    for _ in range(warmup):
+        for name, fn in fns.items():
+            syncs[name](fn())
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            syncs[name](fn())
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {name: {"s": float(np.median(wall[name])), "cpu_s": float(np.median(cpu[name])),
+                   "min_s": float(min(wall[name])), "max_s": float(max(wall[name]))} for name in fns}
+
+
 def jax_sync(x) -> None:
     jax.block_until_ready(x)
 

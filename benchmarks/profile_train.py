@@ -16,6 +16,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import tempfile
 import time
 from collections import defaultdict
@@ -87,8 +88,17 @@ def build_steps(args):
             state[0], state[1], state[2], loss = compiled(*state, x, y, t, noise, rng)
             return loss
 
+        call.hlo = compiled.as_text()
         calls[name] = call
     return calls
+
+
+def op_sources(hlo_text: str) -> dict:
+    """XLA instruction name -> (shape, the JAX op_name in its metadata), from compiled HLO text."""
+    out = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%(\S+) = (\S+) .*?op_name=\"([^\"]*)\"", hlo_text, re.M):
+        out.setdefault(m.group(1), (m.group(2), m.group(3)))
+    return out
 
 
 def time_interleaved(calls, repeats: int):
@@ -135,9 +145,11 @@ def main(argv=None):
     if args.trace:
         for name, call in calls.items():
             jax.block_until_ready(call())
-            print(f"[{name}] top ops of one step (ms):")
+            print(f"[{name}] top ops of one step (ms, summed over loop iterations):")
+            sources = op_sources(call.hlo)
             for op, ms in top_ops(call):
-                print(f"  {ms:9.1f}  {op}")
+                shape, src = sources.get(op, ("", ""))
+                print(f"  {ms:9.1f}  {op:28s} {shape[:40]:40s} {src[-90:]}")
         return
     wall, cpu = time_interleaved(calls, args.repeats)
     for name in calls:

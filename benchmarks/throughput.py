@@ -6,10 +6,13 @@
     python -m benchmarks.throughput --memory              # also peak memory of each side (separate processes)
 
 The training step is the release's: diffusion loss (MSE + VB, learned sigma), backward, AdamW, EMA update.
+JAX and PyTorch calls alternate (A B A B ...) so that load from other processes hits both alike; the median
+wall time is reported, with its min-max and the median process CPU time per call.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -20,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import (batch_inputs, jax_sync, make_jax_train_step, make_pair, make_torch_train_step,
-                               timed, torch_sync_fn)
+                               timed_interleaved, torch_sync_fn)
 
 
 def parse(argv=None):
@@ -42,7 +45,8 @@ def parse(argv=None):
     return args
 
 
-def run_jax(args, model, params, inputs) -> dict:
+def jax_callables(args, model, params, inputs):
+    """(forward, train step) zero-argument callables for the JAX side; the step updates its own state."""
     from dit_jax.diffusion import create_diffusion
 
     if args.dtype == "bfloat16":
@@ -52,7 +56,6 @@ def run_jax(args, model, params, inputs) -> dict:
     noise = jnp.asarray(inputs["noise"].transpose(0, 2, 3, 1))
     y, t = jnp.asarray(inputs["y"], jnp.int32), jnp.asarray(inputs["t"], jnp.int32)
     fwd = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
-    fwd_s = timed(lambda: fwd(params, x, t, y), jax_sync, args.warmup, args.iters)
     tx, step = make_jax_train_step(model, diffusion)
     state = [jax.tree_util.tree_map(jnp.copy, params), None, jax.tree_util.tree_map(jnp.copy, params)]
     state[1] = tx.init(state[0])
@@ -62,15 +65,11 @@ def run_jax(args, model, params, inputs) -> dict:
         state[0], state[1], state[2], loss = step(state[0], state[1], state[2], x, y, t, noise, rng)
         return loss
 
-    train_s = timed(one, jax_sync, args.warmup, args.iters)
-    out = {"jax_forward_ips": args.batch / fwd_s, "jax_train_ips": args.batch / train_s}
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        out["jax_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
-    return out
+    return (lambda: fwd(params, x, t, y)), one
 
 
-def run_torch(args, tmodel, inputs) -> dict:
+def torch_callables(args, tmodel, inputs):
+    """(forward, train step, sync) for the PyTorch reference."""
     import torch
 
     from convert.torch_diffusion import TorchDiffusion
@@ -81,18 +80,42 @@ def run_torch(args, tmodel, inputs) -> dict:
     x = torch.from_numpy(inputs["x"]).to(device)
     noise = torch.from_numpy(inputs["noise"]).to(device)
     y, t = torch.from_numpy(inputs["y"]).to(device), torch.from_numpy(inputs["t"]).to(device)
-    sync = torch_sync_fn(device)
-    tmodel.eval()
+    fwd_model = copy.deepcopy(tmodel).eval()  # the train step puts tmodel in train mode
 
     def fwd():
         with torch.no_grad(), torch.autocast(device, dtype=autocast, enabled=autocast is not None):
-            return tmodel(x, t, y)
+            return fwd_model(x, t, y)
 
-    fwd_s = timed(fwd, sync, args.warmup, args.iters)
     step = make_torch_train_step(tmodel, TorchDiffusion(""), autocast_dtype=autocast)
-    train_s = timed(lambda: step(x, y, t, noise), sync, args.warmup, args.iters)
-    out = {"torch_forward_ips": args.batch / fwd_s, "torch_train_ips": args.batch / train_s}
+    return fwd, (lambda: step(x, y, t, noise)), torch_sync_fn(device), device
+
+
+def measure(args, model, params, tmodel, inputs) -> dict:
+    """Forward, then training step; within each, the JAX and PyTorch calls alternate (see timed_interleaved)."""
+    fns, syncs = {}, {}
+    if args.only != "torch":
+        fns["jax_forward"], fns["jax_train"] = jax_callables(args, model, params, inputs)
+        syncs["jax_forward"] = syncs["jax_train"] = jax_sync
+    device = None
+    if args.only != "jax":
+        fns["torch_forward"], fns["torch_train"], tsync, device = torch_callables(args, tmodel, inputs)
+        syncs["torch_forward"] = syncs["torch_train"] = tsync
+    out = {}
+    for phase in ("forward", "train"):
+        names = [n for n in fns if n.endswith(phase)]
+        times = timed_interleaved({n: fns[n] for n in names}, syncs, args.warmup, args.iters)
+        for n, r in times.items():
+            out[f"{n}_ips"] = args.batch / r["s"]
+            out[f"{n}_s"] = r["s"]
+            out[f"{n}_cpu_s"] = r["cpu_s"]
+            out[f"{n}_spread"] = (r["min_s"], r["max_s"])
+    if args.only != "torch":
+        stats = jax.local_devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            out["jax_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
     if device == "cuda":
+        import torch
+
         out["torch_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
 
@@ -116,10 +139,7 @@ def main(argv=None) -> dict:
     inputs = batch_inputs(args.batch, latent, cfg["num_classes"])
     res = {"model": args.model, "latent": latent, "batch": args.batch, "dtype": args.dtype,
            "device": str(jax.devices()[0].platform)}
-    if args.only != "torch":
-        res.update(run_jax(args, model, params, inputs))
-    if args.only != "jax":
-        res.update(run_torch(args, tmodel, inputs))
+    res.update(measure(args, model, params, tmodel, inputs))
     if args.only is None:
         res["forward_ratio"] = res["jax_forward_ips"] / res["torch_forward_ips"]
         res["train_ratio"] = res["jax_train_ips"] / res["torch_train_ips"]
@@ -128,10 +148,12 @@ def main(argv=None) -> dict:
             res["jax_peak_rss_gib"] = peak_rss_subprocess(clean, "jax")
             res["torch_peak_rss_gib"] = peak_rss_subprocess(clean, "torch")
         print(f"{args.model} latent {latent} batch {args.batch} {args.dtype} on {res['device']}")
-        print(f"  forward  images/s: JAX {res['jax_forward_ips']:8.2f}  PyTorch {res['torch_forward_ips']:8.2f}"
-              f"  ratio {res['forward_ratio']:.2f}x")
-        print(f"  train    images/s: JAX {res['jax_train_ips']:8.2f}  PyTorch {res['torch_train_ips']:8.2f}"
-              f"  ratio {res['train_ratio']:.2f}x")
+        for phase in ("forward", "train"):
+            j, t = f"jax_{phase}", f"torch_{phase}"
+            print(f"  {phase:8s} images/s: JAX {res[j + '_ips']:8.2f}  PyTorch {res[t + '_ips']:8.2f}"
+                  f"  ratio {res[phase + '_ratio']:.2f}x   (median of {args.iters}, wall s/step min-max JAX"
+                  f" {res[j + '_spread'][0]:.2f}-{res[j + '_spread'][1]:.2f}, PyTorch {res[t + '_spread'][0]:.2f}-"
+                  f"{res[t + '_spread'][1]:.2f}; CPU s/step JAX {res[j + '_cpu_s']:.2f}, PyTorch {res[t + '_cpu_s']:.2f})")
         for k in ("jax_peak_gib", "torch_peak_gib", "jax_peak_rss_gib", "torch_peak_rss_gib"):
             if k in res:
                 print(f"  {k}: {res[k]:.2f}")
