@@ -52,7 +52,8 @@ def measure(name: str, image_size: int, depth=None, num_classes: int = 1000):
     """(params incl. pos_embed, dot MACs, XLA flops / 2) for one forward of one image."""
     latent = image_size // 8
     kw = {} if depth is None else {"depth": depth}
-    model = DiT_models[name](input_size=latent, num_classes=num_classes, **kw)
+    # Unrolled blocks: a scanned loop body appears once in the program text and would be counted once.
+    model = DiT_models[name](input_size=latent, num_classes=num_classes, scan_blocks=False, **kw)
     x = jax.ShapeDtypeStruct((1, latent, latent, 4), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, t)
