@@ -30,7 +30,7 @@ def parse(argv=None):
     ap.add_argument("--cfg-scale", type=float, default=4.0)
     ap.add_argument("--samplers", nargs="+", default=["ddim50"], help="ddimN and/or ddpmN, e.g. ddim50 ddpm250")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--repeats", type=int, default=1, help="timed runs per side (the median is reported)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per side, JAX and PyTorch alternating (the median is reported)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -39,16 +39,7 @@ def parse(argv=None):
     return args
 
 
-def _median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
-def run_jax(args, model, params, noise, labels, sampler: str) -> dict:
+def jax_loop(args, model, params, noise, labels, sampler: str) -> dict:
     from dit_jax.diffusion import create_diffusion, dit_model_fn
 
     if args.dtype == "bfloat16":
@@ -70,11 +61,10 @@ def run_jax(args, model, params, noise, labels, sampler: str) -> dict:
     compiled = loop.lower(params, x_T, y, rng).compile()
     compile_s = time.perf_counter() - t0
     jax.block_until_ready(compiled(params, x_T, y, rng))  # warm-up run
-    secs = _median_time(lambda: jax.block_until_ready(compiled(params, x_T, y, rng)), args.repeats)
-    return {"jax_s": secs, "jax_compile_s": compile_s}
+    return (lambda: jax.block_until_ready(compiled(params, x_T, y, rng))), compile_s
 
 
-def run_torch(args, tmodel, noise, labels, sampler: str) -> dict:
+def torch_loop(args, tmodel, noise, labels, sampler: str) -> dict:
     import torch
 
     from convert.torch_diffusion import TorchDiffusion
@@ -104,8 +94,11 @@ def run_torch(args, tmodel, noise, labels, sampler: str) -> dict:
             torch.cuda.synchronize()
         return out
 
-    with torch.no_grad():
-        return {"torch_s": _median_time(run, args.repeats)}
+    def run_no_grad():
+        with torch.no_grad():
+            return run()
+
+    return run_no_grad
 
 
 def main(argv=None) -> dict:
@@ -119,8 +112,16 @@ def main(argv=None) -> dict:
     print(f"{args.model} latent {latent} batch {args.batch} cfg {args.cfg_scale} {args.dtype} "
           f"on {jax.devices()[0].platform}")
     for sampler in args.samplers:
-        r = run_jax(args, model, params, noise, labels, sampler)
-        r.update(run_torch(args, tmodel, noise, labels, sampler))
+        jax_run, compile_s = jax_loop(args, model, params, noise, labels, sampler)
+        torch_run = torch_loop(args, tmodel, noise, labels, sampler)
+        times = {"jax": [], "torch": []}
+        for _ in range(args.repeats):  # alternate the two sides so that outside load hits both alike
+            for side, fn in (("jax", jax_run), ("torch", torch_run)):
+                t0 = time.perf_counter()
+                fn()
+                times[side].append(time.perf_counter() - t0)
+        r = {"jax_s": float(np.median(times["jax"])), "torch_s": float(np.median(times["torch"])),
+             "jax_compile_s": compile_s, "jax_runs_s": times["jax"], "torch_runs_s": times["torch"]}
         r["ratio"] = r["torch_s"] / r["jax_s"]
         results[sampler] = r
         print(f"  {sampler:8s} s/image: JAX {r['jax_s'] / args.batch:8.3f}  PyTorch {r['torch_s'] / args.batch:8.3f}"

@@ -4,6 +4,7 @@
     python -m benchmarks.throughput --model DiT-XL/2 --batch 32 --dtype bfloat16   # on a GPU
     python -m benchmarks.throughput --tiny                # smoke run (CI)
     python -m benchmarks.throughput --memory              # also peak memory of each side (separate processes)
+    python -m benchmarks.throughput --unrolled            # JAX blocks unrolled (before the lax.scan fix)
 
 The training step is the release's: diffusion loss (MSE + VB, learned sigma), backward, AdamW, EMA update.
 JAX and PyTorch calls alternate (A B A B ...) so that load from other processes hits both alike; the median
@@ -36,6 +37,8 @@ def parse(argv=None):
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="DiT-S/2, depth 2, latent 8, batch 2, 1 iteration")
+    ap.add_argument("--unrolled", action="store_true",
+                    help="JAX blocks as a Python loop (DiT(scan_blocks=False), the state before the scan fix)")
     ap.add_argument("--memory", action="store_true", help="measure peak memory of each side in a subprocess")
     ap.add_argument("--only", choices=["jax", "torch"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="print one JSON line with the results")
@@ -51,6 +54,8 @@ def jax_callables(args, model, params, inputs):
 
     if args.dtype == "bfloat16":
         model = model.clone(dtype=jnp.bfloat16)
+    if args.unrolled:
+        model = model.clone(scan_blocks=False)
     diffusion = create_diffusion("")
     x = jnp.asarray(inputs["x"].transpose(0, 2, 3, 1))  # (N, H, W, C)
     noise = jnp.asarray(inputs["noise"].transpose(0, 2, 3, 1))
