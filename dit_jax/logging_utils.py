@@ -39,20 +39,16 @@ def png_bytes(image_uint8: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_grid(images: np.ndarray, rows: int, upscale: int = 1, pad: int = 1) -> np.ndarray:
-    """(N, H, W, C) float in [-1, 1], N = rows * cols -> (rows*(H+pad)+pad, cols*(W+pad)+pad, C) uint8."""
+def make_grid(images: np.ndarray, rows: int, upscale: int = 1, pad: int = 2) -> np.ndarray:
+    """(N, H, W, C) float in [-1, 1], N = rows * cols -> one uint8 grid with mid-grey separators (samples
+    are often black on the edges, so black separators would merge the cells)."""
+    from dit_jax.images import make_grid as grid_u8
+
     images = np.asarray(images, np.float32)
-    n, h, w, c = images.shape
-    cols = int(math.ceil(n / rows))
     u8 = np.clip(127.5 * images + 128.0, 0, 255).astype(np.uint8)
     if upscale > 1:
         u8 = u8.repeat(upscale, axis=1).repeat(upscale, axis=2)
-        h, w = h * upscale, w * upscale
-    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
-    for i in range(n):
-        r, col = divmod(i, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = u8[i]
-    return grid
+    return grid_u8(u8, nrow=int(math.ceil(len(u8) / rows)), padding=pad, pad_value=128)
 
 
 class MetricWriter:

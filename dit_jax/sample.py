@@ -10,7 +10,6 @@ sample does not depend on the batch size. The whole diffusion loop of a batch is
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dit_jax.diffusion import GaussianDiffusion, create_diffusion, dit_model_fn
+from dit_jax.images import make_grid  # noqa: F401  (also part of this module's interface)
 
 RELEASE_CLASS_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)  # the release sample.py's default classes
 
@@ -178,19 +178,6 @@ def images_fn(vae) -> Callable[[Any, jax.Array], jax.Array]:
         return to_uint8(images)  # clamp to [-1, 1] and round like torchvision's save_image
 
     return decode
-
-
-def make_grid(images: np.ndarray, nrow: int = 4, padding: int = 2) -> np.ndarray:
-    """(N, H, W, C) uint8 -> one (rows*(H+p)+p, cols*(W+p)+p, C) image, black padding (torchvision layout)."""
-    n, h, w, c = images.shape
-    cols = min(nrow, n)
-    rows = int(math.ceil(n / cols))
-    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), np.uint8)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        y, x = padding + r * (h + padding), padding + q * (w + padding)
-        grid[y:y + h, x:x + w] = images[i]
-    return grid
 
 
 def save_png(array: np.ndarray, path: str) -> None:

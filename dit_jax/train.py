@@ -394,7 +394,8 @@ def train_and_evaluate(config, workdir: str, export_torch_path: Optional[str] = 
     losses: Dict[int, float] = {}
     every = int(config.checkpoint.every_steps)
     pending = None  # (step, metrics) of the previous step, checked after the next one is dispatched
-    t_last, s_last = time.time(), start_step
+    t_start = t_last = time.time()
+    s_last = start_step
     try:
         for step in range(start_step, int(config.num_steps)):
             local = first if step == start_step else source.batch(step)
@@ -441,6 +442,9 @@ def train_and_evaluate(config, workdir: str, export_torch_path: Optional[str] = 
             writer.close()
     if export_torch_path:
         export_torch(export_torch_path, model, state["ema_params"])
+    if is_main and start_step < int(config.num_steps):
+        log.info("finished step %d in %.1f min; checkpoints in %s, sample grids in %s", int(config.num_steps),
+                 (time.time() - t_start) / 60, ckpt_lib.checkpoint_dir(workdir), os.path.join(workdir, "samples"))
     return {"state": state, "losses": losses, "model": model, "mesh": mesh}
 
 
