@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional
 import numpy as np
 
 from convert.mapping import ConversionError
+from dit_jax.atomic import atomic_path
 
 FORMATS = ("pt", "train", "safetensors", "diffusers")
 
@@ -45,15 +46,8 @@ def check_target(out: str, overwrite: bool) -> None:
 def atomic_file(out: str, overwrite: bool = False) -> Iterator[str]:
     """Yields a temporary path in OUT's directory; renamed onto OUT only if the block succeeds."""
     check_target(out, overwrite)
-    parent = os.path.dirname(os.path.abspath(out))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         yield tmp
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 @contextlib.contextmanager

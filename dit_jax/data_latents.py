@@ -18,6 +18,7 @@ import uuid
 
 import numpy as np
 
+from dit_jax.atomic import atomic_path
 from dit_jax.data_source import DataError
 
 INDEX = "index.json"
@@ -62,10 +63,8 @@ def write_index(out_dir: str, settings: dict) -> dict:
             raise DataError(f"{out_dir!r} holds an extraction with other settings ({what}); use another --out "
                             f"or delete it")
         return old
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(settings, f, indent=1)
-    os.replace(tmp, path)
     return settings
 
 

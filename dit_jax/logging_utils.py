@@ -22,10 +22,10 @@ log = logging.getLogger("dit_jax.train")
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    from dit_jax.atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
 
 
 def png_bytes(image_uint8: np.ndarray) -> bytes:

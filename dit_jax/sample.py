@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax.atomic import atomic_path
 from dit_jax.diffusion import GaussianDiffusion, create_diffusion, dit_model_fn
 from dit_jax.images import make_grid  # noqa: F401  (also part of this module's interface)
 
@@ -184,29 +185,13 @@ def save_png(array: np.ndarray, path: str) -> None:
     """Writes a uint8 (H, W, 3) PNG atomically: a temporary name in the same folder, then rename."""
     from PIL import Image
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            Image.fromarray(np.asarray(array, np.uint8)).save(f, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.asarray(array, np.uint8)).save(tmp, format="PNG")
 
 
 def save_npy(array: np.ndarray, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def guidance_channels(args) -> Optional[int]:

@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dit_jax import sample as S
+from dit_jax.atomic import atomic_path
 
 RUN_FILE = "run.json"
 
@@ -95,10 +96,8 @@ def check_run_file(out_dir: str, settings: dict) -> None:
                              f"or delete {path} and the PNGs")
         return
     if jax.process_index() == 0:
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
             json.dump(settings, f, indent=2)
-        os.replace(tmp, path)
 
 
 def sync(name: str) -> None:
@@ -120,16 +119,8 @@ def write_npz(out_dir: str, num_images: int, path: str) -> str:
     arr = np.empty((num_images,) + first.shape, np.uint8)
     for i in range(num_images):
         arr[i] = np.asarray(Image.open(png_path(out_dir, i)).convert("RGB"))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-            np.savez(f, arr_0=arr)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz"
+        np.savez(f, arr_0=arr)
     return path
 
 

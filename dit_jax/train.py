@@ -296,10 +296,10 @@ def export_torch(path: str, model: DiT, ema_params) -> None:
     if jax.process_index() != 0:
         return
     state = convert.flax_to_torch(host, torch_config(model))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    from dit_jax.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     log.info("exported EMA weights to %s", path)
 
 
