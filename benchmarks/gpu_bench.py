@@ -35,7 +35,8 @@ def parse(argv=None):
     ap.add_argument("--sample-steps", type=int, default=250)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--remat", action="store_true", help="rematerialise blocks in the JAX step")
-    ap.add_argument("--attention", default="auto", help="JAX attention implementation: auto|cudnn|xla")
+    ap.add_argument("--attention", default="auto",
+                    help="JAX attention: auto (cudnn on GPU, matmuls elsewhere) | cudnn | xla | matmul")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--skip-compile", action="store_true", help="PyTorch without torch.compile")
     ap.add_argument("--tiny", action="store_true", help="DiT-S/2 depth 2, 64 px, batch 2: a CPU smoke run")
@@ -61,7 +62,9 @@ def matmul_peak_tflops(dtype=jnp.bfloat16, n: int = 8192, iters: int = 10) -> fl
 def jax_train(args, model, params, latent, num_classes, macs):
     from dit_jax.diffusion import create_diffusion
 
-    impl = None if args.attention == "auto" else args.attention
+    impl = None if args.attention in ("auto", "matmul") else args.attention
+    if args.attention == "auto" and jax.devices()[0].platform == "gpu":
+        impl = "cudnn"  # flash attention; falls back to the matmul attention below if cuDNN refuses it
     model = model.clone(dtype=jnp.bfloat16, remat=args.remat, attention_impl=impl)
     diffusion = create_diffusion("")
     tx, step = make_jax_train_step(model, diffusion)
@@ -77,8 +80,14 @@ def jax_train(args, model, params, latent, num_classes, macs):
         try:
             compiled = step.lower(params, opt_state, params, x, y, t, noise, jax.random.PRNGKey(0)).compile()
         except Exception as e:  # noqa: BLE001 - an out-of-memory compile means: try a smaller batch
-            print(f"  JAX batch {batch}: does not compile ({type(e).__name__}), trying smaller")
-            continue
+            if model.attention_impl == "cudnn" and args.attention == "auto" and "memory" not in str(e).lower():
+                print(f"  cuDNN attention does not compile ({type(e).__name__}: {str(e)[:120]}); using matmuls")
+                model = model.clone(attention_impl=None)
+                tx, step = make_jax_train_step(model, diffusion)
+                compiled = step.lower(params, opt_state, params, x, y, t, noise, jax.random.PRNGKey(0)).compile()
+            else:
+                print(f"  JAX batch {batch}: does not compile ({type(e).__name__}), trying smaller")
+                continue
         compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
         need = None if mem is None else mem.temp_size_in_bytes + 3 * mem.argument_size_in_bytes

@@ -30,6 +30,7 @@ import numpy as np
 
 import dit_jax.model as dit_model
 from benchmarks.common import batch_inputs, make_jax_train_step, make_pair
+from dit_jax import cpu_malloc
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -207,6 +208,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--trace", action="store_true", help="print the top ops of one step of each variant")
     args = ap.parse_args(argv)
+    cpu_malloc.configure(verbose=True)
     calls = build_steps(args)
     print(f"{args.model} depth {args.depth or 'full'} latent {args.image_size // 8} batch {args.batch}", flush=True)
     if args.trace:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import make_pair
+from dit_jax import cpu_malloc
 
 
 def parse(argv=None):
@@ -103,6 +104,7 @@ def torch_loop(args, tmodel, noise, labels, sampler: str) -> dict:
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    cpu_malloc.configure(verbose=True)  # both frameworks run in this process with the same settings
     latent = args.image_size // 8
     model, params, cfg, tmodel = make_pair(args.model, latent, depth=args.depth)
     rs = np.random.RandomState(0)

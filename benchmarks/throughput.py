@@ -25,6 +25,7 @@ import numpy as np
 
 from benchmarks.common import (batch_inputs, jax_sync, make_jax_train_step, make_pair, make_torch_train_step,
                                timed_interleaved, torch_sync_fn)
+from dit_jax import cpu_malloc
 
 
 def parse(argv=None):
@@ -139,6 +140,7 @@ def peak_rss_subprocess(argv, which: str) -> float:
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
+    cpu_malloc.configure(verbose=True)  # both frameworks run in this process with the same settings
     latent = args.image_size // 8
     model, params, cfg, tmodel = make_pair(args.model, latent, depth=args.depth)
     inputs = batch_inputs(args.batch, latent, cfg["num_classes"])

@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.num_heads = 0  # 0: the size's standard head count; needed with hidden_size
     c.model.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
     c.model.remat = False  # rematerialise each block in the backward pass (less memory, ~30% more compute)
-    c.model.attention_impl = ""  # "" lets JAX choose; "xla" or "cudnn" (flash attention on GPU)
+    c.model.attention_impl = ""  # "": head-major matmuls (fastest on CPU); "xla", or "cudnn" (flash attention on GPU)
 
     # ---- diffusion (dit_jax.diffusion.create_diffusion) ----
     c.diffusion = ml_collections.ConfigDict()

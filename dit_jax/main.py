@@ -16,6 +16,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from dit_jax import cpu_malloc
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config()", lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, logs, TensorBoard events and sample grids go here")
@@ -83,6 +85,11 @@ def main(argv=None) -> None:
         return app.run(main, flags_parser=parse_flags)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:  # before JAX creates its CPU client; a bad model config is reported by train_and_evaluate below
+        step_bytes = cpu_malloc.training_step_bytes(FLAGS.config)
+    except (KeyError, ValueError, AttributeError, IndexError, TypeError):
+        step_bytes = 0
+    cpu_malloc.configure(step_bytes, verbose=True)
     setup_console_logging()
     init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                      FLAGS.cpu_collectives)
