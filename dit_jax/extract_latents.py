@@ -145,19 +145,19 @@ def parse_args(argv=None):
     src.add_argument("--config", default="", help="training config file; its config.data gives the defaults")
     src.add_argument("--folder", default=None, help="DIR/<class>/<image> (the release's ImageFolder input)")
     src.add_argument("--tfds", default=None, help="tfds data set name, e.g. imagenet2012")
-    src.add_argument("--data_dir", default=None, help="tfds data_dir")
-    src.add_argument("--manual_dir", default=None, help="tfds manual_dir (imagenet2012 tars)")
+    src.add_argument("--data-dir", "--data_dir", default=None, help="tfds data_dir")
+    src.add_argument("--manual-dir", "--manual_dir", default=None, help="tfds manual_dir (imagenet2012 tars)")
     src.add_argument("--split", default=None, help="tfds split (default train)")
-    src.add_argument("--image_size", type=int, default=None, help="256 or 512 (default 256)")
+    src.add_argument("--image-size", "--image_size", type=int, default=None, help="256 or 512 (default 256)")
     p.add_argument("--out", required=True, help="output directory (created; rerun to resume)")
     p.add_argument("--vae", default=None, help="mse | ema | path to a diffusers VAE (default ema)")
-    p.add_argument("--batch_size", type=int, default=64, help="images per encode call (x2 for the mirrors); "
+    p.add_argument("--batch-size", "--batch_size", type=int, default=64, help="images per encode call (x2 for the mirrors); "
                                                               "a multiple of the local device count")
-    p.add_argument("--shard_size", type=int, default=1024, help="examples per shard file")
+    p.add_argument("--shard-size", "--shard_size", type=int, default=1024, help="examples per shard file")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype")
-    p.add_argument("--num_workers", type=int, default=8, help="image decode threads")
+    p.add_argument("--num-workers", "--num_workers", type=int, default=8, help="image decode threads")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--no-progress", "--no_progress", action="store_true")
     return p.parse_args(argv)
 
 

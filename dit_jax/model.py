@@ -408,12 +408,20 @@ class DiT(nn.Module):
         half = x[: x.shape[0] // 2]
         combined = jnp.concatenate([half, half], axis=0)
         out = self(combined, t, y, train=False)
-        nc = self.in_channels if guidance_channels is None else guidance_channels
-        eps, rest = out[..., :nc], out[..., nc:]
-        cond_eps, uncond_eps = jnp.split(eps, 2, axis=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        eps = jnp.concatenate([half_eps, half_eps], axis=0)
-        return jnp.concatenate([eps, rest], axis=-1)
+        return apply_guidance(out, cfg_scale, self.in_channels if guidance_channels is None else guidance_channels)
+
+
+def apply_guidance(out: jax.Array, cfg_scale: float, guided_channels: int) -> jax.Array:
+    """out (2N, H, W, C_out), conditional half first -> the release's guided output (2N, H, W, C_out).
+
+    The first `guided_channels` channels of both halves become uncond + s * (cond - uncond); the others
+    (the learned variance) are kept as the model gave them.
+    """
+    eps, rest = out[..., :guided_channels], out[..., guided_channels:]
+    cond_eps, uncond_eps = jnp.split(eps, 2, axis=0)
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    eps = jnp.concatenate([half_eps, half_eps], axis=0)
+    return jnp.concatenate([eps, rest], axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------------

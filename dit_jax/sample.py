@@ -60,6 +60,21 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype of the DiT and VAE (params stay float32)")
     p.add_argument("--cache-dir", default=None, help="download cache (default $DIT_JAX_CACHE or ~/.cache/dit_jax)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--model-batch-chunk", default="auto", type=_batch_chunk_arg,
+                   help="examples per DiT call inside the loop: auto (8 on CPU, where smaller activations stay in "
+                        "cache; everything at once on GPU/TPU), 0 = all at once, or a number; results are the same")
+
+
+def _batch_chunk_arg(value: str):
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {value!r}")
+    return n
 
 
 def parse_dtype(name: str):
@@ -140,8 +155,8 @@ def image_keys(seed: int, indices) -> jax.Array:
 
 
 def latents_fn(model, diffusion: GaussianDiffusion, sampler: str = "ddpm", cfg_scale: float = 1.0,
-               eta: float = 0.0, guidance_channels: Optional[int] = 3, progress: bool = False
-               ) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+               eta: float = 0.0, guidance_channels: Optional[int] = 3, progress: bool = False,
+               batch_chunk: Any = "auto") -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
     """fn(params, labels (N,), keys (N, 2)) -> latents (N, h, w, C); pure, so jit it (or shard_map it).
 
     Image i starts from x_T = normal(fold_in(keys[i], 0)) and its per-step noise comes from
@@ -153,7 +168,7 @@ def latents_fn(model, diffusion: GaussianDiffusion, sampler: str = "ddpm", cfg_s
         n = labels.shape[0]
         x_T = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape1))(keys)  # (N, h, w, C)
         loop_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
-        model_fn = dit_model_fn(model, params, labels, cfg_scale, guidance_channels)
+        model_fn = dit_model_fn(model, params, labels, cfg_scale, guidance_channels, batch_chunk)
         shape = (n,) + shape1
         if sampler == "ddpm":
             return diffusion.p_sample_loop(model_fn, shape, loop_keys, noise=x_T, progress=progress)
@@ -231,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     diffusion = make_diffusion(args, model)
     sample = jax.jit(latents_fn(model, diffusion, args.sampler, args.cfg_scale, args.eta, guidance_channels(args),
-                                progress=not args.no_progress))
+                                progress=not args.no_progress, batch_chunk=args.model_batch_chunk))
     decode = jax.jit(images_fn(vae))
     log(f"sampling {n} images of {size}px: {diffusion.num_timesteps} {args.sampler.upper()} steps, "
         f"cfg-scale {args.cfg_scale}, {args.dtype}, batch {batch}, device {jax.devices()[0].platform}")

@@ -151,7 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     host, hosts = jax.process_index(), jax.process_count()
 
     diffusion = S.make_diffusion(args, model)
-    latents = S.latents_fn(model, diffusion, args.sampler, args.cfg_scale, args.eta, S.guidance_channels(args))
+    latents = S.latents_fn(model, diffusion, args.sampler, args.cfg_scale, args.eta, S.guidance_channels(args),
+                           batch_chunk=args.model_batch_chunk)
     to_images = S.images_fn(vae)
 
     def per_device(p, vp, labels, keys):  # one device's (per_dev,) slice -> uint8 (per_dev, H, W, 3)

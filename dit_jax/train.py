@@ -248,7 +248,8 @@ def make_sampler(config, model: DiT, mesh) -> Callable[[Any, np.ndarray, np.ndar
 
     @functools.partial(jax.jit, out_shardings=shd.replicated(mesh))
     def run(params, labels, noise):
-        fn = dit_model_fn(model, params, labels, float(config.sample.cfg_scale), gc)
+        # batch_chunk 0: the batch may be sharded over the mesh, and these grids are small
+        fn = dit_model_fn(model, params, labels, float(config.sample.cfg_scale), gc, batch_chunk=0)
         return d.ddim_sample_loop(fn, noise.shape, noise=noise, eta=0.0,
                                   clip_denoised=bool(config.sample.clip_denoised))
 

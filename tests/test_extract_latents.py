@@ -158,7 +158,7 @@ def test_cli(setup, tmp_path, monkeypatch, capsys):
     import dit_jax.vae
     from dit_jax.extract_latents import main, parse_args
     root, full, vae, params, _ = setup
-    a = parse_args(["--folder", "/x", "--out", str(tmp_path), "--vae", "mse", "--batch_size", "16"])
+    a = parse_args(["--folder", "/x", "--out", str(tmp_path), "--vae", "mse", "--batch-size", "16"])
     assert (a.folder, a.vae, a.batch_size, a.shard_size) == ("/x", "mse", 16, 1024)
     with pytest.raises(DataError, match="does not exist"):
         main(["--folder", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no_progress"])
