@@ -208,7 +208,6 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--trace", action="store_true", help="print the top ops of one step of each variant")
     args = ap.parse_args(argv)
-    cpu_malloc.configure(verbose=True)
     calls = build_steps(args)
     print(f"{args.model} depth {args.depth or 'full'} latent {args.image_size // 8} batch {args.batch}", flush=True)
     if args.trace:
@@ -228,4 +227,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # Before JAX starts; both frameworks share this process and its settings (not applied when imported).
+    cpu_malloc.configure(verbose=True)
     main()

@@ -111,7 +111,6 @@ def torch_loop(args, tmodel, noise, labels, sampler: str) -> dict:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    cpu_malloc.configure(verbose=True)  # both frameworks run in this process with the same settings
     latent = args.image_size // 8
     model, params, cfg, tmodel = make_pair(args.model, latent, depth=args.depth)
     rs = np.random.RandomState(0)
@@ -141,4 +140,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    # Before JAX starts; both frameworks share this process and its settings (not applied when imported).
+    cpu_malloc.configure(verbose=True)
     main()

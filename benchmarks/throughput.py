@@ -129,6 +129,7 @@ def measure(args, model, params, tmodel, inputs) -> dict:
 def peak_rss_subprocess(argv, which: str) -> float:
     """Peak resident memory (GiB) of a child process that runs only one framework's benchmark."""
     code = ("import resource, sys, runpy; sys.argv = sys.argv[1:]; "
+            "from dit_jax import cpu_malloc; cpu_malloc.configure(); "
             "from benchmarks import throughput; throughput.main(sys.argv[1:]); "
             "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", code, "x", *argv, "--only", which], capture_output=True, text=True,
@@ -140,7 +141,6 @@ def peak_rss_subprocess(argv, which: str) -> float:
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
-    cpu_malloc.configure(verbose=True)  # both frameworks run in this process with the same settings
     latent = args.image_size // 8
     model, params, cfg, tmodel = make_pair(args.model, latent, depth=args.depth)
     inputs = batch_inputs(args.batch, latent, cfg["num_classes"])
@@ -170,4 +170,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    # Before JAX starts; both frameworks share this process and its settings (not applied when imported).
+    cpu_malloc.configure(verbose=True)
     main()

@@ -41,3 +41,10 @@ def test_gpu_script_runs_on_cpu_tiny(tmp_path):
     subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--tiny"], check=True, env=env, cwd=ROOT,
                    capture_output=True, text=True, timeout=600)
     assert '"jax_train_ips"' in (tmp_path / "gpu_bench.json").read_text()
+
+
+def test_compile_time_tiny():
+    from benchmarks import compile_time
+
+    res = compile_time.main(["--tiny", "--unrolled"])
+    assert res["depth"] == 2 and res["forward_s"] > 0 and res["train_step_s"] > 0 and res["train_step_unrolled_s"] > 0
