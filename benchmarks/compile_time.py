@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import make_jax_train_step
-from dit_jax.model import get_model
+from dit_jax.model import get_model, init_params
 
 
 def parse(argv=None):
@@ -52,8 +52,7 @@ def main(argv=None) -> dict:
     model = get_model(args.model, input_size=latent, dtype=jnp.dtype(args.dtype), **kw)
     x = jax.ShapeDtypeStruct((args.batch, latent, latent, model.in_channels), jnp.float32)  # (N, H, W, C)
     t = y = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
-    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape), jnp.zeros(t.shape, jnp.int32),
-                                               jnp.zeros(y.shape, jnp.int32))["params"])
+    params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), args.batch))
     rng = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     res = {"model": args.model, "latent": latent, "batch": args.batch, "dtype": args.dtype,
            "depth": model.depth, "backend": jax.default_backend()}

@@ -23,6 +23,7 @@ import numpy as np
 
 from benchmarks.common import make_pair
 from dit_jax import cpu_malloc
+from dit_jax.sample import batch_chunk_arg
 
 
 def parse(argv=None):
@@ -35,7 +36,7 @@ def parse(argv=None):
     ap.add_argument("--samplers", nargs="+", default=["ddim50"], help="ddimN and/or ddpmN, e.g. ddim50 ddpm250")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per side, JAX and PyTorch alternating (the median is reported)")
-    ap.add_argument("--model-batch-chunk", default="auto",
+    ap.add_argument("--model-batch-chunk", default="auto", type=batch_chunk_arg,
                     help="JAX examples per DiT call (auto: 8 on CPU, whole batch on GPU; 0: whole batch), as in "
                          "dit-jax-sample; PyTorch always runs the whole doubled batch")
     ap.add_argument("--tiny", action="store_true")
@@ -58,8 +59,7 @@ def jax_loop(args, model, params, noise, labels, sampler: str) -> dict:
 
     @jax.jit
     def loop(params, x_T, y, rng):
-        chunk = args.model_batch_chunk if args.model_batch_chunk == "auto" else int(args.model_batch_chunk)
-        fn = dit_model_fn(model, params, y, cfg_scale=args.cfg_scale, batch_chunk=chunk)
+        fn = dit_model_fn(model, params, y, cfg_scale=args.cfg_scale, batch_chunk=args.model_batch_chunk)
         if kind == "ddim":
             return diffusion.ddim_sample_loop(fn, x_T.shape, noise=x_T, eta=0.0)
         return diffusion.p_sample_loop(fn, x_T.shape, rng=rng, noise=x_T)

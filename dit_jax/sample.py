@@ -60,12 +60,13 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype of the DiT and VAE (params stay float32)")
     p.add_argument("--cache-dir", default=None, help="download cache (default $DIT_JAX_CACHE or ~/.cache/dit_jax)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--model-batch-chunk", default="auto", type=_batch_chunk_arg,
+    p.add_argument("--model-batch-chunk", default="auto", type=batch_chunk_arg,
                    help="examples per DiT call inside the loop: auto (8 on CPU, where smaller activations stay in "
                         "cache; everything at once on GPU/TPU), 0 = all at once, or a number; results are the same")
 
 
-def _batch_chunk_arg(value: str):
+def batch_chunk_arg(value: str):
+    """argparse type of --model-batch-chunk: "auto" or an integer >= 0 (see diffusion.resolve_batch_chunk)."""
     if value == "auto":
         return value
     try:
