@@ -48,9 +48,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- devices and sharding (dit_jax.sharding) ----
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # data-parallel axis; -1 takes all devices left over by the other axes
-    c.mesh.fsdp = 1  # parameters, optimizer state and EMA sharded over this axis (and the batch too)
-    c.mesh.tensor = 1  # tensor (Megatron-style) parallel axis for attention heads and MLP hidden units
+    # Axis sizes: n, -1 (the devices the other axes leave) or 0 = auto (dit_jax.mesh_plan: fsdp is the
+    # smallest size whose estimated memory per chip fits the accelerator, data the rest; tensor > 1 only
+    # when the micro-batch has fewer examples than there are devices). `--compile-only` reports the choice.
+    c.mesh.data = 0  # data-parallel axis (the batch is split over data x fsdp)
+    c.mesh.fsdp = 0  # parameters, optimizer state and EMA sharded over this axis (and the batch too)
+    c.mesh.tensor = 0  # tensor (Megatron-style) parallel axis for attention heads and MLP hidden units
     c.mesh.num_devices = 0  # 0: all devices; n: only the first n (single-process debugging and tests)
     c.sharding = ml_collections.ConfigDict()
     c.sharding.fsdp_min_size = 2**14  # parameters with fewer elements stay replicated

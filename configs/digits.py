@@ -25,8 +25,6 @@ def get_config():
     c.optim.grad_clip = 1.0
     c.ema_decay = 0.995  # short run: a 0.9999 EMA would still remember the random init (half-life ~140 steps)
 
-    c.mesh.data = -1
-    c.mesh.fsdp = 1
     c.mesh.num_devices = 1  # on CPU one device is fastest; multi-device digits runs are for tests
 
     c.data.name = "digits"

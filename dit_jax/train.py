@@ -23,7 +23,9 @@ import numpy as np
 import optax
 
 from dit_jax import checkpoint as ckpt_lib
+from dit_jax import mesh_plan
 from dit_jax import sharding as shd
+from dit_jax.topology import device_hbm_bytes
 from dit_jax.model import DiT, get_model
 
 log = logging.getLogger("dit_jax.train")
@@ -98,9 +100,10 @@ def build_optimizer(config) -> optax.GradientTransformation:
     return tx
 
 
-def validate_batch_config(config, mesh) -> Tuple[int, int]:
+def validate_batch_config(config, mesh, process_count: Optional[int] = None) -> Tuple[int, int]:
     """-> (per-process batch, micro-batch). Errors name the numbers that do not divide."""
     b, accum = int(config.global_batch_size), int(config.grad_accum_steps)
+    procs = jax.process_count() if process_count is None else int(process_count)
     dp = shd.data_parallel_size(mesh)
     if accum < 1:
         raise ConfigError(f"config.grad_accum_steps={accum} must be >= 1")
@@ -109,10 +112,10 @@ def validate_batch_config(config, mesh) -> Tuple[int, int]:
     if (b // accum) % dp:
         raise ConfigError(f"micro-batch {b // accum} (config.global_batch_size={b} / grad_accum_steps={accum}) "
                           f"is not divisible by the {dp} data-parallel devices (mesh data x fsdp = "
-                          f"{mesh.shape['data']} x {mesh.shape['fsdp']})")
-    if b % jax.process_count():
-        raise ConfigError(f"config.global_batch_size={b} is not divisible by the {jax.process_count()} processes")
-    return b // jax.process_count(), b // accum
+                          f"{shd.axis_size(mesh, 'data')} x {shd.axis_size(mesh, 'fsdp')})")
+    if b % procs:
+        raise ConfigError(f"config.global_batch_size={b} is not divisible by the {procs} processes")
+    return b // procs, b // accum
 
 
 def make_source(config):
@@ -127,6 +130,15 @@ def make_source(config):
     from dit_jax.data import make_source as make_data_source  # lazy: may import tensorflow
 
     return make_data_source(config.data, **kw)
+
+
+def config_batch_kind(config) -> str:
+    """The batch kind config.data gives ("x" pixels, "latent" posteriors, "image" for the VAE in the step)."""
+    if config.data.name in PIXEL_SOURCES:
+        return "x"
+    if config.data.name == "latents":
+        return "latent"
+    return "image" if config.data.encode_on_the_fly else "x"
 
 
 def check_batch(batch: Dict[str, np.ndarray], model: DiT, local_batch: int) -> str:
@@ -155,12 +167,12 @@ def check_batch(batch: Dict[str, np.ndarray], model: DiT, local_batch: int) -> s
 def state_shardings(abstract_state: Dict[str, Any], mesh, config) -> Dict[str, Any]:
     """Shardings of the whole state: params and EMA by the rules; optimizer moments like their parameter."""
     p_sh = shd.param_shardings(abstract_state["params"], mesh, config.sharding)
-    by_path = {shd._path_str(p): (s, x.shape) for (p, s), x in zip(
+    by_path = {shd.path_str(p): (s, x.shape) for (p, s), x in zip(
         jax.tree_util.tree_flatten_with_path(p_sh)[0], jax.tree_util.tree_leaves(abstract_state["params"]))}
     rep = shd.replicated(mesh)
 
     def opt_leaf(path, x):
-        ps = shd._path_str(path)
+        ps = shd.path_str(path)
         for name, (s, shape) in by_path.items():
             if (ps == name or ps.endswith("/" + name)) and tuple(x.shape) == tuple(shape):
                 return s
@@ -304,22 +316,35 @@ def export_torch(path: str, model: DiT, ema_params) -> None:
     log.info("exported EMA weights to %s", path)
 
 
-def setup(config, workdir: str) -> Dict[str, Any]:
-    """Everything the loop needs, validated before any compute: mesh, model, optimizer, shardings, source."""
-    mesh = shd.make_mesh(config.mesh)
+def setup(config, workdir: str, devices=None, process_count: Optional[int] = None) -> Dict[str, Any]:
+    """Everything the loop needs, validated before any compute: mesh, model, optimizer, shardings, source.
+
+    devices / process_count: the devices and processes of the run (default: this JAX runtime's);
+    `dit-jax-train --compile-only` passes a TPU topology's compile-only devices here."""
     model = build_model(config)
-    local_batch, _ = validate_batch_config(config, mesh)
     if config.data.name == "digits" and config.model.in_channels != 1:
         raise ConfigError(f"digits are 1-channel images; config.model.in_channels={config.model.in_channels}")
     tx = build_optimizer(config)
     diffusion = build_diffusion(config)
     abstract_params = jax.eval_shape(lambda r: model.init(r, *_dummy_inputs(model))["params"],
                                      jax.random.PRNGKey(0))
+    devices = shd.select_devices(config.mesh, devices, process_count)
+    plan = mesh_plan.plan_mesh(config, devices, model, abstract_params, device_hbm_bytes(devices[0])[0],
+                               image_batch=config_batch_kind(config) == "image")
+    mesh = shd.make_mesh(plan.shape, devices, plan.fsdp_groups)
+    local_batch, _ = validate_batch_config(config, mesh, process_count)
     abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
                       "ema_params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params)}
     st_sh = state_shardings(abstract_state, mesh, config)
-    return dict(mesh=mesh, model=model, tx=tx, diffusion=diffusion, abstract_state=abstract_state,
+    return dict(mesh=mesh, mesh_plan=plan, model=model, tx=tx, diffusion=diffusion, abstract_state=abstract_state,
                 state_shardings=st_sh, local_batch=local_batch)
+
+
+def jit_train_step(train_step: Callable, mesh, state_sh) -> Callable:
+    """The train step jitted with the run's shardings (state donated); the loop and --compile-only use it."""
+    rep = shd.replicated(mesh)
+    return jax.jit(train_step, in_shardings=(state_sh, shd.batch_sharding(mesh), rep, rep),
+                   out_shardings=(state_sh, rep), donate_argnums=(0,))
 
 
 def _dummy_inputs(model: DiT):
@@ -348,8 +373,8 @@ def train_and_evaluate(config, workdir: str, export_torch_path: Optional[str] = 
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.txt"), "w") as f:
             f.write(str(config))
-        log.info("mesh %s over %d devices (%d processes); model %s with %.2fM parameters", dict(mesh.shape),
-                 mesh.size, jax.process_count(), config.model.name,
+        log.info("mesh %s over %d devices (%d processes; %s); model %s with %.2fM parameters",
+                 shd.logical_shape(mesh), mesh.size, jax.process_count(), env["mesh_plan"].reason, config.model.name,
                  sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(env["abstract_state"]["params"])) / 1e6)
 
     # ---- resume or init ----
@@ -381,10 +406,7 @@ def train_and_evaluate(config, workdir: str, export_torch_path: Optional[str] = 
         vae, vae_params = load_vae(config.data.vae)
         vae_params = jax.device_put(vae_params, shd.replicated(mesh))
 
-    train_step = make_train_step(config, model, tx, env["diffusion"], vae)
-    rep = shd.replicated(mesh)
-    p_step = jax.jit(train_step, in_shardings=(st_sh, shd.batch_sharding(mesh), rep, rep),
-                     out_shardings=(st_sh, rep), donate_argnums=(0,))
+    p_step = jit_train_step(make_train_step(config, model, tx, env["diffusion"], vae), mesh, st_sh)
 
     writer = None
     if is_main:
@@ -426,7 +448,7 @@ def train_and_evaluate(config, workdir: str, export_torch_path: Optional[str] = 
                     t_last, s_last = time.time(), done
             if save_now:
                 meta = {"step": done, "seed": int(config.seed), "data_position": done,
-                        "num_processes": jax.process_count(), "mesh": dict(mesh.shape)}
+                        "num_processes": jax.process_count(), "mesh": shd.logical_shape(mesh)}
                 ckpt_lib.save(manager, done, state, meta)
                 last_good = done
             if sampler is not None and (done % int(config.sample.every_steps) == 0 or is_last):

@@ -37,9 +37,9 @@ def test_mesh_does_not_fit(tmp_path, monkeypatch):
     _no_compute(monkeypatch)
     c = tiny_config()
     c.mesh.data, c.mesh.fsdp = -1, 3
-    with pytest.raises(shd.MeshError, match=r"mesh data=-1, fsdp=3, tensor=1 does not fit 8 devices"):
+    with pytest.raises(shd.MeshError, match=r"mesh data=-1, fsdp=3, tensor=auto does not fit 8 devices"):
         train.train_and_evaluate(c, str(tmp_path))
-    c.mesh.data, c.mesh.fsdp = 2, 2
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 1  # (tensor auto would take the other 2 devices)
     with pytest.raises(shd.MeshError, match=r"needs 4 devices but 8 are in use"):
         train.train_and_evaluate(c, str(tmp_path))
 

@@ -16,7 +16,7 @@ TOL = 1e-5  # float32 sums in another order (sharded reductions) differ by ~1e-7
 
 
 def _flat(tree):
-    return {shd._path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+    return {shd.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
 
 
 def test_param_specs_fsdp_and_tensor():
