@@ -16,12 +16,13 @@ call, so its temporaries are allocated once.
 
 `configure()` must run before JAX creates its CPU client (threads that already own an arena keep it), so
 the command-line entry points call it first. It does nothing when an accelerator plugin is installed
-(the host-side settings would not help there), off Linux/glibc, or with DIT_JAX_MALLOC_TUNING=0;
+(the host-side settings would not help there; libtpu counts only on a machine with TPU chips), off Linux/glibc, or with DIT_JAX_MALLOC_TUNING=0;
 DIT_JAX_MALLOC_TUNING=1 forces it on.
 """
 from __future__ import annotations
 
 import ctypes
+import glob
 import importlib.util
 import os
 import pkgutil
@@ -60,13 +61,28 @@ def _accelerator_plugin_installed() -> bool:
     platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
     if platforms:
         return platforms.split(",")[0] != "cpu"
-    if importlib.util.find_spec("libtpu") is not None:
-        return True
+    if importlib.util.find_spec("libtpu") is not None and tpu_hardware_present():
+        return True  # (libtpu alone is no sign: the `tpu` extra installs it for compile-only checks on CPUs)
     try:
         import jax_plugins  # namespace package of the CUDA/ROCm plugins
     except ImportError:
         return False
     return any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
+
+
+def tpu_hardware_present() -> bool:
+    """A TPU chip on this machine: TPU VMs expose /dev/accel* (v2-v5e) or /dev/vfio/* (v5p, v6e) and PCI
+    devices with Google's vendor id 0x1ae0."""
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return True
+    for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(path) as f:
+                if f.read().strip().lower() == "0x1ae0":
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def configure(step_bytes: Optional[int] = None, verbose: bool = False) -> bool:

@@ -2,6 +2,7 @@
 
     dit-jax-train --config configs/digits.py --workdir runs/digits [--config.optim.lr=2e-4 ...]
     dit-jax-train --config configs/default.py --workdir gs://bucket/run --export-torch dit.pt
+    dit-jax-train --config configs/default.py --workdir /tmp/check --compile-only --topology v5e:16x16
 
 Multi-host: on TPU pods, SLURM and Open MPI `jax.distributed.initialize()` finds the cluster itself
 (--distributed=auto); elsewhere pass --coordinator_address HOST:PORT --num_processes N --process_id I on
@@ -31,6 +32,9 @@ flags.DEFINE_integer("num_processes", int(os.environ.get("DIT_NUM_PROCESSES", "0
 flags.DEFINE_integer("process_id", int(os.environ["DIT_PROCESS_ID"]) if "DIT_PROCESS_ID" in os.environ else None,
                      "this process's index, 0..num_processes-1")
 flags.DEFINE_string("cpu_collectives", "gloo", "CPU cross-process collectives when distributed (gloo | mpi)")
+flags.DEFINE_bool("compile-only", False, "compile the training step for --topology and report the memory per chip "
+                  "(writes WORKDIR/compile_report.json; exit 1 when it does not fit); trains nothing")
+flags.DEFINE_string("topology", None, "with --compile-only: a TPU slice like v5e:16x16, v4:4x4x8, v5p:4x4x4, v6e:16x16")
 flags.mark_flags_as_required(["config", "workdir"])
 
 _CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
@@ -85,6 +89,12 @@ def main(argv=None) -> None:
         return app.run(main, flags_parser=parse_flags)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS["compile-only"].value or FLAGS.topology:  # a pod check on this machine: no devices, no data
+        if not FLAGS["compile-only"].value:
+            sys.exit("error: --topology is for --compile-only")
+        from dit_jax import compile_report
+
+        sys.exit(compile_report.main(FLAGS.config, FLAGS.workdir, FLAGS.topology))
     try:  # before JAX creates its CPU client; a bad model config is reported by train_and_evaluate below
         step_bytes = cpu_malloc.training_step_bytes(FLAGS.config)
     except (KeyError, ValueError, AttributeError, IndexError, TypeError):

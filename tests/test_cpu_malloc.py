@@ -64,3 +64,16 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert applied == "True" and int(faults) < 1000  # 5 x 16384 pages without the settings
     applied, faults = _run("0", code)
     assert applied == "False" and int(faults) > 5 * 16000
+
+
+def test_libtpu_without_tpu_chips_keeps_the_cpu_settings(monkeypatch):
+    """The `tpu` extra installs libtpu on CPU machines (compile-only pod checks): that alone is no accelerator."""
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "libtpu" else real_find_spec(name, *a))
+    monkeypatch.setattr(cpu_malloc, "tpu_hardware_present", lambda: False)
+    monkeypatch.setitem(sys.modules, "jax_plugins", None)  # no CUDA/ROCm plugin either
+    assert not cpu_malloc._accelerator_plugin_installed()
+    monkeypatch.setattr(cpu_malloc, "tpu_hardware_present", lambda: True)
+    assert cpu_malloc._accelerator_plugin_installed()
