@@ -101,17 +101,46 @@ _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*")
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+_CONDITION = re.compile(r"condition=%?([\w.\-]+)")
+_INT_CONST = re.compile(r"=\s*[su]32\[\]\S*\s+constant\((\d+)\)")
 _CALLEES = re.compile(r"(?:body|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 
 
-def _largest_array_bytes(shape_text: str) -> int:
-    best = 0
+def _array_bytes(shape_text: str) -> int:
+    total = 0
     for dt, dims in _ARRAY.findall(shape_text):
         size = _DTYPE_BYTES.get(dt, 1 if dt.startswith("f8") else 4)
         n = int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64)) if dims else 1
-        best = max(best, int(n * size))
-    return best
+        total += int(n * size)
+    return total
+
+
+def _tuple_elements(shape_text: str) -> List[str]:
+    """Top-level elements of a tuple shape "(a, (b, c), d)"; a non-tuple is one element."""
+    t = shape_text.strip()
+    if not t.startswith("("):
+        return [t]
+    parts, depth, cur = [], 0, ""
+    for ch in t[1:-1]:
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        cur += ch
+    return parts + [cur]
+
+
+def _collective_bytes(shape_text: str, op: str) -> int:
+    """Bytes a collective produces: its result arrays; async starts of all-gather / collective-permute
+    return (operands, results, ...) and count their results only."""
+    if op in ("all-gather-start", "collective-permute-start"):
+        elems = _tuple_elements(shape_text)
+        if len(elems) >= 2:
+            return _array_bytes(elems[1])
+    return _array_bytes(shape_text)
 
 
 def _split_instruction(line: str) -> Optional[Tuple[str, str, str]]:
@@ -134,12 +163,23 @@ def _split_instruction(line: str) -> Optional[Tuple[str, str, str]]:
     return shape, op, rest
 
 
+def _trip_from_condition(comps: Dict[str, List[str]], m) -> int:
+    """Trip count of a counted loop (a scan: counter from 0, `counter < N`): the integer constant its
+    condition compares with; 1 when that is not what the condition looks like."""
+    lines = comps.get(m.group(1), []) if m else []
+    consts = [int(c.group(1)) for c in map(_INT_CONST.search, lines) if c]
+    if len(consts) == 1 and any("direction=LT" in line for line in lines):
+        return max(consts[0], 1)
+    return 1
+
+
 def collectives(hlo_text: str) -> Dict[str, Dict[str, int]]:
     """{kind: {count, bytes, count_per_step, bytes_per_step}} of the compiled program.
 
     count/bytes: collective instructions as written (an async pair counts once); *_per_step multiplies
-    those inside loops (the scan over blocks, gradient accumulation) by the loops' known trip counts.
-    bytes: the largest array of the instruction's result (the gathered / reduced / permuted buffer)."""
+    those inside loops (the scan over blocks, gradient accumulation) by the loops' trip counts (XLA's
+    known_trip_count, else the constant a counted loop's condition compares with).
+    bytes: the arrays the instruction produces (the gathered / reduced / permuted buffers)."""
     comps: Dict[str, List[str]] = {}
     entry, current = None, None
     for line in hlo_text.splitlines():
@@ -170,7 +210,7 @@ def collectives(hlo_text: str) -> Dict[str, Dict[str, int]]:
             trip = 1
             if op == "while":
                 t = _TRIP.search(rest)
-                trip = int(t.group(1)) if t else 1
+                trip = int(t.group(1)) if t else _trip_from_condition(comps, _CONDITION.search(rest))
             callees = _CALLEES.findall(rest)
             for b in _BRANCHES.findall(rest):
                 callees += [c.strip().lstrip("%") for c in b.split(",") if c.strip()]
@@ -191,7 +231,7 @@ def collectives(hlo_text: str) -> Dict[str, Dict[str, int]]:
             kind = op[:-6] if op.endswith("-start") else op
             if kind not in COLLECTIVES or op.endswith("-done"):
                 continue
-            nb = _largest_array_bytes(shape)
+            nb = _collective_bytes(shape, op)
             r = out.setdefault(kind, {"count": 0, "bytes": 0, "count_per_step": 0, "bytes_per_step": 0})
             r["count"] += 1
             r["bytes"] += nb

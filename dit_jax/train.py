@@ -24,6 +24,7 @@ import optax
 
 from dit_jax import checkpoint as ckpt_lib
 from dit_jax import mesh_plan
+from dit_jax import preemption
 from dit_jax import sharding as shd
 from dit_jax.topology import device_hbm_bytes
 from dit_jax.model import DiT, get_model
@@ -419,6 +420,8 @@ def train_and_evaluate(config, workdir: str, export_torch_path: Optional[str] = 
     pending = None  # (step, metrics) of the previous step, checked after the next one is dispatched
     t_start = t_last = time.time()
     s_last = start_step
+    watcher = preemption.Watcher()  # SIGTERM -> all processes save at one agreed step and stop
+    preempted = None
     try:
         for step in range(start_step, int(config.num_steps)):
             local = first if step == start_step else source.batch(step)
@@ -433,7 +436,9 @@ def train_and_evaluate(config, workdir: str, export_torch_path: Optional[str] = 
             done = step + 1
             is_last = done == int(config.num_steps)
             log_now = done % int(config.log_every_steps) == 0 or is_last
-            save_now = (every > 0 and done % every == 0) or is_last
+            if watcher.reached(done):
+                preempted = done
+            save_now = (every > 0 and done % every == 0) or is_last or preempted is not None
             if log_now or save_now:
                 m = _host_metrics(metrics)
                 _check_finite(done, m, last_good, workdir)
@@ -451,6 +456,8 @@ def train_and_evaluate(config, workdir: str, export_torch_path: Optional[str] = 
                         "num_processes": jax.process_count(), "mesh": shd.logical_shape(mesh)}
                 ckpt_lib.save(manager, done, state, meta)
                 last_good = done
+            if preempted is not None:
+                break
             if sampler is not None and (done % int(config.sample.every_steps) == 0 or is_last):
                 write_samples(config, model, sampler, state["ema_params"], done, workdir, writer)
         if pending is not None:
@@ -458,17 +465,22 @@ def train_and_evaluate(config, workdir: str, export_torch_path: Optional[str] = 
             _check_finite(pending[0], m, last_good, workdir)
             losses[pending[0]] = m["loss"]
     finally:
+        watcher.close()
         manager.wait_until_finished()
         manager.close()
         source.close()
         if writer:
             writer.close()
+    if preempted is not None:
+        log.info("preempted: saved step %d in %s; rerun the same command to resume", preempted,
+                 ckpt_lib.checkpoint_dir(workdir))
+        return {"state": state, "losses": losses, "model": model, "mesh": mesh, "preempted": preempted}
     if export_torch_path:
         export_torch(export_torch_path, model, state["ema_params"])
     if is_main and start_step < int(config.num_steps):
         log.info("finished step %d in %.1f min; checkpoints in %s, sample grids in %s", int(config.num_steps),
                  (time.time() - t_start) / 60, ckpt_lib.checkpoint_dir(workdir), os.path.join(workdir, "samples"))
-    return {"state": state, "losses": losses, "model": model, "mesh": mesh}
+    return {"state": state, "losses": losses, "model": model, "mesh": mesh, "preempted": None}
 
 
 def write_samples(config, model: DiT, sampler, ema_params, step: int, workdir: str, writer) -> np.ndarray:
