@@ -18,6 +18,9 @@ core = [
 ]
 data = ["tensorflow-cpu", "tensorflow-datasets", "scikit-learn"]
 torch_side = ["torch>=2.0", "diffusers>=0.30"]
+# libtpu, at the version the installed jax pins: runs on TPU VMs, and on any machine compiles the training
+# step for a TPU pod (`dit-jax-train --compile-only --topology v5e:16x16`, docs/tpu.md).
+tpu = ["jax[tpu]"]
 
 setup(
     name="dit_jax",
@@ -29,6 +32,7 @@ setup(
     extras_require={
         "data": data,
         "torch": torch_side,
+        "tpu": tpu,
         "test": data + torch_side + ["pytest", "pytest-timeout"],
     },
     entry_points={

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -89,6 +90,9 @@ def tpu_topology(name: str) -> Topology:
         raise TopologyError(f"TPU topology {name!r} has an empty dimension; valid examples: {_valid()}")
     if not libtpu_installed():
         raise TopologyError(f"compiling for TPU topology {name!r} needs libtpu, which is not installed: {TPU_EXTRA}")
+    # libtpu takes /tmp/libtpu_lockfile when it loads, so that one process owns the chips; a compile-only
+    # load opens no chip, and the lock would stop two checks (or a check beside a TPU job) running at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     dims3 = dims + (1,) * (3 - len(dims))
