@@ -45,11 +45,11 @@ def row(r) -> str:
             f"{r['state_bytes_per_chip']['total'] / GIB:.2f} | {r['temp_bytes_per_chip'] / GIB:.2f} | "
             f"{r['total_bytes_per_chip'] / GIB:.2f} / {r['hbm_bytes_per_chip'] / GIB:.0f} | "
             f"{'yes' if r['fits'] else 'NO'} | {100 * r['replicated_state_fraction']:.2f}% | "
-            f"{r['compile_seconds']:.0f} |")
+            f"{r['compile_seconds']:.0f} ({r['compile_cpu_seconds']:.0f}) |")
 
 
 HEADER = ("| model | px | pod | chips | mesh | state GiB/chip | temp GiB/chip | total / HBM GiB | fits | replicated "
-          "| compile s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "| compile s (CPU s) |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv=None) -> int:
