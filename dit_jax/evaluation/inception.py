@@ -148,55 +148,67 @@ def preprocess(images: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------------ the layers
 
 
-def _conv(x, p, spec: Conv, dtype, precision):
+# Activations are NHWC by default; layout="NCHW" (a benchmark variant) keeps channels on axis 1 throughout.
+_C = {"NHWC": -1, "NCHW": 1}
+
+
+def _conv(x, p, spec: Conv, dtype, precision, layout: str = "NHWC"):
     """Convolution + folded-BN bias (no activation)."""
     _, _, _, (kh, kw), stride, padded = spec
     pad = [(kh // 2, kh // 2), (kw // 2, kw // 2)] if padded else [(0, 0), (0, 0)]
     y = jax.lax.conv_general_dilated(x, p["kernel"].astype(dtype), (stride, stride), pad,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
-    return y + p["bias"].astype(dtype)
+                                     dimension_numbers=(layout, "HWIO", layout), precision=precision)
+    b = p["bias"].astype(dtype)
+    return y + (b if layout == "NHWC" else b[:, None, None])
 
 
-def _max_pool(x, stride: int, same: bool):
-    pad = ((0, 0), (1, 1), (1, 1), (0, 0)) if same else ((0, 0),) * 4
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, stride, stride, 1), pad)
+def _window(layout: str, k: int, s: int, pad: int):
+    if layout == "NHWC":
+        return (1, k, k, 1), (1, s, s, 1), ((0, 0), (pad, pad), (pad, pad), (0, 0))
+    return (1, 1, k, k), (1, 1, s, s), ((0, 0), (0, 0), (pad, pad), (pad, pad))
 
 
-def _avg_pool_excl(x):
+def _max_pool(x, stride: int, same: bool, layout: str = "NHWC"):
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, *_window(layout, 3, stride, 1 if same else 0))
+
+
+def _avg_pool_excl(x, layout: str = "NHWC"):
     """3x3 stride-1 average, zero padding of 1 not counted (TF's SAME average pool)."""
-    s = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1),
-                              ((0, 0), (1, 1), (1, 1), (0, 0)))
-    h, w = x.shape[1:3]
+    s = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, *_window(layout, 3, 1, 1))
+    h, w = x.shape[1:3] if layout == "NHWC" else x.shape[2:4]
     rows = np.minimum(np.arange(h) + 1, h - 1) - np.maximum(np.arange(h) - 1, 0) + 1
     cols = np.minimum(np.arange(w) + 1, w - 1) - np.maximum(np.arange(w) - 1, 0) + 1
-    inv = (1.0 / np.outer(rows, cols)).astype(np.float32)[None, :, :, None]
+    inv = (1.0 / np.outer(rows, cols)).astype(np.float32)
+    inv = inv[None, :, :, None] if layout == "NHWC" else inv[None, None]
     return s * jnp.asarray(inv, x.dtype)
 
 
 def _block(x, params, kind: str, convs: List[Conv], dtype, precision, fuse: bool, taps: Dict[str, Any],
-           name: str):
+           name: str, layout: str = "NHWC"):
     spec = {c[0]: c for c in convs}
     relu = jax.nn.relu
+    ch = _C[layout]
 
     def conv(name_, h):
-        return relu(_conv(h, params[name_], spec[name_], dtype, precision))
+        return relu(_conv(h, params[name_], spec[name_], dtype, precision, layout))
 
     pool_kind = {"A": "avg", "C": "avg", "E_avg": "avg", "E_max": "max", "B": None, "D": None}[kind]
     heads = HEADS[kind]
     if fuse and len(heads) > 1:  # one convolution for every 1x1 that reads x; pool after the pool branch's 1x1
         fused = {"kernel": jnp.concatenate([params[h]["kernel"] for h in heads], axis=-1),
                  "bias": jnp.concatenate([params[h]["bias"] for h in heads], axis=-1)}
-        y = _conv(x, fused, ("fused", 0, 0, (1, 1), 1, False), dtype, precision)
+        y = _conv(x, fused, ("fused", 0, 0, (1, 1), 1, False), dtype, precision, layout)
         sizes = [spec[h][2] for h in heads]
-        parts = jnp.split(y, np.cumsum(sizes)[:-1], axis=-1)
+        parts = jnp.split(y, np.cumsum(sizes)[:-1], axis=ch)
         first = {}
         for h, part in zip(heads, parts):
-            first[h] = relu(_avg_pool_excl(part)) if (h == "branch_pool" and pool_kind == "avg") else relu(part)
+            pooled = h == "branch_pool" and pool_kind == "avg"
+            first[h] = relu(_avg_pool_excl(part, layout)) if pooled else relu(part)
     else:
         first = {}
         for h in heads:
             if h == "branch_pool" and pool_kind == "avg":
-                first[h] = conv(h, _avg_pool_excl(x))
+                first[h] = conv(h, _avg_pool_excl(x, layout))
             else:
                 first[h] = conv(h, x)
     if kind == "A":
@@ -206,7 +218,7 @@ def _block(x, params, kind: str, convs: List[Conv], dtype, precision, fuse: bool
     elif kind == "B":
         b3 = conv("branch3x3", x)
         bd = conv("branch3x3dbl_3", conv("branch3x3dbl_2", first["branch3x3dbl_1"]))
-        outs = [b3, bd, _max_pool(x, 2, same=False)]
+        outs = [b3, bd, _max_pool(x, 2, False, layout)]
     elif kind == "C":
         b7 = conv("branch7x7_3", conv("branch7x7_2", first["branch7x7_1"]))
         bd = first["branch7x7dbl_1"]
@@ -218,35 +230,39 @@ def _block(x, params, kind: str, convs: List[Conv], dtype, precision, fuse: bool
         b7 = first["branch7x7x3_1"]
         for i in range(2, 5):
             b7 = conv(f"branch7x7x3_{i}", b7)
-        outs = [b3, b7, _max_pool(x, 2, same=False)]
+        outs = [b3, b7, _max_pool(x, 2, False, layout)]
     else:  # E
         t = first["branch3x3_1"]
         b3 = [conv("branch3x3_2a", t), conv("branch3x3_2b", t)]
         d = conv("branch3x3dbl_2", first["branch3x3dbl_1"])
         bd = [conv("branch3x3dbl_3a", d), conv("branch3x3dbl_3b", d)]
-        bp = first["branch_pool"] if pool_kind == "avg" else conv("branch_pool", _max_pool(x, 1, same=True))
+        bp = first["branch_pool"] if pool_kind == "avg" else conv("branch_pool", _max_pool(x, 1, True, layout))
         outs = [first["branch1x1"], *b3, *bd, bp]
     if name == SPATIAL_BLOCK:
         taps["spatial"] = first[SPATIAL_CONV]
-    return jnp.concatenate(outs, axis=-1)
+    return jnp.concatenate(outs, axis=ch)
 
 
 def inception_forward(params: Dict[str, Any], images: jax.Array, dtype: Any = jnp.float32, fuse: bool = True,
-                      precision: Any = None) -> Dict[str, jax.Array]:
+                      precision: Any = None, layout: str = "NHWC") -> Dict[str, jax.Array]:
     """The network as a pure function of the parameter tree (see the module docstring for the outputs)."""
     if precision is None:  # float32 convolutions must not silently run in TF32 on GPUs
         precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
     x = preprocess(images).astype(dtype)  # (N, 299, 299, 3)
+    if layout == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
     stem = {c[0]: c for c in STEM}
     for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3"):
-        x = jax.nn.relu(_conv(x, params[name], stem[name], dtype, precision))  # 149, 147, 147
-    x = _max_pool(x, 2, same=False)  # (N, 73, 73, 64)
+        x = jax.nn.relu(_conv(x, params[name], stem[name], dtype, precision, layout))  # 149, 147, 147
+    x = _max_pool(x, 2, False, layout)  # (N, 73, 73, 64)
     for name in ("Conv2d_3b_1x1", "Conv2d_4a_3x3"):
-        x = jax.nn.relu(_conv(x, params[name], stem[name], dtype, precision))  # 73, 71
-    x = _max_pool(x, 2, same=False)  # (N, 35, 35, 192)
+        x = jax.nn.relu(_conv(x, params[name], stem[name], dtype, precision, layout))  # 73, 71
+    x = _max_pool(x, 2, False, layout)  # (N, 35, 35, 192)
     taps: Dict[str, Any] = {}
     for name, kind, convs in BLOCKS:
-        x = _block(x, params[name], kind, convs, dtype, precision, fuse, taps, name)
+        x = _block(x, params[name], kind, convs, dtype, precision, fuse, taps, name, layout)
+    if layout == "NCHW":
+        x, taps["spatial"] = x.transpose(0, 2, 3, 1), taps["spatial"].transpose(0, 2, 3, 1)
     pool = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # (N, 2048)
     spatial = taps["spatial"][..., :SPATIAL_CHANNELS].astype(jnp.float32)  # (N, 17, 17, 7)
     hp = jax.lax.Precision.HIGHEST
