@@ -39,7 +39,8 @@ def parse(argv=None):
     ap.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--images", type=int, default=0,
-                    help="also time one extraction pass over this many images (features.extract_features)")
+                    help="also time one FeatureExtractor.extract pass over this many images (last --batch; "
+                         "dtype of the first variant)")
     ap.add_argument("--tiny", action="store_true", help="smoke run: 32 px, batch 2, 1 iteration, fused only")
     return ap.parse_args(argv)
 
@@ -119,23 +120,28 @@ def main(argv=None):
         from dit_jax.evaluation.features import FeatureExtractor
 
         batch = int(args.batch.split(",")[-1])
-        n = args.images
-        rng = np.random.default_rng(1)
-        block = rng.integers(0, 256, (batch, args.image_size, args.image_size, 3), np.uint8)
+        block = np.random.default_rng(1).integers(0, 256, (batch, args.image_size, args.image_size, 3), np.uint8)
 
-        def batches():  # one fixed block repeated: the timing is the network's, not the data's
-            for i in range(0, n, batch):
-                yield block[: min(batch, n - i)]
+        class Repeated:  # n images that cycle through one block: the timing is the network's, not the disk's
+            def __len__(self):
+                return args.images
 
-        ext = FeatureExtractor(params, batch_size=batch, dtype=jnp.bfloat16 if "bf16" in args.variants else jnp.float32)
-        ext(block[:batch])  # compile
+            def read(self, start, stop):
+                return block[np.arange(start, stop) % batch]
+
+        per_device = max(1, batch // jax.device_count())
+        dtype = jnp.bfloat16 if "bf16" in args.variants.split(",")[0] else jnp.float32
+        ext = FeatureExtractor(params, per_device_batch=per_device, dtype=dtype)
+        ext(block[: ext.global_batch])  # compile
         t0 = time.perf_counter()
-        feats = ext.extract(batches(), total=n, progress=False)
+        feats = ext.extract(Repeated(), progress=False)
         dt = time.perf_counter() - t0
-        row = {"name": "extract_features", "images": n, "batch": batch, "s": round(dt, 2),
-               "images_per_s": round(n / dt, 1), "pool_shape": list(feats["pool"].shape)}
+        n = args.images
+        row = {"name": "extract", "images": n, "per_device_batch": per_device, "dtype": jnp.dtype(dtype).name,
+               "s": round(dt, 2), "images_per_s": round(n / dt, 1), "pool_shape": list(feats["pool"].shape)}
         results.append(row)
-        print(f"{n} images through extract(): {dt:.1f} s, {n / dt:.1f} images/s", flush=True)
+        print(f"{n} images through FeatureExtractor.extract ({jnp.dtype(dtype).name}, {per_device} per device): "
+              f"{dt:.1f} s, {n / dt:.1f} images/s", flush=True)
     print(json.dumps({"inception_speed": results}))
     out = os.environ.get("OUT")
     if out:

@@ -104,10 +104,9 @@ def sha256_hex(path: str) -> str:
     return h.hexdigest()
 
 
-def inception_pth_path(cache_dir: Optional[str] = None, url: Optional[str] = None, progress: bool = True,
-                       sha256_prefix: Optional[str] = PTH_SHA256_PREFIX) -> str:
-    """pytorch-fid's weight file in the cache, downloaded once from pytorch-fid's URL (or DIT_JAX_INCEPTION_URL);
-    a download whose sha256 does not start with `sha256_prefix` is deleted and reported."""
+def inception_pth_path(cache_dir: Optional[str] = None, url: Optional[str] = None, progress: bool = True) -> str:
+    """pytorch-fid's weight file in the cache, downloaded once from pytorch-fid's URL (or DIT_JAX_INCEPTION_URL,
+    a mirror of the same file); a download whose sha256 does not start with PTH_SHA256_PREFIX is deleted."""
     cache_dir = cache_dir or default_cache_dir()
     dest = os.path.join(cache_dir, PTH_NAME)
     if os.path.isfile(dest):
@@ -115,9 +114,9 @@ def inception_pth_path(cache_dir: Optional[str] = None, url: Optional[str] = Non
     url = url or os.environ.get("DIT_JAX_INCEPTION_URL") or FID_WEIGHTS_URL
     try:
         download_file(url, dest, progress=progress)
-        if sha256_prefix and not sha256_hex(dest).startswith(sha256_prefix):
+        if not sha256_hex(dest).startswith(PTH_SHA256_PREFIX):
             os.remove(dest)
-            raise DownloadError(f"{url}: the file's sha256 does not start with {sha256_prefix} as its name "
+            raise DownloadError(f"{url}: the file's sha256 does not start with {PTH_SHA256_PREFIX} as its name "
                                 "says; the corrupt download was deleted")
     except (DownloadError, OSError) as e:
         raise DownloadError(
