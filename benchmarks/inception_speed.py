@@ -86,9 +86,9 @@ def main(argv=None):
     if ref is not None:
         params = ref.flax_params()
     else:  # random weights straight from the Flax initializer
-        from dit_jax.evaluation.inception import InceptionV3
+        from dit_jax.evaluation.inception import init_params
 
-        params = InceptionV3().init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.uint8))["params"]
+        params = init_params(0)
     params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, params))
     print(f"devices: {jax.devices()}; torch threads: "
           f"{__import__('torch').get_num_threads() if ref is not None else '-'}", flush=True)

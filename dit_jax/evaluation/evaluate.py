@@ -57,11 +57,12 @@ def _check_counts(ref: Batch, samples: Batch, wanted) -> None:
                                      f"{need} images per batch")
 
 
-def evaluate(ref: Union[str, Batch], samples: Union[str, Batch], inception: Union[str, Dict[str, Any]], *,
+def evaluate(ref: Union[str, Batch], samples: Union[str, Batch], inception: Union[str, Dict[str, Any], None], *,
              per_device_batch: int = 32, dtype: Any = jnp.float32, progress: bool = True,
-             log: Callable[[str], None] = lambda s: None) -> Dict[str, Optional[float]]:
+             log: Callable[[str], None] = lambda s: None, extractor: Any = None) -> Dict[str, Optional[float]]:
     """{"inception_score", "fid", "sfid", "precision", "recall"} (None where not available), plus
-    "num_ref_images" and "num_sample_images". `inception`: the params tree or a converted .npz path."""
+    "num_ref_images" and "num_sample_images". `inception`: the params tree or a converted .npz path.
+    `extractor`: an existing FeatureExtractor (or anything with its `extract`) to use instead."""
     ref, samples = _batch(ref), _batch(samples)
     possible = {
         "inception_score": samples.images is not None,
@@ -73,8 +74,8 @@ def evaluate(ref: Union[str, Batch], samples: Union[str, Batch], inception: Unio
     _check_counts(ref, samples, [m for m in METRICS if possible[m]])
     need_ref = ref.images is not None and (possible["precision"] or ref.stats is None)
     need_samples = samples.images is not None
-    extractor = FeatureExtractor(_params(inception), per_device_batch=per_device_batch, dtype=dtype) \
-        if (need_ref or need_samples) else None
+    if extractor is None and (need_ref or need_samples):
+        extractor = FeatureExtractor(_params(inception), per_device_batch=per_device_batch, dtype=dtype)
     ref_feats = samples_feats = None
     if need_ref:
         log(f"computing reference batch activations ({ref.num_images} images of {ref.name})")
@@ -98,8 +99,9 @@ def evaluate(ref: Union[str, Batch], samples: Union[str, Batch], inception: Unio
     return out
 
 
-def compute_stats(source: Union[str, Batch], inception: Union[str, Dict[str, Any]], *, per_device_batch: int = 32,
-                  dtype: Any = jnp.float32, progress: bool = True) -> Stats:
+def compute_stats(source: Union[str, Batch], inception: Union[str, Dict[str, Any], None], *,
+                  per_device_batch: int = 32, dtype: Any = jnp.float32, progress: bool = True,
+                  extractor: Any = None) -> Stats:
     """FID statistics (float64 mu, sigma, mu_s, sigma_s) of a batch's images (what --save-stats writes)."""
     batch = _batch(source)
     if batch.images is None:
@@ -107,8 +109,9 @@ def compute_stats(source: Union[str, Batch], inception: Union[str, Dict[str, Any
     if batch.num_images < M.MIN_IMAGES["fid"]:
         raise EvalInputError(f"{batch.name}: {batch.num_images} image(s); statistics need at least "
                              f"{M.MIN_IMAGES['fid']} images")
-    ext = FeatureExtractor(_params(inception), per_device_batch=per_device_batch, dtype=dtype)
-    return stats_of(ext.extract(batch.images, progress=progress, desc="statistics"))
+    if extractor is None:
+        extractor = FeatureExtractor(_params(inception), per_device_batch=per_device_batch, dtype=dtype)
+    return stats_of(extractor.extract(batch.images, progress=progress, desc="statistics"))
 
 
 def format_results(results: Dict[str, Optional[float]]) -> str:

@@ -13,6 +13,7 @@ per image size) and the padding dropped. Sources only need `len(source)` and `so
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any, Dict, Optional, Protocol
 
@@ -45,6 +46,19 @@ class ArraySource:
         return np.asarray(self.images[start:stop])
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled(devices: tuple, dtype_name: str, fuse: bool):
+    """One jitted network per (devices, dtype, fuse): extractors built again (e.g. every evaluation during
+    training) reuse its compilations."""
+    mesh = Mesh(np.asarray(devices), ("data",))
+    replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    def run(p, x):
+        return {k: v for k, v in inception_forward(p, x, jnp.dtype(dtype_name), fuse).items() if k in OUTPUTS}
+
+    return jax.jit(run, in_shardings=(replicated, batched), out_shardings=replicated)
+
+
 class FeatureExtractor:
     def __init__(self, params: Dict[str, Any], per_device_batch: int = 32, dtype: Any = jnp.float32,
                  fuse: bool = True, devices: Optional[list] = None):
@@ -65,8 +79,7 @@ class FeatureExtractor:
                              "by process")
         self.host_offset = rows[0]
         self.params = jax.device_put(params, replicated)
-        self._fn = jax.jit(lambda p, x: {k: v for k, v in inception_forward(p, x, dtype, fuse).items() if k in OUTPUTS},
-                           in_shardings=(replicated, self.batched), out_shardings=replicated)
+        self._fn = _compiled(tuple(devices), jnp.dtype(dtype).name, bool(fuse))
 
     def _run_chunk(self, local: np.ndarray) -> Dict[str, np.ndarray]:
         """One chunk: this host's (local_batch, H, W, 3) -> every host's outputs, (global_batch, D) each."""

@@ -295,6 +295,21 @@ def _init_tree(prefix: str):
 TOP_LEVEL = tuple(c[0] for c in STEM) + tuple(b[0] for b in BLOCKS) + ("fc",)
 
 
+def init_params(seed: int = 0) -> Dict[str, Any]:
+    """Random float32 NumPy parameters (the tree InceptionV3().init builds: He-normal kernels, zero biases),
+    drawn with NumPy without running or compiling anything (tests and benchmarks)."""
+    g = np.random.default_rng(seed)
+    tree: Dict[str, Any] = {}
+    for k, s in param_shapes().items():
+        *path, leaf = k.split("/")
+        node = tree
+        for p in path:
+            node = node.setdefault(p, {})
+        std = np.sqrt(2.0 / int(np.prod(s[:-1]))) if leaf == "kernel" else 0.0
+        node[leaf] = (g.standard_normal(s, np.float32) * std).astype(np.float32)
+    return tree
+
+
 class InceptionV3(nn.Module):
     """Flax wrapper of `inception_forward`; parameters are float32, `dtype` is the compute dtype."""
     dtype: Any = jnp.float32
