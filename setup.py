@@ -18,6 +18,9 @@ core = [
 ]
 data = ["tensorflow-cpu", "tensorflow-datasets", "scikit-learn"]
 torch_side = ["torch>=2.0", "diffusers>=0.30"]
+# The FID Inception parity tests also need pytorch-fid==0.3.0 and torchvision==0.28.0, installed with
+# `pip install --no-deps` by scripts/setup_env.sh: as extras here, pip would resolve torchvision's torch pin
+# and could pull a CUDA torch. dit_jax itself never imports either (nor torch outside convert/).
 
 setup(
     name="dit_jax",

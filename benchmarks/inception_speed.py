@@ -145,7 +145,7 @@ def main(argv=None):
     print(json.dumps({"inception_speed": results}))
     out = os.environ.get("OUT")
     if out:
-        with open(os.path.join(out, "inception_speed.json"), "w") as f:
+        with open(os.path.join(out, f"inception_speed_{args.variants.replace(',', '_')}.json"), "w") as f:
             json.dump(results, f, indent=1)
     return results
 

@@ -41,6 +41,15 @@ def test_gpu_script_runs_on_cpu_tiny(tmp_path):
     subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--tiny"], check=True, env=env, cwd=ROOT,
                    capture_output=True, text=True, timeout=600)
     assert '"jax_train_ips"' in (tmp_path / "gpu_bench.json").read_text()
+    assert "8 images through FeatureExtractor.extract" in (tmp_path / "inception_speed.log").read_text()
+
+
+def test_inception_speed_tiny():
+    from benchmarks import inception_speed
+
+    res = inception_speed.main(["--tiny", "--images", "8"])
+    names = {r["name"] for r in res}
+    assert "jax-fused" in names and "extract" in names and all(r["images_per_s"] > 0 for r in res)
 
 
 def test_compile_time_tiny():
