@@ -4,9 +4,10 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from dit_jax import data_tfds  # noqa: E402
+from dit_jax.data import tfds as data_tfds  # noqa: E402
 from dit_jax.data import DataError, make_source  # noqa: E402
-from dit_jax.preprocess import flip_mask, preprocess, to_model_range  # noqa: E402
+from dit_jax.data.preprocess import flip_mask, preprocess  # noqa: E402
+from dit_jax.utils.images import to_model_range  # noqa: E402
 
 N = 20
 
