@@ -9,7 +9,7 @@ Both sides start from the same uint8 NHWC batch in host memory and end with pool
 which also computes the spatial features and logits). Calls alternate between the variants (A B A B ...)
 so that load from other processes hits all alike; the median wall time per batch is reported.
 JAX variants: fused (the 1x1 convolutions of a block as one, the default) or unfused (one per PyTorch
-layer), float32 or bf16 compute (-bf16), NHWC or NCHW activations (-nchw). pytorch-fid is loaded through convert.fid_reference (torchvision's
+layer), float32 or bf16 compute (-bf16), NHWC or NCHW activations (-nchw). pytorch-fid is loaded through convert.reference.pytorch_fid (torchvision's
 package init is not run); with --skip-torch, or when it is not installed, only JAX is timed.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import timed_interleaved
-from dit_jax import cpu_malloc
+from dit_jax.utils import cpu_malloc
 
 
 def parse(argv=None):
@@ -74,7 +74,7 @@ def main(argv=None):
     ref = None
     if not args.skip_torch:
         try:
-            from convert.fid_reference import TorchInception
+            from convert.reference.pytorch_fid import TorchInception
 
             ref = TorchInception(seed=0)
             if args.torch_threads:

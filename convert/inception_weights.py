@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import os
 import sys
+import zipfile
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
+from convert.io import load_torch_file
 from convert.mapping import ConversionError
 from dit_jax.evaluation import weights as W
 from dit_jax.evaluation.inception import BN_EPS, NUM_CLASSES, POOL_DIM, arch
@@ -80,8 +82,6 @@ def inception_torch_to_flax(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
 
 def convert_file(pth_path: str, out_path: str) -> Dict[str, Any]:
     """Reads a .pth with torch.load(weights_only=True), converts, writes the .npz atomically."""
-    from convert.io import load_torch_file
-
     obj = load_torch_file(pth_path)
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{pth_path}: expected a state dict, found {type(obj).__name__}")
@@ -98,8 +98,6 @@ def _is_npz(path: str) -> bool:
         head = f.read(4)
     if head != b"PK\x03\x04":
         return False
-    import zipfile
-
     with zipfile.ZipFile(path) as z:  # a torch zip file holds data.pkl, an .npz holds *.npy
         return any(n.endswith(".npy") for n in z.namelist())
 

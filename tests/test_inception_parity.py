@@ -1,4 +1,4 @@
-"""The Flax FID Inception against pytorch-fid's own InceptionV3, same random weights (convert.fid_reference).
+"""The Flax FID Inception against pytorch-fid's own InceptionV3, same random weights (convert.reference.pytorch_fid).
 
 Tolerance: relative error (max |a - b| / max |b|) <= 1e-4 in float32 for pool_3, the 1008 logits and ADM's
 spatial features, on uint8 images of 32, 256 and 299 px (2 images each; measured ~1e-6). The weights go
@@ -21,7 +21,7 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def ref():
     try:
-        from convert.fid_reference import TorchInception
+        from convert.reference.pytorch_fid import TorchInception
 
         return TorchInception(seed=0)
     except ImportError as e:

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from dit_jax.download import DownloadError
+from dit_jax.utils.download import DownloadError
 from dit_jax.evaluation import weights as W
 from tests.conftest import rel_err
 

@@ -89,7 +89,7 @@ def _cov_pair(rng, dim, n):
 @pytest.mark.parametrize("dim,n", [(64, 1000), (128, 40), (256, 100)], ids=["well-conditioned", "rank-39", "rank-99"])
 def test_frechet_distance_matches_pytorch_fid(rng, dim, n):
     """Tolerance: relative error <= 1e-6 against scipy's sqrtm-based FID (pytorch-fid's code)."""
-    from convert.fid_reference import load_fid_score
+    from convert.reference.pytorch_fid import load_fid_score
 
     try:
         fid_score = load_fid_score()

@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from dit_jax.atomic import atomic_path
+from dit_jax.data.preprocess import IMAGE_EXTENSIONS
 from dit_jax.evaluation.inception import POOL_DIM, SPATIAL_DIM
-from dit_jax.preprocess import IMAGE_EXTENSIONS
+from dit_jax.utils.atomic import atomic_path
+from dit_jax.utils.errors import DitJaxError
 
 STATS_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 STATS_SHAPES = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM), "mu_s": (SPATIAL_DIM,),
@@ -30,7 +32,7 @@ STATS_SHAPES = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM), "mu_s": (SPATI
 ADM_FORMAT = "ADM's format: arr_0 uint8 (N, H, W, 3) images and/or mu, sigma, mu_s, sigma_s statistics"
 
 
-class EvalInputError(ValueError):
+class EvalInputError(DitJaxError, ValueError):
     """A batch, folder or statistics file that cannot be evaluated; the message names it and the problem."""
 
 
@@ -115,8 +117,6 @@ class FolderImages:
         return len(self.paths)
 
     def _load(self, i: int) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
-
         path = self.paths[i]
         try:
             with Image.open(path) as im:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
 
 from dit_jax.evaluation.inception import inception_forward
 
@@ -95,8 +96,6 @@ class FeatureExtractor:
         out: Dict[str, list] = {k: [] for k in OUTPUTS}
         bar = None
         if progress and host == 0:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=n, desc=desc, unit="img", file=sys.stderr)
         try:
             for c0 in range(0, n, self.global_batch):

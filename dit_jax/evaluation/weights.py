@@ -17,9 +17,10 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from dit_jax.atomic import atomic_path
-from dit_jax.download import DownloadError, default_cache_dir, download_file
 from dit_jax.evaluation.inception import param_shapes
+from dit_jax.utils.atomic import atomic_path
+from dit_jax.utils.download import DownloadError, default_cache_dir, download_file
+from dit_jax.utils.errors import DitJaxError
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -29,7 +30,7 @@ CONVERTED_NAME = "inception-2015-12-05-flax.npz"
 FORMAT_KEY, FORMAT_TAG = "__format__", "dit_jax-fid-inception-v1"
 
 
-class InceptionWeightsError(ValueError):
+class InceptionWeightsError(DitJaxError, ValueError):
     """Weights that are missing or do not fit the network; the message names the file and what to do."""
 
 

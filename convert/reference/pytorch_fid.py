@@ -24,8 +24,12 @@ import importlib
 import importlib.util
 import sys
 import types
+from importlib.metadata import PackageNotFoundError, version as dist_version
 
 import numpy as np
+import torch
+
+from convert.inception_weights import inception_torch_to_flax, torch_keys
 
 _STUBS = ("torchvision", "torchvision.models", "torchvision.transforms")
 
@@ -38,13 +42,10 @@ def _install_stubs() -> None:
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("torchvision is not installed (scripts/setup_env.sh installs it with --no-deps)")
     root = list(spec.submodule_search_locations)[0]
-    version = "0.0"
     try:
-        from importlib.metadata import version as dist_version
-
         version = dist_version("torchvision")
-    except Exception:  # noqa: BLE001 -- only used for pytorch-fid's version check
-        pass
+    except PackageNotFoundError:  # only used for pytorch-fid's version check
+        version = "0.0"
     for name in _STUBS:
         mod = types.ModuleType(name)
         sub = name.split(".")[1:]
@@ -65,8 +66,6 @@ def _install_stubs() -> None:
 
 def load_pytorch_fid():
     """pytorch_fid.inception with torchvision stubbed (see the module docstring)."""
-    import torch  # noqa: F401 -- ImportError here when torch is absent
-
     if importlib.util.find_spec("pytorch_fid") is None:
         raise ImportError("pytorch-fid is not installed (scripts/setup_env.sh installs it with --no-deps)")
     _install_stubs()
@@ -79,10 +78,6 @@ def load_fid_score():
 
 
 def random_state_dict(seed: int = 0):
-    import torch
-
-    from convert.inception_weights import torch_keys
-
     g = np.random.default_rng(seed)
     sd = {}
     for k, shape in torch_keys().items():
@@ -107,8 +102,6 @@ def random_state_dict(seed: int = 0):
 
 class TorchInception:
     def __init__(self, seed: int = 0):
-        import torch
-
         fid = load_pytorch_fid()
         self.state_dict = random_state_dict(seed)
         built = {}
@@ -125,10 +118,8 @@ class TorchInception:
         finally:
             fid.load_state_dict_from_url, fid.fid_inception_v3 = orig_loader, orig_build
         self.net = built["net"].eval()
-        self.torch = torch
 
     def __call__(self, images: np.ndarray) -> dict:
-        torch = self.torch
         taps = {}
         hook = self.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: taps.__setitem__("s", o))
         try:
@@ -143,6 +134,4 @@ class TorchInception:
                 "spatial": spatial.double().numpy()}
 
     def flax_params(self):
-        from convert.inception_weights import inception_torch_to_flax
-
         return inception_torch_to_flax(self.state_dict)
