@@ -151,8 +151,8 @@ def test_saved_statistics_match_numpy_and_stand_in_for_images(data, tmp_path, fd
 @pytest.mark.parametrize("arrays,match", [
     ({"images": np.zeros((4, 8, 8, 3), np.uint8)}, "no arr_0 .keys: images"),
     ({"arr_0": np.zeros((4, 8, 8, 3), np.float32)}, "dtype float32; expected uint8"),
-    ({"arr_0": np.zeros((4, 8, 8), np.uint8)}, "grayscale"),
-    ({"arr_0": np.zeros((4, 8, 8, 1), np.uint8)}, "grayscale"),
+    ({"arr_0": np.zeros((4, 8, 8), np.uint8)}, r"arr_0 holds grayscale images of shape \(4, 8, 8\)"),
+    ({"arr_0": np.zeros((4, 8, 8, 1), np.uint8)}, r"arr_0 holds grayscale images of shape \(4, 8, 8, 1\)"),
     ({"arr_0": np.zeros((4, 8, 8, 4), np.uint8)}, r"shape \(4, 8, 8, 4\); expected \(N, H, W, 3\)"),
     ({"arr_0": np.zeros((0, 8, 8, 3), np.uint8)}, "no images"),
     ({"mu": np.zeros(2048), "sigma": np.eye(2048)}, "not mu_s, sigma_s"),

@@ -138,11 +138,16 @@ def test_statistics_match_numpy(rng):
     assert rel_err(mu, np.mean(acts, axis=0)) <= 1e-6  # ADM's float32 mean
 
 
-@pytest.mark.parametrize("block", [10000, 7], ids=["adm-blocks", "small-blocks"])
-def test_precision_recall_exact_on_integer_features(rng, block):
-    """Integer features: every distance is exact in float16 and float32, so the result must be identical."""
-    ref = rng.integers(0, 3, (40, 24)).astype(np.float32)
-    samples = rng.integers(0, 3, (33, 24)).astype(np.float32) + (rng.random((33, 24)) < 0.1)
+@pytest.mark.parametrize("block,jitter", [(10000, 0.0), (7, 0.0), (10000, 1e-4)],
+                         ids=["adm-blocks", "small-blocks", "jitter-below-float16"])
+def test_precision_recall_exact_on_integer_features(rng, block, jitter):
+    """Integer features: every distance is exact in float16 and float32, so the result must be identical.
+    With jitter 1e-4 on values 1..3, rounding the features to float16 removes it: the ties at the radius that
+    ADM's float16 distances create must be kept (float32 distances would break them)."""
+    ref = rng.integers(1, 4, (40, 24)).astype(np.float32)
+    samples = rng.integers(1, 4, (33, 24)).astype(np.float32) + (rng.random((33, 24)) < 0.1)
+    ref += rng.uniform(-jitter, jitter, ref.shape).astype(np.float32)
+    samples += rng.uniform(-jitter, jitter, samples.shape).astype(np.float32)
     want = adm_precision_recall(ref, samples, batch=block)
     assert 0.0 < want[0] < 1.0 or 0.0 < want[1] < 1.0  # not a trivial case
     assert M.precision_recall(ref, samples, block=block) == want
