@@ -6,6 +6,7 @@ Tolerances: latents <= 1e-4 relative, decoded images <= 1e-4 relative.
 """
 import math
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,7 +90,6 @@ def test_guidance_is_not_a_no_op(pair, latents):
 
 
 def test_decoded_images_match_pytorch(latents):
-    diffusers = pytest.importorskip("diffusers")
     from convert.vae_weights import infer_config, torch_to_flax_vae
     from dit_jax.vae import LATENT_SCALE, AutoencoderKL
 

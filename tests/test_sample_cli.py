@@ -5,6 +5,7 @@ import os
 import shutil
 import threading
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +42,6 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory):
-    diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(1)
     m = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                                 block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
