@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 # Model, diffusion and sampling need only the JAX stack; the data stack (tensorflow, tfds) is imported
 # lazily so a GPU box without it can still sample and benchmark.
 core = [
-    "jax>=0.4.30",
+    "jax>=0.7",  # jax.shard_map
     "flax>=0.8.5",
     "optax>=0.2.2",
     "orbax-checkpoint>=0.6",
@@ -33,11 +33,11 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "dit-jax-convert=convert.cli:main",
-            "dit-jax-train=dit_jax.main:main",
-            "dit-jax-sample=dit_jax.sample:main",
-            "dit-jax-sample-many=dit_jax.sample_many:main",
-            "dit-jax-extract-latents=dit_jax.extract_latents:main",
+            "dit-jax-convert=dit_jax.cli.convert:main",
+            "dit-jax-train=dit_jax.cli.train:main",
+            "dit-jax-sample=dit_jax.cli.sample:main",
+            "dit-jax-sample-many=dit_jax.cli.sample_many:main",
+            "dit-jax-extract-latents=dit_jax.cli.extract_latents:main",
         ]
     },
 )

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import make_pair
-from dit_jax import cpu_malloc
-from dit_jax.sample import batch_chunk_arg
+from dit_jax.utils import cpu_malloc
+from dit_jax.cli.sample_args import batch_chunk_arg
 
 
 def parse(argv=None):
@@ -48,7 +48,8 @@ def parse(argv=None):
 
 
 def jax_loop(args, model, params, noise, labels, sampler: str) -> dict:
-    from dit_jax.diffusion import create_diffusion, dit_model_fn
+    from dit_jax.diffusion import create_diffusion
+    from dit_jax.guidance import dit_model_fn
 
     if args.dtype == "bfloat16":
         model = model.clone(dtype=jnp.bfloat16)
@@ -75,7 +76,7 @@ def jax_loop(args, model, params, noise, labels, sampler: str) -> dict:
 def torch_loop(args, tmodel, noise, labels, sampler: str) -> dict:
     import torch
 
-    from convert.torch_diffusion import TorchDiffusion
+    from convert.reference.torch_diffusion import TorchDiffusion
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tmodel = tmodel.to(device).eval()

@@ -14,16 +14,14 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 
-
-class CheckpointError(RuntimeError):
-    pass
+from dit_jax.utils.errors import CheckpointError
 
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def make_manager(workdir: str, every_steps: int, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None,
         save_interval_steps=1,  # the train loop decides when to save
@@ -37,11 +35,6 @@ def make_manager(workdir: str, every_steps: int, keep: int, async_save: bool = T
 def save(manager: ocp.CheckpointManager, step: int, state: Dict[str, Any], meta: Dict[str, Any]) -> None:
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                meta=ocp.args.JsonSave(meta)), force=True)
-
-
-def abstract_like(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying the target shardings (what restore places the arrays onto)."""
-    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
@@ -68,3 +61,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
     if int(meta.get("step", -1)) != step:
         raise CheckpointError(f"checkpoint {where}: meta says step {meta.get('step')}, directory says {step}")
     return step, restored["state"], meta
+
+
+def latest_saved_step(workdir: str) -> Optional[int]:
+    """The newest complete checkpoint step on disk (orbax renames a save into a numeric folder when it is
+    complete), without creating anything; None when there is none."""
+    d = checkpoint_dir(workdir)
+    steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+    return max(steps) if steps else None

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dit_jax.utils.errors import DitJaxError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -33,7 +35,7 @@ PARAM_AXES: Tuple[Tuple[str, Tuple[Optional[str], ...]], ...] = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(DitJaxError, ValueError):
     pass
 
 

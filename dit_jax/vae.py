@@ -3,13 +3,14 @@
 DiT trains and samples in the latent space of this autoencoder: images (N, H, W, 3) in [-1, 1] map to
 latents (N, H/8, W/8, 4), scaled by LATENT_SCALE = 0.18215 before the diffusion model sees them.
 
-    from dit_jax.vae import AutoencoderKL, load_vae, LATENT_SCALE
-    vae, params = load_vae("mse")                                   # or "ema", or a diffusers folder / weights file
+    from dit_jax.vae import AutoencoderKL, LATENT_SCALE
+    from dit_jax.vae_weights import load_vae
+    vae, params = load_vae("mse")                                   # or "ema", or a diffusers folder / .safetensors
     mean, logvar = vae.apply({"params": params}, images, method=AutoencoderKL.encode)
     images = vae.apply({"params": params}, latents / LATENT_SCALE, method=AutoencoderKL.decode)
 
 Parameter names follow the diffusers state_dict (`encoder/down_blocks_0/resnets_1/norm2` <->
-`encoder.down_blocks.0.resnets.1.norm2`), so convert/vae_weights.py maps keys one-to-one.
+`encoder.down_blocks.0.resnets.1.norm2`), so dit_jax/vae_weights.py maps keys one-to-one.
 No torch/diffusers import here: the GPU box has neither.
 """
 from __future__ import annotations
@@ -295,25 +296,3 @@ def encode_to_latents(vae: AutoencoderKL, params, images: jax.Array, rng: Option
 def decode_latents(vae: AutoencoderKL, params, latents: jax.Array) -> jax.Array:
     """Scaled latents (N, h, w, 4) -> images (N, 8h, 8w, 3) float32 (unclipped, roughly [-1, 1]), jitted."""
     return _decode_scaled(vae, params, latents)
-
-
-def to_uint8(images: jax.Array) -> jax.Array:
-    """[-1, 1] float images -> uint8 [0, 255], rounding like `clamp(127.5 * x + 128, 0, 255)`."""
-    return jnp.clip(127.5 * images + 128.0, 0, 255).astype(jnp.uint8)
-
-
-def load_vae(source: str = "mse", dtype: Dtype = jnp.float32, cache_dir: Optional[str] = None):
-    """-> (AutoencoderKL, params) from "mse" | "ema" (downloaded from the Hub) or a local path.
-
-    A path may be a diffusers folder (config.json + diffusion_pytorch_model.safetensors|.bin, or a
-    pipeline folder with a `vae/` subfolder) or one weights file (.safetensors / .bin; a config.json next
-    to it is used, else the configuration is read off the weight shapes).
-    """
-    from convert import vae_weights  # lazy: keeps `import dit_jax.vae` light
-
-    if source in ("mse", "ema"):
-        from dit_jax.download import vae_weights_path
-
-        source = vae_weights_path(source, cache_dir=cache_dir)
-    params, cfg = vae_weights.load_diffusers_vae(source)
-    return AutoencoderKL(**cfg, dtype=dtype), params

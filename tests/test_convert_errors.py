@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import convert
-from convert import ConversionError, cli, writers
+from convert import ConversionError, writers
+from dit_jax.cli import convert as cli
 from convert.api import load_torch_checkpoint
-from convert.torch_dit import DiT_models
+from convert.reference.torch_dit import DiT_models
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,7 @@ def test_train_checkpoint_without_ema(state, tmp_path, capsys):
 
 
 def test_nonstandard_width_needs_num_heads():
-    from convert.torch_dit import DiT
+    from convert.reference.torch_dit import DiT
 
     sd = DiT(input_size=8, hidden_size=96, depth=1, num_heads=3, num_classes=10).state_dict()
     with pytest.raises(ConversionError, match="width 96 is not a standard DiT width.*num_heads"):

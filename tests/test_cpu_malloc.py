@@ -1,29 +1,24 @@
 """glibc malloc tuning for XLA's CPU temporaries: when it applies and that it really changes the settings."""
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
-from dit_jax import cpu_malloc
+from dit_jax.utils import cpu_malloc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(path):
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
-
-
 def test_step_estimate_separates_the_digits_model_from_dit():
-    digits, s2 = _config("configs/digits.py"), _config("configs/dit_s2.py")
-    assert cpu_malloc.training_step_bytes(digits) < cpu_malloc.MIN_STEP_BYTES  # contention would cost 25% there
-    assert cpu_malloc.training_step_bytes(s2) > cpu_malloc.MIN_STEP_BYTES
-    digits.model.depth = 40  # overrides count
-    assert cpu_malloc.training_step_bytes(digits) == 10 * cpu_malloc.training_step_bytes(_config("configs/digits.py"))
+    from configs import default, digits
+    from dit_jax.cli.train import step_bytes
+
+    d, s2 = digits.get_config(), default.get_config("S/2")
+    assert step_bytes(d) < cpu_malloc.MIN_STEP_BYTES  # contention would cost 25% there
+    assert step_bytes(s2) > cpu_malloc.MIN_STEP_BYTES
+    d.model.depth = 40  # overrides count
+    assert step_bytes(d) == 10 * step_bytes(digits.get_config())
 
 
 def _run(env_value, code="print(cpu_malloc.configure())"):
@@ -31,7 +26,7 @@ def _run(env_value, code="print(cpu_malloc.configure())"):
     env.pop("DIT_JAX_MALLOC_TUNING", None)
     if env_value is not None:
         env["DIT_JAX_MALLOC_TUNING"] = env_value
-    out = subprocess.run([sys.executable, "-c", "from dit_jax import cpu_malloc\n" + code], env=env,
+    out = subprocess.run([sys.executable, "-c", "from dit_jax.utils import cpu_malloc\n" + code], env=env,
                          capture_output=True, text=True, check=True)
     return out.stdout.split()
 

@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from dit_jax import data_tfds
+from dit_jax.data import tfds as data_tfds
 from dit_jax.data import DataError, make_source
-from dit_jax.preprocess import flip_mask, preprocess, to_model_range
+from dit_jax.data.preprocess import flip_mask, preprocess
+from dit_jax.utils.images import to_model_range
 
 N = 20
 

@@ -13,13 +13,15 @@ import jax
 import numpy as np
 import pytest
 import torch
+
 from diffusers import DiTTransformer2DModel
 
 import convert
-from conftest import rel_err
-from convert import cli, writers
+from conftest import perturbed_torch_dit, rel_err
+from convert import load_any, writers
+from dit_jax.cli import convert as cli
 from dit_jax.model import DiT, init_params
-from dit_jax.pretrained import load_any, save_pretrained
+from dit_jax.pretrained import save_pretrained
 
 TOL = 1e-5
 SMALL = dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=2,
@@ -140,14 +142,7 @@ def test_release_weights_to_diffusers_via_cli(tmp_path):
     Release weights keep the release timestep maths (shift 0); diffusers divides by (half - 1), so the
     diffusers output matches the Flax model only when the Flax side uses diffusers' shift; the difference
     to the release is measured and shown."""
-    from convert.torch_dit import DiT_models
-
-    torch.manual_seed(0)
-    tm = DiT_models["DiT-S/4"](depth=2, input_size=16, num_classes=10).eval()
-    with torch.no_grad():
-        for key, p in tm.named_parameters():
-            if key != "pos_embed":
-                p.add_(torch.randn_like(p) * (0.1 if "adaLN" in key or "final" in key else 0.02))
+    tm = perturbed_torch_dit("DiT-S/4", depth=2, input_size=16, num_classes=10)
     params, cfg = convert.torch_to_flax(tm.state_dict())
     save_pretrained(params, cfg, tmp_path / "flax")
     with pytest.warns(UserWarning, match="half - 1"):

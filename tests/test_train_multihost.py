@@ -11,7 +11,7 @@ import pytest
 
 from dit_jax import checkpoint as ckpt_lib
 from dit_jax import train
-from tests.conftest import rel_err
+from conftest import rel_err
 from tests.train_tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,23 +3,20 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
+from conftest import ROOT, tiny_config, train_command
 from dit_jax import train
-from tests.train_tiny import TINY_FLAGS, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 24, 3
 
 
 def _cmd(workdir):
-    return [sys.executable, "-m", "dit_jax.main", "--config", os.path.join(ROOT, "configs", "digits.py"),
-            "--workdir", workdir, f"--config.num_steps={STEPS}", f"--config.checkpoint.every_steps={EVERY}",
-            "--config.checkpoint.keep=3", "--config.mesh.num_devices=1", *TINY_FLAGS]
+    return train_command(workdir, f"--config.num_steps={STEPS}", f"--config.checkpoint.every_steps={EVERY}",
+                         "--config.checkpoint.keep=3", "--config.mesh.num_devices=1")
 
 
 def _complete_steps(workdir):
@@ -62,6 +59,6 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path):
 
     cfg = tiny_config(num_steps=STEPS)
     cfg.mesh.num_devices = 1
-    ref = train.train_and_evaluate(cfg, str(tmp_path / "uninterrupted"))["losses"]
+    ref = train.train_and_evaluate(cfg, str(tmp_path / "uninterrupted")).losses
     for s in resumed:
         assert abs(resumed[s] - ref[s]) <= 1e-6 * abs(ref[s]), (s, resumed[s], ref[s])

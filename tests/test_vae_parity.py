@@ -6,18 +6,21 @@ import functools
 import json
 import shutil
 
-import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import diffusers
 import torch
 
-from conftest import rel_err
-from convert import ConversionError
-from convert.vae_weights import flax_path, infer_config, read_state_dict, torch_to_flax_vae
+from conftest import nchw, nhwc, rel_err
+from convert.vae_weights import load_vae
 from dit_jax import vae as vae_module
-from dit_jax.vae import LATENT_SCALE, AutoencoderKL, decode_latents, encode_to_latents, load_vae
+from dit_jax.utils.safetensors_io import WeightsFileError
+from dit_jax.vae import LATENT_SCALE, AutoencoderKL, decode_latents, encode_to_latents
+from dit_jax.vae_weights import flax_path, infer_config, read_state_dict
+from dit_jax.vae_weights import state_dict_to_params as torch_to_flax_vae
 
 TOL = 1e-4
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
@@ -41,18 +44,10 @@ def make_torch_vae(cfg, seed=0):
     return m
 
 
-def nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def nhwc(t):
-    return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
 def torch_reference(m, images, latents):
     with torch.no_grad():
-        dist = m.encode(nchw(images)).latent_dist
-        dec = m.decode(nchw(latents)).sample
+        dist = m.encode(torch.from_numpy(nchw(images))).latent_dist
+        dec = m.decode(torch.from_numpy(nchw(latents))).sample
     return nhwc(dist.mean), nhwc(dist.logvar), nhwc(dec)
 
 
@@ -217,28 +212,28 @@ def test_bad_keys_and_shapes_name_the_key(tiny_pair, tmp_path):
     state = {k: v.numpy() for k, v in m.state_dict().items()}
 
     extra = dict(state, **{"encoder.bogus.weight": np.zeros(3, np.float32)})
-    with pytest.raises(ConversionError, match=r"encoder\.bogus\.weight"):
+    with pytest.raises(WeightsFileError, match=r"encoder\.bogus\.weight"):
         torch_to_flax_vae(extra, cfg)
 
     missing = {k: v for k, v in state.items() if k != "decoder.up_blocks.1.resnets.0.conv2.bias"}
-    with pytest.raises(ConversionError, match=r"decoder\.up_blocks_1\.resnets_0\.conv2\.bias"):
+    with pytest.raises(WeightsFileError, match=r"decoder\.up_blocks_1\.resnets_0\.conv2\.bias"):
         torch_to_flax_vae(missing, cfg)
 
     wrong = dict(state)
     wrong["decoder.conv_in.weight"] = np.zeros((64, 4, 3, 1), np.float32)
-    with pytest.raises(ConversionError, match=r"decoder\.conv_in\.weight: shape \(3, 1, 4, 64\)"):
+    with pytest.raises(WeightsFileError, match=r"decoder\.conv_in\.weight: shape \(3, 1, 4, 64\)"):
         torch_to_flax_vae(wrong, cfg)
 
-    with pytest.raises(ConversionError, match="does not match|not filled"):
+    with pytest.raises(WeightsFileError, match="does not match|not filled"):
         torch_to_flax_vae(state, dict(cfg, block_out_channels=(32, 64, 64)))
 
     m.save_pretrained(tmp_path / "vae")
     cfg_file = tmp_path / "vae" / "config.json"
     raw = json.loads(cfg_file.read_text())
     cfg_file.write_text(json.dumps(dict(raw, latent_channels=8)))
-    with pytest.raises(ConversionError, match="latent_channels=8"):
+    with pytest.raises(WeightsFileError, match="latent_channels=8"):
         load_vae(str(tmp_path / "vae"))
-    with pytest.raises(ConversionError, match="does not exist"):
+    with pytest.raises(WeightsFileError, match="does not exist"):
         load_vae(str(tmp_path / "nowhere"))
 
 
@@ -252,5 +247,5 @@ def test_key_rule():
 def test_read_state_dict_rejects_unknown_format(tmp_path):
     p = tmp_path / "w.npz"
     p.write_bytes(b"x")
-    with pytest.raises(ConversionError, match="unknown VAE weights format"):
+    with pytest.raises(WeightsFileError, match="unknown VAE weights format"):
         read_state_dict(str(p))

@@ -3,29 +3,30 @@
 array_record data sets are read with random access (tfds data sources) through the same IndexedSource as a
 folder: batches depend only on (seed, step). tfrecord data sets (the tfds default) are streamed with tf.data
 (TfdsStreamSource): each process reads an even split of its own, deterministic for a fixed process count.
-tensorflow and tfds are imported here only, and this module is imported lazily.
+tensorflow and tfds are imported here only, and dit_jax.data imports this module only for tfds sources.
+Preparing a data set: `python -m dit_jax.cli.prepare_tfds NAME --data_dir DIR [--manual_dir DIR]`.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import logging
+import threading
 
 import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
-from dit_jax.data_source import DataError
-from dit_jax.preprocess import flip_mask, preprocess, to_model_range
+from dit_jax.data.preprocess import flip_mask, preprocess
+from dit_jax.utils.errors import DataError
+from dit_jax.utils.images import to_model_range
 
 log = logging.getLogger(__name__)
-
-
-def _tfds():
-    import tensorflow_datasets as tfds  # lazy: the GPU box has no tensorflow
-    return tfds
+PREPARE = "python -m dit_jax.cli.prepare_tfds"
 
 
 def load_builder(name: str, data_dir: str = "", manual_dir: str = "", process_count: int = 1):
     """A prepared tfds builder for `name`; prepares it from manual_dir when given (single process only)."""
-    tfds = _tfds()
     try:
         builder = tfds.builder(name, data_dir=data_dir or None)
     except Exception as e:  # DatasetNotFoundError and friends
@@ -37,18 +38,17 @@ def load_builder(name: str, data_dir: str = "", manual_dir: str = "", process_co
     if not manual_dir:
         raise DataError(
             f"tfds data set {name!r} is not prepared in {where}. Prepare it once (see docs/data.md), e.g. "
-            f"python -m dit_jax.data_tfds {name} --data_dir DIR [--manual_dir DIR_WITH_DOWNLOADED_TARS], "
+            f"{PREPARE} {name} --data_dir DIR [--manual_dir DIR_WITH_DOWNLOADED_TARS], "
             f"then set data.data_dir (and data.manual_dir for imagenet2012)")
     if process_count > 1:
         raise DataError(f"tfds data set {name!r} is not prepared in {where}; prepare it once before a "
-                        f"multi-process run (python -m dit_jax.data_tfds {name} --data_dir ... --manual_dir "
+                        f"multi-process run ({PREPARE} {name} --data_dir ... --manual_dir "
                         f"{manual_dir}) rather than on every host")
     return prepare(name, data_dir, manual_dir)
 
 
 def prepare(name: str, data_dir: str = "", manual_dir: str = "", file_format: str = "array_record"):
     """Build the tfds data set `name` into data_dir (array_record by default: random access)."""
-    tfds = _tfds()
     builder = tfds.builder(name, data_dir=data_dir or None, file_format=file_format)
     log.warning("preparing tfds data set %r into %s (manual_dir=%r); this can take hours for imagenet2012",
                 name, builder.data_dir, manual_dir)
@@ -83,7 +83,6 @@ class TfdsReader:
     """Random access to an array_record tfds split: read(i) -> {"pixels": uint8 (S, S, 3), "y"}."""
 
     def __init__(self, builder, split: str, image_size: int):
-        tfds = _tfds()
         self.name, self.split, self.image_size = builder.name, split, int(image_size)
         self.image_key, self.label_key = feature_keys(builder)
         # Raw bytes out of tfds; PIL decodes them so the crop is exactly the folder path's.
@@ -110,8 +109,6 @@ class TfdsChunkReader:
     """
 
     def __init__(self, builder, split: str, image_size: int, chunk: int = 256, keep: int = 3):
-        import collections
-        import threading
         self.builder, self.name, self.split, self.image_size = builder, builder.name, split, int(image_size)
         self.image_key, self.label_key = feature_keys(builder)
         self.n, self.chunk, self.keep = builder.info.splits[split].num_examples, int(chunk), int(keep)
@@ -124,7 +121,6 @@ class TfdsChunkReader:
         start = (i // self.chunk) * self.chunk
         with self._lock:
             if start not in self._chunks:
-                tfds = _tfds()
                 ds = self.builder.as_dataset(split=f"{self.split}[{start}:{min(start + self.chunk, self.n)}]",
                                              shuffle_files=False,
                                              decoders={self.image_key: tfds.decode.SkipDecoding()})
@@ -161,15 +157,13 @@ class TfdsStreamSource:
         self.global_batch, self.local_batch = global_batch_size, global_batch_size // process_count
         self.process_index, self.random_flip, self.out_key = process_index, random_flip, image_key_out
         self.image_key, self.label_key = feature_keys(builder)
-        self.split = _tfds().even_splits(split, n=process_count, drop_remainder=True)[process_index]
+        self.split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
         self.num_examples = builder.info.splits[split].num_examples
         self.shuffle_buffer, self.num_skipped = shuffle_buffer, 0
         self._pool = cf.ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="dit-decode")
         self._it, self._next_step = None, None
 
     def _iterator(self, step: int):
-        import tensorflow as tf
-        tfds = _tfds()
         options = tf.data.Options()
         options.deterministic = True
         read_config = tfds.ReadConfig(shuffle_seed=self.seed, shuffle_reshuffle_each_iteration=True,
@@ -215,21 +209,3 @@ class TfdsStreamSource:
     def close(self):
         self._it = None
         self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def main(argv=None):
-    """python -m dit_jax.data_tfds NAME --data_dir DIR [--manual_dir DIR] [--file_format array_record]"""
-    import argparse
-    p = argparse.ArgumentParser(description="Prepare a tfds data set for dit_jax (array_record: random access).")
-    p.add_argument("name")
-    p.add_argument("--data_dir", default="")
-    p.add_argument("--manual_dir", default="")
-    p.add_argument("--file_format", default="array_record", choices=["array_record", "tfrecord"])
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    b = prepare(a.name, a.data_dir, a.manual_dir, a.file_format)
-    print(f"prepared {a.name} in {b.data_dir}: " + ", ".join(f"{k}={v.num_examples}" for k, v in b.info.splits.items()))
-
-
-if __name__ == "__main__":
-    main()

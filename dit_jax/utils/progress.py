@@ -9,14 +9,14 @@ from __future__ import annotations
 import sys
 import threading
 
+from tqdm.auto import tqdm
+
 _lock = threading.Lock()
 _bars: dict = {}
 
 
 def tick(step, total: int, desc: str = "sampling") -> None:
     """Called once per loop step with the number of steps done so far (1..total)."""
-    from tqdm.auto import tqdm  # host side only
-
     done = int(step)
     with _lock:
         bar = _bars.get((desc, total))

@@ -30,11 +30,6 @@ def center_crop(image: Image.Image, image_size: int) -> np.ndarray:
     return pixels[top:top + image_size, left:left + image_size]
 
 
-def to_model_range(pixels: np.ndarray) -> np.ndarray:
-    """uint8 (..., H, W, 3) -> float32 in [-1, 1] (the release's ToTensor + Normalize(0.5, 0.5))."""
-    return pixels.astype(np.float32) / 127.5 - 1.0
-
-
 def open_rgb(source) -> Image.Image:
     """Decode a path, bytes or (H, W[, C]) uint8 array into a fully loaded RGB PIL image.
 

@@ -1,4 +1,4 @@
-"""Random-access data source shared by the folder, tfds (array_record) and latents readers.
+"""Random-access data source shared by the digits, folder, tfds (array_record) and latents readers.
 
 Order: the global example stream is the concatenation of epochs, epoch e being a permutation of the data
 set seeded by (seed, e). The global batch of step s is stream positions [s * B, (s + 1) * B); process p of P
@@ -14,13 +14,11 @@ from typing import Callable
 
 import numpy as np
 
-from dit_jax.preprocess import flip_mask, to_model_range
+from dit_jax.data.preprocess import flip_mask
+from dit_jax.utils.errors import DataError
+from dit_jax.utils.images import to_model_range
 
 log = logging.getLogger(__name__)
-
-
-class DataError(RuntimeError):
-    """Bad input data (missing/empty directory, unprepared data set, nothing readable)."""
 
 
 class GlobalOrder:
@@ -109,16 +107,18 @@ class IndexedSource:
     """source.batch(step) for any random-access reader; threaded decode and `prefetch` batches ahead.
 
     kind "image": reader returns {"pixels": uint8 (S, S, 3), "y"} -> {"image" (or "x"): float32 [-1, 1], "y"}
+    kind "pixels": reader returns {"x": float32 (S, S, C) in [-1, 1], "y"} -> {"x", "y"} (in-memory digits)
     kind "latent": reader returns {"mean","std": (2, h, w, 4) [unflipped, flipped], "y"}
                    -> {"latent_mean", "latent_std", "y"}
     """
+    KINDS = ("image", "pixels", "latent")
 
     def __init__(self, read: Callable[[int], dict], num_examples: int, describe: Callable[[int], str], *,
                  kind: str, global_batch_size: int, process_index: int = 0, process_count: int = 1, seed: int = 0,
                  random_flip: bool = True, image_key: str = "image", num_workers: int = 8, prefetch: int = 2,
                  shuffle: bool = True):
-        if kind not in ("image", "latent"):
-            raise ValueError(f"kind must be 'image' or 'latent', got {kind!r}")
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
         self.kind, self.image_key, self.random_flip = kind, image_key, random_flip
         self.num_examples = int(num_examples)
         self.order = GlobalOrder(num_examples, global_batch_size, process_index, process_count, seed, shuffle)
@@ -144,6 +144,9 @@ class IndexedSource:
             pixels = np.stack([ex["pixels"] for ex in examples])  # (n, S, S, 3) uint8
             pixels = np.where(flips[:, None, None, None], pixels[:, :, ::-1], pixels)
             return {self.image_key: to_model_range(pixels), "y": y}
+        if self.kind == "pixels":
+            x = np.stack([ex["x"] for ex in examples])  # (n, S, S, C) float32
+            return {"x": np.where(flips[:, None, None, None], x[:, :, ::-1], x), "y": y}
         which = flips.astype(np.int64)  # index 1 holds the latent of the mirrored image
         mean = np.stack([np.asarray(ex["mean"][w], np.float32) for ex, w in zip(examples, which)])  # (n, h, w, 4)
         std = np.stack([np.asarray(ex["std"][w], np.float32) for ex, w in zip(examples, which)])

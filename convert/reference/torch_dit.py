@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dit_jax.model import PATCH_SIZES, SIZES  # the one size table (a fact, not an implementation)
+
 
 def _sincos_2d(embed_dim: int, grid_size: int) -> np.ndarray:
     # Written independently of dit_jax.model so the parity tests compare two implementations.
@@ -187,11 +189,8 @@ class DiT(nn.Module):
         return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
 
 
-_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
-
-
 def _factory(size, patch):
-    depth, hidden, heads = _SIZES[size]
+    depth, hidden, heads = SIZES[size]
 
     def make(**kwargs):
         return DiT(depth=kwargs.pop("depth", depth), hidden_size=hidden, num_heads=heads, patch_size=patch, **kwargs)
@@ -199,4 +198,4 @@ def _factory(size, patch):
     return make
 
 
-DiT_models = {f"DiT-{s}/{p}": _factory(s, p) for s in _SIZES for p in (2, 4, 8)}
+DiT_models = {f"DiT-{s}/{p}": _factory(s, p) for s in SIZES for p in PATCH_SIZES}

@@ -12,9 +12,9 @@ import numpy as np
 
 def train_classifier(seed: int = 0) -> Tuple[object, float]:
     """-> (fitted classifier, accuracy on the held-out 20% of the real digits)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    from sklearn.svm import SVC
+    from sklearn.datasets import load_digits  # data-stack extra (scikit-learn), absent on a sampling-only box
+    from sklearn.model_selection import train_test_split  # (same)
+    from sklearn.svm import SVC  # (same)
 
     d = load_digits()
     x_tr, x_te, y_tr, y_te = train_test_split(d.data, d.target, test_size=0.2, random_state=seed,

@@ -5,8 +5,8 @@ import os
 
 import numpy as np
 
-from dit_jax.data_source import DataError
-from dit_jax.preprocess import IMAGE_EXTENSIONS, preprocess
+from dit_jax.data.preprocess import IMAGE_EXTENSIONS, preprocess
+from dit_jax.utils.errors import DataError
 
 
 def list_folder(root: str) -> tuple[list[str], np.ndarray, list[str]]:

@@ -1,11 +1,12 @@
-"""`dit-jax-convert` (also `python -m convert.cli`): DiT weights between PyTorch formats and dit_jax.
+"""`dit-jax-convert` (also `python -m dit_jax.cli.convert`): DiT weights between PyTorch formats and dit_jax.
 
     dit-jax-convert to-flax DiT-XL-2-256x256.pt out/DiT-XL-2-256
     dit-jax-convert to-torch out/DiT-XL-2-256 DiT-XL-2-256x256.pt
     dit-jax-convert to-torch out/DiT-XL-2-256 out/dit-xl-diffusers --format diffusers
 
-Progress goes to stderr, the inferred configuration to stdout. Any error prints one line and exits 1;
-outputs are written atomically, so nothing is left at OUT after a failure.
+Progress goes to stderr, the inferred configuration to stdout. Any error prints one line and exits 1 (the
+traceback with --debug; 2 for a usage error, 130 on Ctrl-C); outputs are written atomically, so nothing is
+left at OUT after a failure.
 """
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ import sys
 import time
 from typing import List, Optional
 
+from convert import writers
+from convert.api import flax_to_torch, load_torch_checkpoint
+from dit_jax.cli.common import run_command
+from dit_jax.pretrained import is_pretrained_dir, load_pretrained, model_config, save_pretrained
+from dit_jax.utils.atomic import check_target
+
 PROG = "dit-jax-convert"
 
 
@@ -23,18 +30,12 @@ def _log(msg: str) -> None:
 
 
 def _describe(cfg) -> str:
-    from convert.writers import model_name
-
-    name = model_name(cfg) or "DiT"
+    name = writers.model_name(cfg) or "DiT"
     return f"{name} " + json.dumps({k: v for k, v in cfg.items()}, sort_keys=False)
 
 
 def to_flax(args: argparse.Namespace) -> None:
-    from convert.api import load_torch_checkpoint
-    from convert import writers
-    from dit_jax.pretrained import save_pretrained
-
-    writers.check_target(args.output, args.overwrite)  # fail before the (slow) read
+    check_target(args.output, args.overwrite)  # fail before the (slow) read
     params, cfg = load_torch_checkpoint(args.input, use_model=args.use_model, num_heads=args.num_heads,
                                         input_size=args.input_size, num_classes=args.num_classes,
                                         allow_pickle=args.unsafe_pickle, log=_log)
@@ -44,14 +45,9 @@ def to_flax(args: argparse.Namespace) -> None:
 
 
 def to_torch(args: argparse.Namespace) -> None:
-    from convert import io, writers
-    from convert.api import flax_to_torch, load_torch_checkpoint
-
     fmt = args.format or writers.guess_format(args.output)
-    writers.check_target(args.output, args.overwrite)  # fail before the (slow) read
-    if io.is_flax_dir(args.input):
-        from dit_jax.pretrained import load_pretrained, model_config
-
+    check_target(args.output, args.overwrite)  # fail before the (slow) read
+    if is_pretrained_dir(args.input):
         _log(f"reading {args.input} (dit_jax directory)")
         model, params = load_pretrained(args.input)
         cfg = model_config(model)
@@ -80,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="load pickles with torch.load(weights_only=False); a pickle can run code, "
                              "use only for files you trust")
         sp.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+        sp.add_argument("--debug", action="store_true", help="print the traceback of an error")
 
     f = sub.add_parser("to-flax", help="PyTorch checkpoint -> dit_jax directory (orbax params + config.json)")
     f.add_argument("input", metavar="IN", help=".pt/.pth/.bin, .safetensors, or a diffusers folder")
@@ -97,20 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from convert.mapping import ConversionError
-    from dit_jax.pretrained import PretrainedError
-
     start = time.time()
-    try:
+
+    def convert_command():
         (to_flax if args.command == "to-flax" else to_torch)(args)
-    except (ConversionError, PretrainedError, OSError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    _log(f"done in {time.time() - start:.1f} s")
-    return 0
+        _log(f"done in {time.time() - start:.1f} s")
+
+    return run_command(PROG, convert_command, argv, on_interrupt=lambda: "nothing was written")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,11 @@ import urllib.error
 import urllib.request
 from typing import Optional
 
+from huggingface_hub import hf_hub_download
+from tqdm.auto import tqdm
+
+from dit_jax.utils.errors import DitJaxError
+
 DIT_BASE_URL = "https://dl.fbaipublicfiles.com/DiT/models"
 DIT_IMAGE_SIZES = (256, 512)
 VAE_REPOS = {"mse": "stabilityai/sd-vae-ft-mse", "ema": "stabilityai/sd-vae-ft-ema"}
@@ -27,7 +32,7 @@ VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 CHUNK = 1 << 20  # bytes per read
 
 
-class DownloadError(RuntimeError):
+class DownloadError(DitJaxError, RuntimeError):
     """A download that failed; the message says what to fetch by hand and which flag takes a local path."""
 
 
@@ -81,8 +86,6 @@ def _fetch_once(url: str, part: str, progress: bool, timeout: float) -> None:
             total = int(length) if length is not None else None
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
                        desc=os.path.basename(part[: -len(".part")]))
         try:
@@ -169,8 +172,6 @@ def vae_weights_path(kind: str, cache_dir: Optional[str] = None) -> str:
         raise ValueError(f"VAE kind must be one of {sorted(VAE_REPOS)} (or pass a local path), got {kind!r}")
     repo = VAE_REPOS[kind]
     try:
-        from huggingface_hub import hf_hub_download
-
         paths = [hf_hub_download(repo, f, cache_dir=cache_dir) for f in VAE_FILES]
     except Exception as e:  # the hub raises many types (offline, HTTP, connection, missing cache entry)
         raise DownloadError(

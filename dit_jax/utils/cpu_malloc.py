@@ -38,20 +38,12 @@ MIN_STEP_BYTES = 256 * 2**20
 _state = {"applied": None}
 
 
-def training_step_bytes(config) -> int:
-    """Rough float32 bytes a training step keeps for its backward pass, from an ml_collections config.
+def training_step_bytes(depth: int, hidden: int, heads: int, tokens: int, batch: int) -> int:
+    """Rough float32 bytes a DiT training step keeps for its backward pass.
 
     Per block: ~14 activations of (B, T, D) (qkv, attention output, MLP hidden, norms) and the attention
     probabilities (B, heads, T, T); B is the global batch (an upper bound for one process's share).
     """
-    from dit_jax.model import SIZES
-
-    m = config.model
-    size, patch = m.name.split("-")[1].split("/")
-    depth, hidden, heads = SIZES[size]
-    depth, hidden, heads = m.depth or depth, m.hidden_size or hidden, m.num_heads or heads
-    tokens = (m.input_size // int(patch)) ** 2
-    batch = config.global_batch_size
     return 4 * depth * (14 * batch * tokens * hidden + batch * heads * tokens**2)
 
 
@@ -63,7 +55,7 @@ def _accelerator_plugin_installed() -> bool:
     if importlib.util.find_spec("libtpu") is not None:
         return True
     try:
-        import jax_plugins  # namespace package of the CUDA/ROCm plugins
+        import jax_plugins  # optional: the namespace package of the CUDA/ROCm plugins, present only with them
     except ImportError:
         return False
     return any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))

@@ -18,8 +18,8 @@ import uuid
 
 import numpy as np
 
-from dit_jax.atomic import atomic_path
-from dit_jax.data_source import DataError
+from dit_jax.utils.errors import DataError
+from dit_jax.utils.atomic import atomic_path
 
 INDEX = "index.json"
 FORMAT = "dit_jax.latents.v1"
