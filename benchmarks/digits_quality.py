@@ -32,7 +32,7 @@ def evaluate(config, workdir: str, per_class: int = 50, seed: int = 1, cfg_scale
     if respacing is not None:
         config.sample.respacing = respacing
     env = train.setup(config)
-    restored = train.load_latest(workdir, env)
+    restored = train.load_latest(workdir, env, config)
     if restored is None:
         raise SystemExit(f"no checkpoint in {ckpt_lib.checkpoint_dir(workdir)}; train first (--train)")
     step, state, _ = restored

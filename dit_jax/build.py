@@ -43,6 +43,17 @@ def model_dims(model_cfg) -> Dict[str, int]:
     return dims
 
 
+def state_config(config) -> Dict[str, object]:
+    """The config fields that shape the training state, flattened: a checkpoint resumes only with equal values."""
+    m = config.model
+    out: Dict[str, object] = {f"model.{k}": v for k, v in model_dims(m).items()}
+    out.update({f"model.{k}": m[k] for k in ("input_size", "in_channels", "num_classes", "learn_sigma")})
+    out["model.class_dropout_prob > 0"] = bool(m.class_dropout_prob > 0)  # the null-class row of the label table
+    out["optim.grad_clip > 0"] = bool(config.optim.grad_clip > 0)  # clipping adds a stage to the optimizer state
+    out["seed"] = int(config.seed)  # per-step randomness and the data order
+    return out
+
+
 def build_model(config) -> DiT:
     m = config.model
     if m.dtype not in DTYPES:
@@ -178,7 +189,9 @@ def validate_config(config) -> None:
             want = (f"between {low} and {high}" if low is not None and high is not None
                     else f">= {low}" if low is not None else f"<= {high}")
             raise ConfigError(f"config.{name}={value}: must be {want}")
-    if config.sample.every_steps and not len(config.sample.classes):
+    if not config.sample.every_steps:
+        return
+    if not len(config.sample.classes):
         raise ConfigError("config.sample.classes is empty; give the classes of the sample grid or set "
                           "config.sample.every_steps=0")
     bad = [c for c in config.sample.classes if not 0 <= c < config.model.num_classes]

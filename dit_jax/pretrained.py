@@ -1,8 +1,11 @@
 """Converted / pretrained DiT weights on disk, loaded in one call.
 
 A dit_jax model directory holds
-    config.json   DiT keyword arguments (input_size, patch_size, hidden_size, depth, num_heads, ...)
+    config.json   DiT keyword arguments (input_size, patch_size, hidden_size, depth, num_heads, ...) and a
+                  checksum of every parameter array ("_checksums", dit_jax.utils.checksum)
     params/       the Flax `params` tree saved with orbax (float32 NumPy arrays)
+Loading verifies the checksums, so flipped or truncated bytes are an error naming the arrays, never
+silently wrong weights.
 
     save_pretrained(params, cfg, "out/DiT-XL-2-256")
     model, params = load_pretrained("out/DiT-XL-2-256")
@@ -25,6 +28,7 @@ from flax.traverse_util import flatten_dict
 from dit_jax.utils.errors import DitJaxError
 from dit_jax.model import DiT, abstract_params
 from dit_jax.utils.atomic import atomic_dir
+from dit_jax.utils.checksum import mismatches, tree_fingerprints
 
 CONFIG_NAME = "config.json"
 PARAMS_NAME = "params"
@@ -79,7 +83,7 @@ def save_pretrained(params: Mapping, cfg: Any, directory: str, overwrite: bool =
     directory = os.path.abspath(os.fspath(directory))
     with atomic_dir(directory, overwrite) as tmp:
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(config_to_json(cfg), f, indent=2)
+            json.dump(dict(config_to_json(cfg), _checksums=tree_fingerprints(host)), f, indent=2)
         ocp.PyTreeCheckpointer().save(os.path.join(tmp, PARAMS_NAME), host)
     return directory
 
@@ -119,6 +123,11 @@ def read_config(directory: str) -> Dict[str, Any]:
     return config_from_json(data, path)
 
 
+def read_checksums(directory: str) -> Dict[str, int]:
+    with open(os.path.join(directory, CONFIG_NAME)) as f:
+        return json.load(f).get("_checksums", {})
+
+
 def load_pretrained(directory: str, dtype: Any = None, **model_kwargs) -> Tuple[DiT, Dict[str, Any]]:
     """(DiT module, params) from a directory written by save_pretrained.
 
@@ -135,6 +144,11 @@ def load_pretrained(directory: str, dtype: Any = None, **model_kwargs) -> Tuple[
         raise PretrainedError(f"{params_dir}: cannot restore the orbax parameters ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
     check_params(params, cfg, params_dir)
+    expected = read_checksums(directory)
+    bad = mismatches(expected, tree_fingerprints(params)) if expected else []
+    if bad:
+        raise PretrainedError(f"{params_dir}: {len(bad)} parameter arrays do not match the checksums in "
+                              f"{CONFIG_NAME} (first: {bad[0]}); the directory is damaged, convert it again")
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
     if dtype is not None:
         model_kwargs["dtype"] = dtype

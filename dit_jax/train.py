@@ -55,7 +55,8 @@ class TrainSetup:
 @dataclasses.dataclass
 class TrainResult:
     state: TrainState
-    losses: Dict[int, float]  # step -> mean loss of that step
+    losses: Dict[int, float]  # step -> mean loss of that step (every step)
+    metrics: Dict[int, Dict[str, float]]  # step -> loss terms, grad_norm, lr, ... (logged and saved steps)
     model: DiT
     mesh: Mesh
 
@@ -101,34 +102,31 @@ def jit_train_step(config, s: TrainSetup, vae=None):
 # ====================================================================================================
 # (3) The loop
 # ====================================================================================================
-def restore(manager, s: TrainSetup) -> Optional[Tuple[int, TrainState, Dict[str, Any]]]:
-    """(step, state placed in s.state_shardings, meta) of the newest complete checkpoint, or None."""
+def restore(manager, s: TrainSetup, config) -> Optional[Tuple[int, TrainState, Dict[str, Any]]]:
+    """(step, state placed in s.state_shardings, meta) of the newest intact checkpoint, or None."""
     target = with_shardings(s.abstract_state.to_dict(), s.state_shardings.to_dict())
-    restored = ckpt_lib.restore_latest(manager, target)
+    restored = ckpt_lib.restore_latest(manager, target, build.state_config(config))
     if restored is None:
         return None
     step, state, meta = restored
     return step, TrainState.from_dict(state), meta
 
 
-def load_latest(workdir: str, s: TrainSetup) -> Optional[Tuple[int, TrainState, Dict[str, Any]]]:
+def load_latest(workdir: str, s: TrainSetup, config) -> Optional[Tuple[int, TrainState, Dict[str, Any]]]:
     """`restore` from workdir/checkpoints without a training run (for evaluation and tests)."""
     manager = ckpt_lib.make_manager(workdir, keep=0, async_save=False)
     try:
-        return restore(manager, s)
+        return restore(manager, s, config)
     finally:
         manager.close()
 
 
 def restore_or_init(config, s: TrainSetup, manager, rng: jax.Array) -> Tuple[int, TrainState, bool]:
     """(start step, state, resumed?) from the newest complete checkpoint, or a fresh state."""
-    restored = restore(manager, s) if config.checkpoint.resume else None
+    restored = restore(manager, s, config) if config.checkpoint.resume else None
     if restored is None:
         return 0, init_state(s.model, s.tx, rng, s.state_shardings), False
     step, state, meta = restored
-    if int(meta.get("seed", config.seed)) != int(config.seed):
-        raise ConfigError(f"checkpoint step {step} was trained with seed {meta['seed']} but config.seed="
-                          f"{config.seed}; use the same seed to resume")
     log.info("resumed from checkpoint step %d", step)
     return step, state, True
 
@@ -170,9 +168,11 @@ class _Loop:
                  start_step: int, resumed: bool):
         self.config, self.workdir, self.s, self.manager, self.writer = config, workdir, s, manager, writer
         self.losses: Dict[int, float] = {}
+        self.metrics: Dict[int, Dict[str, float]] = {}
         self.pending: Optional[Tuple[int, Any]] = None  # (step, metrics) not yet read back
         self.last_good = start_step if resumed else None
         self.t_last, self.s_last = time.time(), start_step
+        self.state_config = build.state_config(config)
 
     def read_pending(self) -> None:
         if self.pending is not None:
@@ -194,6 +194,7 @@ class _Loop:
         m = host_metrics(metrics)
         check_finite(done, m, self.last_good, self.workdir)
         self.losses[done] = m["loss"]
+        self.metrics[done] = dict(m)
         if log_now:
             sps = (done - self.s_last) / max(time.time() - self.t_last, 1e-9)
             m.update(steps_per_sec=sps, images_per_sec=sps * int(c.global_batch_size))
@@ -202,7 +203,7 @@ class _Loop:
             self.t_last, self.s_last = time.time(), done
         if save_now:
             meta = {"step": done, "seed": int(c.seed), "data_position": done, "num_processes": jax.process_count(),
-                    "mesh": dict(self.s.mesh.shape)}
+                    "mesh": dict(self.s.mesh.shape), "state_config": self.state_config}
             ckpt_lib.save(self.manager, done, state.to_dict(), meta)
             self.last_good = done
 
@@ -215,14 +216,19 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
     workdir = os.path.abspath(workdir)
     s = setup(config)
     source = make_source(config)  # validates the data before anything is written
+    # The batch the run most likely starts with, checked against the model before anything is created.
+    probe = (ckpt_lib.latest_saved_step(workdir) if config.checkpoint.resume else None) or 0
+    first = source.batch(probe) if probe < config.num_steps else None
+    if first is not None:
+        build.check_batch(first, s.model, s.local_batch)
     is_main = jax.process_index() == 0
     manager = ckpt_lib.make_manager(workdir, config.checkpoint.keep, config.checkpoint.async_save)
     writer = None
     try:
         init_rng, step_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
         start_step, state, resumed = restore_or_init(config, s, manager, init_rng)
-        first = source.batch(start_step) if start_step < config.num_steps else None
-        if first is not None:
+        if start_step != probe and start_step < config.num_steps:  # a damaged newest checkpoint was set aside
+            first = source.batch(start_step)
             build.check_batch(first, s.model, s.local_batch)
         vae, vae_params = load_step_vae(config, s, load_vae)
         p_step = jit_train_step(config, s, vae)
@@ -253,4 +259,4 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
     if is_main and start_step < int(config.num_steps):
         log.info("finished step %d in %.1f min; checkpoints in %s, sample grids in %s", int(config.num_steps),
                  (time.time() - t_start) / 60, ckpt_lib.checkpoint_dir(workdir), os.path.join(workdir, "samples"))
-    return TrainResult(state=state, losses=loop.losses, model=s.model, mesh=s.mesh)
+    return TrainResult(state=state, losses=loop.losses, metrics=loop.metrics, model=s.model, mesh=s.mesh)

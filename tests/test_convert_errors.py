@@ -151,15 +151,13 @@ def test_to_torch_errors_leave_nothing(state, tmp_path, capsys):
 @pytest.mark.parametrize("fmt,out", [("pt", "o.pt"), ("safetensors", "o.safetensors"), ("diffusers", "odir")])
 def test_writer_failure_is_atomic(state, tmp_path, monkeypatch, fmt, out):
     """A failure in the middle of writing (after bytes hit the disk) leaves neither OUT nor a temp file."""
-    import safetensors.numpy
-
     def half_then_fail(obj, path, *a, **k):
         with open(path, "wb") as f:
             f.write(b"partial")
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(torch, "save", half_then_fail)
-    monkeypatch.setattr(safetensors.numpy, "save_file", half_then_fail)
+    monkeypatch.setattr(writers, "save_file", half_then_fail)
     params, cfg = convert.torch_to_flax(state)
     sd = convert.flax_to_torch(params, cfg, as_numpy=True)
     with pytest.raises(OSError, match="simulated"):

@@ -11,6 +11,7 @@ import pytest
 
 from dit_jax import checkpoint as ckpt_lib
 from dit_jax import train
+from dit_jax.pretrained import model_config
 from conftest import rel_err
 from tests.train_tiny import tiny_config
 

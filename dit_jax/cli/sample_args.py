@@ -12,6 +12,7 @@ import convert
 from convert import vae_weights
 from dit_jax.cli.common import check_range, log_line
 from dit_jax.diffusion import GaussianDiffusion
+from dit_jax.diffusion_schedules import parse_respacing
 from dit_jax.utils.errors import ConfigError
 from dit_jax.model import DTYPES, DiT, parse_dtype, parse_model_name
 from dit_jax.sampling import SAMPLERS, sampling_diffusion
@@ -84,14 +85,22 @@ def check_common_args(args) -> None:
             parse_model_name(args.model)
         except ValueError as e:
             raise ConfigError(f"--model: {e}") from None
+    respacing(args)
+
+
+def respacing(args) -> str:
+    """The respacing string of the flags, checked: a step count like "250", "ddimN" or comma-separated counts."""
+    spec = args.respacing or str(args.num_sampling_steps)
+    try:
+        parse_respacing(spec, MAX_DIFFUSION_STEPS)
+    except ValueError as e:
+        raise ConfigError(f"--respacing {spec!r}: expected a step count like '250', 'ddimN' or comma-separated "
+                          f"counts ({e})") from None
+    return spec
 
 
 def make_diffusion(args, model: DiT) -> GaussianDiffusion:
-    spec = args.respacing or str(args.num_sampling_steps)
-    try:
-        return sampling_diffusion(model, spec)
-    except ValueError as e:
-        raise ConfigError(f"--respacing {spec!r}: {e}") from None
+    return sampling_diffusion(model, respacing(args))
 
 
 def load_model(args) -> Tuple[DiT, Any]:

@@ -150,7 +150,8 @@ def sample_many(args) -> Optional[str]:
     check_args(args)
     model, params = sample_args.load_model(args)
     vae, vae_params = sample_args.load_vae(args)
-    size = sample_args.check_image_size(args, model, vae)
+    sample_args.check_image_size(args, model, vae)
+    size = model.input_size * (vae.downsample_factor if vae is not None else 1)  # PNG side (latent preview: 1x)
     out_dir = args.out_dir.rstrip("/") or "."
     npz = args.npz or f"{out_dir}.npz"
     os.makedirs(out_dir, exist_ok=True)

@@ -73,8 +73,10 @@ def parse_flags(argv: Sequence[str]) -> Optional[str]:
     except flags.Error as e:
         return f"{e} (pass --help for usage)"
     except (AttributeError, KeyError, ValueError, TypeError) as e:  # ml_collections: an override that does not fit
-        bad = " ".join(a.split("=")[0] for a in argv[1:] if a.startswith("--config."))
         msg = " ".join(str(e.args[0] if e.args else e).replace("\\n", " ").split()).replace("\\", "").replace("'", "")
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        named = [a for a in overrides if a.rsplit(".", 1)[-1] in msg.replace(":", " ").split()]
+        bad = " ".join(named or overrides)
         what = "unknown config field" if isinstance(e, (AttributeError, KeyError)) else "bad config value"
         return f"{what} in {bad}: {msg}"
     if len(rest) > 1:
@@ -87,6 +89,7 @@ def export_torch(path: str, result) -> None:
     host = (multihost_utils.process_allgather(result.state.ema_params, tiled=True) if jax.process_count() > 1
             else jax.device_get(result.state.ema_params))
     if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         state = convert.flax_to_torch(host, model_config(result.model), as_numpy=True)
         writers.write_pt(state, path, overwrite=True)
         logging.getLogger("dit_jax.train").info("exported EMA weights to %s", path)
@@ -123,6 +126,9 @@ def interrupted_note(workdir: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv if argv is None else argv)
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__.strip() + "\n\nflags:\n" + FLAGS.module_help(sys.modules[__name__]))
+        return 0
     error = parse_flags(argv)
     if error is None and (FLAGS.config is None or FLAGS.workdir is None):
         error = "--config and --workdir are required (pass --help for usage)"

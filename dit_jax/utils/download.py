@@ -128,8 +128,9 @@ def download_file(url: str, dest: str, progress: bool = True, expected_sha256: O
         if attempt < retries:
             time.sleep(min(0.2 * 2 ** attempt, 5.0))
     else:
-        raise DownloadError(f"{url}: failed after {retries + 1} attempts ({last_error}); the partial file "
-                            f"{part} is kept and a later call resumes it") from last_error
+        kept = (f"; the partial file {part} ({os.path.getsize(part)} bytes) is kept and a later call resumes it"
+                if os.path.exists(part) and os.path.getsize(part) else "")
+        raise DownloadError(f"{url}: failed after {retries + 1} attempts ({last_error}){kept}") from None
     if expected_sha256 is not None:
         got = _sha256(part)
         if got != expected_sha256.lower():
@@ -160,10 +161,10 @@ def dit_checkpoint_path(image_size: int, cache_dir: Optional[str] = None, base_u
         return download_file(url, dest, progress=progress)
     except (DownloadError, OSError) as e:
         raise DownloadError(
-            f"Could not download the DiT-XL/2 checkpoint: {e}\n"
+            f"Could not download the DiT-XL/2 checkpoint: {e}. "
             f"Download {name} from {url} (e.g. `curl -L -o {dest} {url}`) and put it at {dest} "
             f"(or set DIT_JAX_CACHE to the folder that holds it), or pass `--ckpt PATH` with a local "
-            f"checkpoint file.") from e
+            f"checkpoint file.") from None
 
 
 def vae_weights_path(kind: str, cache_dir: Optional[str] = None) -> str:
@@ -175,9 +176,9 @@ def vae_weights_path(kind: str, cache_dir: Optional[str] = None) -> str:
         paths = [hf_hub_download(repo, f, cache_dir=cache_dir) for f in VAE_FILES]
     except Exception as e:  # the hub raises many types (offline, HTTP, connection, missing cache entry)
         raise DownloadError(
-            f"Could not get the VAE from the Hugging Face Hub ({type(e).__name__}: {e}).\n"
+            f"Could not get the VAE from the Hugging Face Hub ({type(e).__name__}: {' '.join(str(e).split())}). "
             f"Download {' and '.join(VAE_FILES)} from https://huggingface.co/{repo} into one folder "
-            f"and pass `--vae PATH` with that folder (or with the .safetensors file).") from e
+            f"and pass `--vae PATH` with that folder (or with the .safetensors file).") from None
     folder = os.path.dirname(paths[0])
     assert all(os.path.dirname(p) == folder for p in paths), paths
     return folder
