@@ -249,7 +249,6 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
             loop.after_step(done, state, metrics)
             if sampler is not None and (done % int(config.sample.every_steps) == 0 or done == config.num_steps):
                 write_samples(config, s.model, sampler, decode, state.ema_params, done, workdir, writer)
-        loop.read_pending()
     finally:
         manager.wait_until_finished()
         manager.close()

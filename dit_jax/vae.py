@@ -27,13 +27,14 @@ Dtype = Any
 
 LATENT_SCALE = 0.18215  # sd-vae-ft-* `scaling_factor`: diffusion latents are `sample * LATENT_SCALE`
 LOGVAR_RANGE = (-30.0, 20.0)  # the clamp of the posterior log-variance used by the reference VAE
+GROUP_NORM_EPS = 1e-6  # every GroupNorm of the reference VAE (fixed in diffusers, not a config field)
 
 
 class GroupNorm(nn.Module):
     """GroupNorm over the channel (last) axis, statistics always in float32; params `scale`, `bias` (C,)."""
 
     num_groups: int = 32
-    epsilon: float = 1e-6
+    epsilon: float = GROUP_NORM_EPS
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -67,9 +68,9 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # (N, H, W, Cin) -> (N, H, W, Cout)
-        h = nn.silu(GroupNorm(self.num_groups, 1e-6, self.dtype, name="norm1")(x))
+        h = nn.silu(GroupNorm(self.num_groups, GROUP_NORM_EPS, self.dtype, name="norm1")(x))
         h = _conv(self.out_channels, 3, self.dtype, "conv1")(h)
-        h = nn.silu(GroupNorm(self.num_groups, 1e-6, self.dtype, name="norm2")(h))
+        h = nn.silu(GroupNorm(self.num_groups, GROUP_NORM_EPS, self.dtype, name="norm2")(h))
         # Dropout is 0 in the sd-vae configuration and the VAE is never trained here.
         h = _conv(self.out_channels, 3, self.dtype, "conv2")(h)
         if x.shape[-1] != self.out_channels:
@@ -86,7 +87,8 @@ class AttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # (N, H, W, C) -> same
         n, hh, ww, c = x.shape
-        h = GroupNorm(self.num_groups, 1e-6, self.dtype, name="group_norm")(x).reshape(n, hh * ww, c)  # (N, T, C)
+        h = GroupNorm(self.num_groups, GROUP_NORM_EPS, self.dtype, name="group_norm")(x)
+        h = h.reshape(n, hh * ww, c)  # (N, T, C)
         q = nn.Dense(c, dtype=self.dtype, name="to_q")(h)
         k = nn.Dense(c, dtype=self.dtype, name="to_k")(h)
         v = nn.Dense(c, dtype=self.dtype, name="to_v")(h)
@@ -174,7 +176,7 @@ class Encoder(nn.Module):
             x = LevelBlock(c, self.layers_per_block, "down" if i < len(chans) - 1 else None, self.num_groups,
                            self.dtype, name=f"down_blocks_{i}")(x)
         x = MidBlock(chans[-1], self.num_groups, self.mid_block_add_attention, self.dtype, name="mid_block")(x)
-        x = nn.silu(GroupNorm(self.num_groups, 1e-6, self.dtype, name="conv_norm_out")(x))
+        x = nn.silu(GroupNorm(self.num_groups, GROUP_NORM_EPS, self.dtype, name="conv_norm_out")(x))
         return _conv(2 * self.latent_channels, 3, self.dtype, "conv_out")(x)
 
 
@@ -196,7 +198,7 @@ class Decoder(nn.Module):
         for i, c in enumerate(chans):  # the decoder has one resnet more per level than the encoder
             x = LevelBlock(c, self.layers_per_block + 1, "up" if i < len(chans) - 1 else None, self.num_groups,
                            self.dtype, name=f"up_blocks_{i}")(x)
-        x = nn.silu(GroupNorm(self.num_groups, 1e-6, self.dtype, name="conv_norm_out")(x))
+        x = nn.silu(GroupNorm(self.num_groups, GROUP_NORM_EPS, self.dtype, name="conv_norm_out")(x))
         return _conv(self.out_channels, 3, self.dtype, "conv_out")(x)
 
 

@@ -2,7 +2,7 @@
 
     python -m tests.data_multiprocess_worker PORT PROCESS_ID NUM_PROCESSES FOLDER BATCH STEPS OUT_JSON
 Joins jax.distributed, builds the folder source for jax.process_index()/process_count(), reads STEPS steps
-and writes which examples it read (and a checksum of each local batch) to OUT_JSON.
+and writes which examples it read to OUT_JSON and every local batch, array by array, to OUT_JSON's .npz.
 """
 import json
 import os
@@ -24,11 +24,14 @@ def main():
     cfg = {"name": "folder", "folder": folder, "image_size": 16, "random_flip": True, "num_workers": 2, "prefetch": 0}
     src = make_source(cfg, global_batch_size=int(batch), process_index=jax.process_index(),
                       process_count=jax.process_count(), seed=1)
-    record = {"process_index": jax.process_index(), "process_count": jax.process_count(), "indices": [], "sums": []}
+    record = {"process_index": jax.process_index(), "process_count": jax.process_count(), "indices": []}
+    arrays = {}  # "<key>_<step>" -> this process's slice of the batch
     for step in range(int(steps)):
         record["indices"].append(src.order.local_indices(step).tolist())
-        record["sums"].append(float(np.asarray(src.batch(step)["image"], np.float64).sum()))
+        for key, value in src.batch(step).items():
+            arrays[f"{key}_{step}"] = np.asarray(value)
     src.close()
+    np.savez(os.path.splitext(out)[0] + ".npz", **arrays)
     with open(out, "w") as f:
         json.dump(record, f)
     jax.distributed.shutdown()

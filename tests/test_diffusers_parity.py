@@ -3,7 +3,8 @@
 Metric: rel_err = max|jax - diffusers| / max|diffusers| (conftest.rel_err), float32 CPU, tolerance 1e-5.
 diffusers differs from the release in its timestep frequencies (divides by half - 1) and the MLP LayerNorm
 eps (config.norm_eps); a model read from diffusers carries timestep_freq_shift=1 and mlp_norm_eps (see
-convert/diffusers_keys.py), so the Flax model reproduces diffusers exactly.
+convert/diffusers_keys.py), so the Flax model reproduces diffusers exactly. With ordinary inputs the eps is
+invisible (a wrong one measures ~9e-7); test_mlp_norm_eps_is_visible feeds tokens of tiny variance, where it shows.
 """
 import json
 import os
@@ -69,6 +70,42 @@ def test_diffusers_state_dict_to_flax():
     assert cfg["timestep_freq_shift"] == 1.0 and cfg["mlp_norm_eps"] == 1e-5
     assert (cfg["hidden_size"], cfg["num_heads"], cfg["depth"], cfg["num_classes"]) == (64, 2, 2, 10)
     report("diffusers state_dict -> flax", rel_err(flax_out(DiT(**cfg), params, x, t, y), diffusers_out(m, x, t, y)))
+
+
+def tokens_near_zero_input(m, delta, n=3, seed=0) -> np.ndarray:
+    """(N, H, W, C) latents whose patch embedding plus position embedding is delta * N(0, 1) per token.
+
+    Solved per token through the patch-embedding conv (needs C * p * p == hidden size). Tokens with a variance
+    of delta**2 make the LayerNorm eps visible: 1e-5 vs 1e-6 changes the normalised values by ~4.5e-6 / delta**2.
+    """
+    w = m.pos_embed.proj.weight.detach().double().numpy()  # (D, C, p, p)
+    b = m.pos_embed.proj.bias.detach().double().numpy()
+    pos = m.pos_embed.pos_embed[0].double().numpy()  # (T, D)
+    d, c, p, _ = w.shape
+    assert c * p * p == d, "the patch must have as many values as the hidden size"
+    g = int(round(len(pos) ** 0.5))
+    r = np.random.default_rng(seed)
+    x = np.zeros((n, c, g * p, g * p))  # NCHW, like the conv
+    for k in range(n):
+        for tok in range(g * g):
+            i, j = divmod(tok, g)
+            patch = np.linalg.solve(w.reshape(d, -1), delta * r.standard_normal(d) - b - pos[tok])
+            x[k, :, i * p:(i + 1) * p, j * p:(j + 1) * p] = patch.reshape(c, p, p)
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)).astype(np.float32)
+
+
+@pytest.mark.parametrize("norm_eps,wrong_eps", [(1e-5, 1e-6), (1e-6, 1e-5)])
+def test_mlp_norm_eps_is_visible(norm_eps, wrong_eps):
+    """With ordinary inputs a wrong mlp_norm_eps measures ~9e-7, inside TOL; near-zero-variance tokens expose it."""
+    m = random_diffusers_dit(seed=3, patch_size=4, norm_eps=norm_eps)  # 4 channels * 4 * 4 = 64 = hidden size
+    x, (_, t, y) = tokens_near_zero_input(m, delta=0.03), batch()
+    params, cfg = convert.torch_to_flax(m.state_dict(), diffusers_config=dict(m.config))
+    assert cfg["mlp_norm_eps"] == norm_eps
+    ref = diffusers_out(m, x, t, y)
+    report(f"near-zero tokens, norm_eps {norm_eps:g}", rel_err(flax_out(DiT(**cfg), params, x, t, y), ref))
+    wrong = rel_err(flax_out(DiT(**{**cfg, "mlp_norm_eps": wrong_eps}), params, x, t, y), ref)
+    print(f"mlp_norm_eps {wrong_eps:g} instead of {norm_eps:g}: rel_err={wrong:.2e}")
+    assert wrong > 10 * TOL, f"a wrong mlp_norm_eps measures {wrong:.3g}: this case cannot see it"
 
 
 @pytest.mark.parametrize("layout", ["model", "pipeline"])

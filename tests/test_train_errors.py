@@ -67,8 +67,15 @@ def test_corrupt_checkpoint(tmp_path, monkeypatch):
         train.train_and_evaluate(tiny_config(num_steps=2, **{"mesh.num_devices": 1}), wd)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_every,first_nan_step", [
+    (1, 4),  # every step is logged: the guard checks each step's loss right away (step 4 is also a save step)
+    (100, 3),  # step 3 is neither logged nor saved: its loss is checked one step behind, after step 4 is dispatched
+])
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, log_every, first_nan_step):
     real = train.make_source
+    checked = []
+    real_check = train.check_finite
+    monkeypatch.setattr(train, "check_finite", lambda step, *a: (checked.append(step), real_check(step, *a)))
 
     class Poisoned:
         def __init__(self, src):
@@ -76,7 +83,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
         def batch(self, step):
             b = self.src.batch(step)
-            if step >= 3:  # the 4th step sees NaN pixels
+            if step + 1 >= first_nan_step:  # (steps count from 1, batches from 0) NaN pixels from here on
                 b["x"] = np.full_like(b["x"], np.nan)
             return b
 
@@ -84,12 +91,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
             pass
 
     monkeypatch.setattr(train, "make_source", lambda c: Poisoned(real(c)))
-    c = tiny_config(num_steps=8)
+    c = tiny_config(num_steps=8, log_every_steps=log_every)
     c.checkpoint.every_steps = 2
     c.mesh.num_devices = 1
     wd = str(tmp_path / "nan")
-    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss at step 4 .*last good checkpoint is step 2"):
+    with pytest.raises(NonFiniteLossError,
+                       match=rf"non-finite training loss at step {first_nan_step} .*last good checkpoint is step 2"):
         train.train_and_evaluate(c, wd)
+    assert checked == list(range(1, first_nan_step + 1))  # every step's loss was checked, the bad one last
     steps = sorted(int(n) for n in os.listdir(os.path.join(wd, "checkpoints")) if n.isdigit())
     assert steps == [2]
 

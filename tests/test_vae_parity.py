@@ -16,6 +16,7 @@ import torch
 
 from conftest import nchw, nhwc, rel_err
 from convert.vae_weights import load_vae
+from dit_jax import vae as vae_module
 from dit_jax.utils.safetensors_io import WeightsFileError
 from dit_jax.vae import LATENT_SCALE, AutoencoderKL, decode_latents, encode_to_latents
 from dit_jax.vae_weights import flax_path, infer_config, read_state_dict
@@ -116,6 +117,30 @@ def test_latent_helpers(tiny_pair):
                                (mean + jnp.exp(0.5 * logvar) * eps) * LATENT_SCALE, rtol=1e-5, atol=1e-6)
     direct = _decode(vae, params, latents / LATENT_SCALE)
     np.testing.assert_allclose(decode_latents(vae, params, latents), direct, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_eps_is_visible(tiny_pair, monkeypatch):
+    """Low-amplitude images and latents: the first GroupNorms see a small variance, so their eps shows.
+
+    With ordinary inputs a GroupNorm eps of 1e-5 instead of 1e-6 moves the encoder outputs by ~5e-5, inside TOL.
+    """
+    m, cfg = tiny_pair
+    vae, params = AutoencoderKL(**cfg), torch_to_flax_vae(m.state_dict(), cfg)
+    images, latents = inputs(1, 16, np.random.default_rng(2))
+    images, latents = 0.03 * images, 0.03 * latents
+    ref = torch_reference(m, images, latents)
+
+    def errors():  # fresh jits: GROUP_NORM_EPS is read when tracing
+        mean, logvar = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=AutoencoderKL.encode))(params, images)
+        dec = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=AutoencoderKL.decode))(params, latents)
+        return {k: rel_err(np.asarray(a), b) for k, a, b in zip(("mean", "logvar", "decode"), (mean, logvar, dec), ref)}
+
+    good = errors()
+    monkeypatch.setattr(vae_module, "GROUP_NORM_EPS", 1e-5)
+    wrong = errors()
+    print("low-amplitude VAE parity rel_err:", good, "with GroupNorm eps 1e-5:", wrong)
+    assert all(e <= TOL for e in good.values()), good
+    assert all(e > 10 * TOL for e in wrong.values()), f"a wrong GroupNorm eps is not visible: {wrong}"
 
 
 def test_bfloat16_compute_close_to_float32(tiny_pair):

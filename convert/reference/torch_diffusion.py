@@ -10,26 +10,9 @@ import math
 import numpy as np
 import torch
 
-
-def space_timesteps(num_timesteps: int, spec: str) -> list:
-    """Kept timesteps for a respacing string: "ddimN" (even stride) or comma-separated section counts."""
-    if not spec:
-        return list(range(num_timesteps))
-    if spec.startswith("ddim"):
-        want = int(spec[4:])
-        for stride in range(1, num_timesteps):
-            if len(range(0, num_timesteps, stride)) == want:
-                return list(range(0, num_timesteps, stride))
-        raise ValueError(f"cannot make {want} evenly strided steps out of {num_timesteps}")
-    counts = [int(c) for c in spec.split(",")]
-    size, extra = divmod(num_timesteps, len(counts))
-    kept, start = [], 0
-    for i, count in enumerate(counts):
-        n = size + (1 if i < extra else 0)
-        stride = 1 if count <= 1 else (n - 1) / (count - 1)
-        kept += [start + round(stride * j) for j in range(count)]
-        start += n
-    return sorted(set(kept))
+# One home for respacing: dit_jax's rule is tested against the release's loop for every step count
+# (tests/test_diffusion.py), so the PyTorch side keeps exactly the same timesteps.
+from dit_jax.diffusion_schedules import parse_respacing
 
 
 class TorchDiffusion:
@@ -37,7 +20,7 @@ class TorchDiffusion:
         scale = 1000 / diffusion_steps
         base_betas = np.linspace(scale * 1e-4, scale * 0.02, diffusion_steps, dtype=np.float64)
         base_ac = np.cumprod(1.0 - base_betas)
-        self.timestep_map = space_timesteps(diffusion_steps, respacing)
+        self.timestep_map = parse_respacing(respacing, diffusion_steps)
         prev, betas = 1.0, []
         for t in self.timestep_map:
             betas.append(1 - base_ac[t] / prev)
