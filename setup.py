@@ -41,6 +41,7 @@ setup(
             "dit-jax-sample=dit_jax.cli.sample:main",
             "dit-jax-sample-many=dit_jax.cli.sample_many:main",
             "dit-jax-extract-latents=dit_jax.cli.extract_latents:main",
+            "dit-jax-eval=dit_jax.cli.eval:main",
         ]
     },
 )

@@ -24,7 +24,7 @@ from dit_jax.evaluation.batches import EvalInputError, Stats, load_stats, open_b
 from dit_jax.evaluation.evaluate import compute_stats, evaluate, format_results
 from dit_jax.evaluation.features import FeatureExtractor
 from dit_jax.evaluation.inception import init_params
-from tests.conftest import rel_err
+from conftest import rel_err
 
 pytestmark = pytest.mark.timeout(600)
 SIZE = 32

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dit_jax.evaluation.inception import InceptionV3, inception_forward
-from tests.conftest import rel_err
+from conftest import rel_err
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -16,7 +16,7 @@ import pytest
 
 from dit_jax.utils.download import DownloadError
 from dit_jax.evaluation import weights as W
-from tests.conftest import rel_err
+from conftest import rel_err
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.timeout(300)

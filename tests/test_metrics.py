@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dit_jax.evaluation import metrics as M
-from tests.conftest import rel_err
+from conftest import rel_err
 
 # ------------------------------------------------------------------ NumPy transcriptions of ADM's code
 
