@@ -3,7 +3,8 @@
     python benchmarks/digits_quality.py --workdir runs/digits            # score an existing run
     python benchmarks/digits_quality.py --workdir runs/q --train         # train configs/digits.py first
 
-Trains an RBF SVC on 80% of scikit-learn's real digits (prints its accuracy on the other 20%), draws
+Trains the digits network of dit_jax/evaluation/digits.py on 80% of scikit-learn's real digits (prints its
+accuracy on the other 20%), draws
 `--per_class` samples of every class from the EMA weights of the newest checkpoint in --workdir (DDIM,
 fixed noise seed), and prints the fraction the classifier labels as the class they were conditioned on.
 """
@@ -21,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
 from dit_jax import checkpoint as ckpt_lib, train  # noqa: E402
-from dit_jax.data import digits_classifier  # noqa: E402
+from dit_jax.evaluation import digits as digits_eval  # noqa: E402
 from dit_jax.train_samples import make_sampler  # noqa: E402
 
 
@@ -41,11 +42,13 @@ def evaluate(config, workdir: str, per_class: int = 50, seed: int = 1, cfg_scale
     noise = np.random.default_rng(seed).standard_normal((len(labels), s, s, c)).astype(np.float32)
     sampler = make_sampler(config, env.model, env.mesh)
     samples = sampler(state.ema_params, labels, noise)  # (N, S, S, 1) in [-1, 1]
-    clf, clf_acc = digits_classifier.train_classifier()
-    pred = clf.predict(digits_classifier.to_digit_features(samples))
+    scorer = digits_eval.scorer()
+    clf_acc = scorer.heldout_accuracy
+    pred = scorer.net.predict(digits_eval.to_digit_pixels(samples) / 16.0)
+    fd = scorer.score(samples, labels)["digits_fd"]
     per = {int(k): float(np.mean(pred[labels == k] == k)) for k in range(config.model.num_classes)}
     return {"step": int(step), "classifier_heldout_accuracy": clf_acc,
-            "conditional_accuracy": float(np.mean(pred == labels)), "num_samples": int(len(labels)),
+            "conditional_accuracy": float(np.mean(pred == labels)), "digits_fd": fd, "num_samples": int(len(labels)),
             "per_class_accuracy": per, "cfg_scale": float(config.sample.cfg_scale),
             "respacing": config.sample.respacing}
 

@@ -115,5 +115,16 @@ def get_config(variant: Optional[str] = None) -> ml_collections.ConfigDict:
     # channels guided by CFG (3: the release's quirk; None: all eps channels)
     c.sample.guidance_channels = ml_collections.FieldReference(3, field_type=int)
     c.sample.clip_denoised = False  # clip predicted x_0 to [-1, 1] (useful in pixel space only)
+    # ---- sample quality during training (dit_jax/train_eval.py) ----
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # score the EMA model every N steps (and at the last step); 0: off
+    c.eval.kind = "inception"  # "inception": FID, sFID, IS vs reference_stats; "digits": the digits network
+    c.eval.num_samples = 10_000  # samples per evaluation (balanced classes; ADM uses 50,000 once at the end)
+    c.eval.respacing = "ddim50"  # sampler steps
+    c.eval.cfg_scale = 1.5  # guidance scale of the evaluation samples (the paper's FID-50K setting)
+    c.eval.batch_size = 64  # samples per sampling call; images per device per Inception call
+    c.eval.reference_stats = placeholder(str)  # .npz of mu, sigma, mu_s, sigma_s (dit-jax-eval --save-stats)
+    c.eval.inception = placeholder(str)  # pytorch-fid's .pth or a converted .npz; None: download once
+    c.eval.seed = 1  # noise of the evaluation samples (fixed: successive scores differ only by the weights)
     c.tensorboard = True  # write TensorBoard event files to workdir/tb (besides workdir/metrics.jsonl)
     return c

@@ -47,4 +47,10 @@ def get_config():
     c.sample.cfg_scale = 1.0
     c.sample.guidance_channels = None  # all channels (no guidance at cfg_scale 1 anyway)
     c.sample.clip_denoised = True
+    c.eval.every_steps = 250  # the quality curve: digits_fd and digits_class_acc (metrics.jsonl, TensorBoard)
+    c.eval.kind = "digits"
+    c.eval.num_samples = 500
+    c.eval.respacing = "ddim25"
+    c.eval.cfg_scale = 1.0
+    c.eval.batch_size = 500
     return c

@@ -169,7 +169,9 @@ RANGES = (
     ("sharding.fsdp_min_size", 0, None), ("data.image_size", 8, None), ("data.num_workers", 1, None),
     ("data.prefetch", 0, None), ("checkpoint.every_steps", 0, None), ("checkpoint.keep", 0, None),
     ("log_every_steps", 1, None), ("sample.every_steps", 0, None), ("sample.per_class", 1, None),
-    ("sample.cfg_scale", 1.0, None), ("sample.seed", 0, 2**32 - 1),
+    ("sample.cfg_scale", 1.0, None), ("sample.seed", 0, 2**32 - 1), ("eval.every_steps", 0, None),
+    ("eval.num_samples", 2, None), ("eval.batch_size", 1, None), ("eval.cfg_scale", 1.0, None),
+    ("eval.seed", 0, 2**32 - 1),
 )
 
 

@@ -26,6 +26,7 @@ from dit_jax import build, checkpoint as ckpt_lib, data, sharding as shd
 from dit_jax.diffusion import GaussianDiffusion
 from dit_jax.utils.errors import ConfigError, NonFiniteLossError
 from dit_jax.model import DiT, count_params
+from dit_jax.train_eval import Evaluator, InceptionLoader, check_eval_config, load_converted_inception
 from dit_jax.train_samples import SampleDecoder, VaeLoader, make_sampler, write_samples
 from dit_jax.train_state import TrainState, abstract_state, init_state, state_shardings, with_shardings
 from dit_jax.train_step import make_loss_fn, make_train_step
@@ -64,6 +65,7 @@ class TrainResult:
 def setup(config) -> TrainSetup:
     """Mesh, model, optimizer, shardings and batch sizes from the config; errors name the field."""
     build.validate_config(config)
+    check_eval_config(config)
     mesh = shd.make_mesh(config.mesh)
     model = build.build_model(config)
     local_batch, _ = build.validate_batch_config(config, mesh)
@@ -208,11 +210,13 @@ class _Loop:
             self.last_good = done
 
 
-def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safetensors) -> TrainResult:
+def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safetensors,
+                       load_inception: InceptionLoader = load_converted_inception) -> TrainResult:
     """Train until config.num_steps, resuming from workdir/checkpoints; returns the final state and losses.
 
-    `load_vae(config.data.vae) -> (AutoencoderKL, params)` loads the VAE for image batches and sample grids
-    (the command line passes one that also reads PyTorch pickles)."""
+    `load_vae(config.data.vae) -> (AutoencoderKL, params)` loads the VAE for image batches and sample grids,
+    `load_inception(config.eval.inception) -> params` the FID network (the command line passes loaders that
+    also read PyTorch files)."""
     workdir = os.path.abspath(workdir)
     s = setup(config)
     source = make_source(config)  # validates the data before anything is written
@@ -237,6 +241,8 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
             writer = MetricWriter(workdir, tensorboard=bool(config.tensorboard))
         sampler = make_sampler(config, s.model, s.mesh) if config.sample.every_steps else None
         decode = SampleDecoder(config, load_vae)
+        every_eval = int(config.eval.every_steps)
+        evaluator = Evaluator(config, s.model, s.mesh, load_vae, load_inception) if every_eval else None
         loop = _Loop(config, workdir, s, manager, writer, start_step, resumed)
         t_start = time.time()
         for step in range(start_step, int(config.num_steps)):
@@ -249,6 +255,11 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
             loop.after_step(done, state, metrics)
             if sampler is not None and (done % int(config.sample.every_steps) == 0 or done == config.num_steps):
                 write_samples(config, s.model, sampler, decode, state.ema_params, done, workdir, writer)
+            if evaluator is not None and (done % every_eval == 0 or done == config.num_steps):
+                scores = evaluator(state.ema_params)
+                loop.metrics.setdefault(done, {}).update(scores)
+                if writer:
+                    writer.scalars(done, scores)
     finally:
         manager.wait_until_finished()
         manager.close()

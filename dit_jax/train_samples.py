@@ -26,15 +26,19 @@ Sampler = Callable[[Any, np.ndarray, np.ndarray], np.ndarray]
 VaeLoader = Callable[[str], Tuple[Any, Any]]  # config.data.vae -> (AutoencoderKL, params)
 
 
-def make_sampler(config, model: DiT, mesh: Mesh) -> Sampler:
-    """sample(ema_params, labels (N,), x_T (N,S,S,C)) -> x_0 (N,S,S,C) NumPy, replicated on all processes."""
-    d = build.build_diffusion(config, config.sample.respacing)
+def make_sampler(config, model: DiT, mesh: Mesh, respacing: Optional[str] = None,
+                 cfg_scale: Optional[float] = None) -> Sampler:
+    """sample(ema_params, labels (N,), x_T (N,S,S,C)) -> x_0 (N,S,S,C) NumPy, replicated on all processes.
+
+    DDIM with config.sample's respacing, guidance and clipping unless `respacing` / `cfg_scale` are given."""
+    d = build.build_diffusion(config, respacing or config.sample.respacing)
     gc = config.sample.guidance_channels
+    scale = float(config.sample.cfg_scale if cfg_scale is None else cfg_scale)
 
     @functools.partial(jax.jit, out_shardings=shd.replicated(mesh))
     def run(params, labels, noise):
-        # batch_chunk 0: the batch may be sharded over the mesh, and these grids are small
-        fn = dit_model_fn(model, params, labels, float(config.sample.cfg_scale), gc, batch_chunk=0)
+        # batch_chunk 0: the batch may be sharded over the mesh
+        fn = dit_model_fn(model, params, labels, scale, gc, batch_chunk=0)
         return d.ddim_sample_loop(fn, noise.shape, noise=noise, eta=0.0,
                                   clip_denoised=bool(config.sample.clip_denoised))
 

@@ -112,6 +112,7 @@ def tiny_config(**overrides):
     c.checkpoint.async_save = False
     c.log_every_steps = 1
     c.sample.every_steps = 0
+    c.eval.every_steps = 0
     c.tensorboard = False
     return set_fields(c, overrides)
 
@@ -119,7 +120,8 @@ def tiny_config(**overrides):
 # The same tiny model as command-line overrides of configs/digits.py (for subprocess tests).
 TINY_FLAGS = ["--config.model.depth=1", "--config.model.hidden_size=32", "--config.model.num_heads=2",
               "--config.global_batch_size=16", "--config.optim.warmup_steps=0", "--config.sharding.fsdp_min_size=64",
-              "--config.log_every_steps=1", "--config.sample.every_steps=0", "--config.tensorboard=False"]
+              "--config.log_every_steps=1", "--config.sample.every_steps=0", "--config.eval.every_steps=0",
+              "--config.tensorboard=False"]
 
 
 def train_command(workdir, *flags):

@@ -19,7 +19,8 @@ from conftest import perturbed_torch_dit
 BIN = os.path.dirname(sys.executable)
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits.py")
 TINY = ["--config.model.depth=1", "--config.model.hidden_size=32", "--config.model.num_heads=2",
-        "--config.global_batch_size=16", "--config.sample.every_steps=0", "--config.tensorboard=False",
+        "--config.global_batch_size=16", "--config.sample.every_steps=0", "--config.eval.every_steps=0",
+        "--config.tensorboard=False",
         "--config.checkpoint.async_save=False"]
 SAMPLE = ["--vae", "none", "--num-sampling-steps", "2", "--no-progress", "--class-labels", "1", "2"]
 

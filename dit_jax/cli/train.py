@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 import convert
 from convert import vae_weights, writers
+from convert.inception_weights import inception_params
 from dit_jax import build, checkpoint as ckpt_lib
 from dit_jax.cli.common import EXIT_USAGE, check_writable_file, run_command, setup_console_logging
 from dit_jax.utils.errors import ConfigError
@@ -113,7 +114,7 @@ def train(config, workdir: str) -> None:
     cpu_malloc.configure(step_bytes(config), verbose=True)  # before JAX creates its CPU client
     init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                      FLAGS.cpu_collectives)
-    result = train_and_evaluate(config, workdir, load_vae=vae_weights.load_vae)
+    result = train_and_evaluate(config, workdir, load_vae=vae_weights.load_vae, load_inception=inception_params)
     if export:
         export_torch(export, result)
 
