@@ -5,6 +5,7 @@
     python -m benchmarks.throughput --tiny                # smoke run (CI)
     python -m benchmarks.throughput --memory              # also peak memory of each side (separate processes)
     python -m benchmarks.throughput --unrolled            # JAX blocks unrolled (before the lax.scan fix)
+    python -m benchmarks.throughput --precise-cpu-dots    # JAX with DiT(precise_cpu_dots=True)
 
 The training step is the release's: diffusion loss (MSE + VB, learned sigma), backward, AdamW, EMA update.
 JAX and PyTorch calls alternate (A B A B ...) so that load from other processes hits both alike; the median
@@ -40,6 +41,8 @@ def parse(argv=None):
     ap.add_argument("--tiny", action="store_true", help="DiT-S/2, depth 2, latent 8, batch 2, 1 iteration")
     ap.add_argument("--unrolled", action="store_true",
                     help="JAX blocks as a Python loop (DiT(scan_blocks=False), the state before the scan fix)")
+    ap.add_argument("--precise-cpu-dots", action="store_true",
+                    help="JAX model with DiT(precise_cpu_dots=True): CPU dots summed over <= 256-long slices")
     ap.add_argument("--memory", action="store_true", help="measure peak memory of each side in a subprocess")
     ap.add_argument("--only", choices=["jax", "torch"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="print one JSON line with the results")
@@ -57,6 +60,8 @@ def jax_callables(args, model, params, inputs):
         model = model.clone(dtype=jnp.bfloat16)
     if args.unrolled:
         model = model.clone(scan_blocks=False)
+    if args.precise_cpu_dots:
+        model = model.clone(precise_cpu_dots=True)
     diffusion = create_diffusion("")
     x = jnp.asarray(inputs["x"].transpose(0, 2, 3, 1))  # (N, H, W, C)
     noise = jnp.asarray(inputs["noise"].transpose(0, 2, 3, 1))
