@@ -2,7 +2,8 @@
 
     python -m benchmarks.precision                          # all 12 sizes, 256 px (latent 32), 2 blocks
     python -m benchmarks.precision --latent 64              # 512 px
-    python -m benchmarks.precision --models DiT-L/2 --t all # every t in [0, 999] (one batch of 1000)
+    python -m benchmarks.precision --models DiT-L/2 --t all # every t in [0, 999] (batches of 50)
+    python -m benchmarks.precision --t 3 5 977 999 --markdown   # issue 13's table: one row per size
 
 Weights: the release model (convert/reference torch DiT) with every trained parameter drawn from N(0, 0.05),
 depth 2, converted to Flax. Error = max|out - out64| / max|out64| per example (one t per example, the same
@@ -175,12 +176,19 @@ def parse(argv=None):
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--f32-emb", action="store_true",
                     help="also the errors against a float64 evaluation fed the release's float32 embedding")
+    ap.add_argument("--markdown", action="store_true", help="finish with a markdown table (sizes x t)")
     args = ap.parse_args(argv)
     args.t = list(range(1000)) if args.t == ["all"] else [int(t) for t in args.t]
     return args
 
 
 VARIANTS = {"jax": {}, "precise": {"precise_cpu_dots": True}}
+
+
+def _size_order(name: str):
+    """DiT-S/8 ... DiT-XL/2: by width, then by tokens."""
+    size, patch = name[4:].split("/")
+    return ["S", "B", "L", "XL"].index(size), -int(patch)
 
 
 def main(argv=None) -> Dict[str, Dict[str, np.ndarray]]:
@@ -192,7 +200,7 @@ def main(argv=None) -> Dict[str, Dict[str, np.ndarray]]:
     print(f"max|out - out64| / max|out64| against float64 NumPy; latent {args.latent} ({args.latent * 8} px), "
           f"depth {args.depth}, weights N(0, 0.05), one example per t.\n"
           f"dit_jax: default DiT; precise: DiT(precise_cpu_dots=True). ratio = dit_jax / release (goal <= 1.5)")
-    for name in args.models:
+    for name in sorted(args.models, key=_size_order):
         r = measure(name, args.latent, args.t, depth=args.depth, f32_emb_reference=args.f32_emb, variants=VARIANTS)
         out[name] = r
         ratio, ratio_p = r["jax"] / r["release"], r["precise"] / r["release"]
@@ -207,6 +215,12 @@ def main(argv=None) -> Dict[str, Dict[str, np.ndarray]]:
                     line += (f"  | f32-emb ref: release {r['release_f32emb'][i]:.2e} dit_jax "
                              f"{r['jax_f32emb'][i]:.2e} precise {r['precise_f32emb'][i]:.2e}")
                 print(line)
+    if args.markdown:
+        print(f"\n{args.latent * 8} px: release / dit_jax / dit_jax precise_cpu_dots\n")
+        print("| size | " + " | ".join(f"t={t}" for t in args.t) + " |\n|---|" + "---|" * len(args.t))
+        for name, r in out.items():
+            print(f"| {name} | " + " | ".join(f"{r['release'][i]:.2e} / {r['jax'][i]:.2e} / {r['precise'][i]:.2e}"
+                                               for i in range(len(args.t))) + " |")
     return out
 
 
