@@ -63,7 +63,7 @@ def make_pair(name: str, latent: int, num_classes: int = 1000, depth=None, seed:
     import torch
 
     import convert
-    from convert.torch_dit import DiT_models as TorchModels
+    from convert.reference.torch_dit import DiT_models as TorchModels
     from dit_jax.model import DiT
 
     torch.manual_seed(seed)

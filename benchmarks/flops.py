@@ -61,7 +61,8 @@ def measure(name: str, image_size: int, depth=None, num_classes: int = 1000):
     lowered = jax.jit(lambda v, x, t, y: model.apply(v, x, t, y)).lower(variables, x, t, t)
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return count_params(variables["params"]) + pos, dot_macs(lowered.as_text()), cost["flops"] / 2
+    xla_macs = cost["flops"] / 2 if cost and "flops" in cost else float("nan")  # some backends give no analysis
+    return count_params(variables["params"]) + pos, dot_macs(lowered.as_text()), xla_macs
 
 
 def main(argv=None) -> int:

@@ -113,7 +113,7 @@ def release_model(name: str, latent: int, depth: int = 2, std: float = 0.05, see
     """The release DiT with every trained parameter from N(0, std) (adaLN and output layer included)."""
     import torch
 
-    from convert.torch_dit import DiT_models
+    from convert.reference.torch_dit import DiT_models
 
     torch.manual_seed(seed)
     model = DiT_models[name](input_size=latent, depth=depth).eval()
@@ -167,7 +167,7 @@ def measure(name: str, latent: int, ts: Sequence[int], depth: int = 2, batch: in
 
 
 def parse(argv=None):
-    from convert.torch_dit import DiT_models
+    from convert.reference.torch_dit import DiT_models
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=sorted(DiT_models), help="sizes (default: all 12)")

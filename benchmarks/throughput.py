@@ -29,7 +29,7 @@ import numpy as np
 
 from benchmarks.common import (batch_inputs, jax_sync, make_jax_train_step, make_pair, make_torch_train_step,
                                timed_interleaved, torch_sync_fn)
-from dit_jax import cpu_malloc
+from dit_jax.utils import cpu_malloc
 
 
 def parse(argv=None):
@@ -92,7 +92,7 @@ def torch_callables(args, tmodel, inputs):
     """(forward, train step, sync) for the PyTorch reference."""
     import torch
 
-    from convert.torch_diffusion import TorchDiffusion
+    from convert.reference.torch_diffusion import TorchDiffusion
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tmodel = tmodel.to(device)
@@ -143,7 +143,7 @@ def measure(args, model, params, tmodel, inputs) -> dict:
 def peak_rss_subprocess(argv, which: str) -> float:
     """Peak resident memory (GiB) of a child process that runs only one framework's benchmark."""
     code = ("import resource, sys, runpy; sys.argv = sys.argv[1:]; "
-            "from dit_jax import cpu_malloc; cpu_malloc.configure(); "
+            "from dit_jax.utils import cpu_malloc; cpu_malloc.configure(); "
             "from benchmarks import throughput; throughput.main(sys.argv[1:]); "
             "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", code, "x", *argv, "--only", which], capture_output=True, text=True,

@@ -10,14 +10,13 @@ import warnings
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
+from flax.traverse_util import flatten_dict
 
-from dit_jax.model import get_2d_sincos_pos_embed
-
-# Standard widths -> heads; heads are not visible in weight shapes (see DESIGN.md).
-HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
+from dit_jax.utils.errors import DitJaxError
+from dit_jax.model import HEADS_BY_WIDTH, get_2d_sincos_pos_embed
 
 
-class ConversionError(ValueError):
+class ConversionError(DitJaxError, ValueError):
     """A checkpoint that cannot be converted; the message names the key/shape/file and what was expected."""
 
 
@@ -211,17 +210,6 @@ def state_dict_to_params(state: Mapping[str, np.ndarray], cfg: Mapping[str, Any]
     return params
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, path))
-        else:
-            out[path] = v
-    return out
-
-
 def _torch_key(flax_path: str) -> Tuple[str, str]:
     """Inverse of the rename table."""
     parts = flax_path.split("/")
@@ -250,7 +238,7 @@ def params_to_state_dict(params: Mapping, cfg: Optional[Mapping[str, Any]] = Non
             "pos_embed cannot be sized: pass the model config, e.g. convert.flax_to_torch(params, cfg) with "
             "the cfg from convert.torch_to_flax or the converted model's config.json (input_size 32 for "
             "256 px, 64 for 512 px)")
-    flat = _flatten(params)
+    flat = flatten_dict(params, sep="/")
     state = {}
     for path, value in flat.items():
         try:

@@ -497,7 +497,7 @@ def apply_guidance(out: jax.Array, cfg_scale: float, guided_channels: int) -> ja
 
 
 # ----------------------------------------------------------------------------------------------------
-# Size registry
+# Size registry: the one home of the 12 sizes, their names and the compute dtypes
 # ----------------------------------------------------------------------------------------------------
 SIZES = {  # name -> (depth, hidden_size, num_heads)
     "XL": (28, 1152, 16),
@@ -505,6 +505,33 @@ SIZES = {  # name -> (depth, hidden_size, num_heads)
     "B": (12, 768, 12),
     "S": (12, 384, 6),
 }
+PATCH_SIZES = (2, 4, 8)
+# Heads are not visible in weight shapes; the converter reads them off the standard widths.
+HEADS_BY_WIDTH = {hidden: heads for _, hidden, heads in SIZES.values()}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # compute dtypes by config/flag name
+
+
+def parse_model_name(name: str) -> tuple:
+    """"DiT-XL/2" -> (depth, hidden_size, num_heads, patch_size); an error lists the valid names."""
+    size, _, patch = name[len("DiT-"):].partition("/") if name.startswith("DiT-") else ("", "", "")
+    if size not in SIZES or patch not in tuple(str(p) for p in PATCH_SIZES):
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(DiT_models)}")
+    return SIZES[size] + (int(patch),)
+
+
+def model_name(depth: int, hidden_size: int, num_heads: int, patch_size: int) -> Optional[str]:
+    """The registry name ("DiT-XL/2") of these dimensions, or None for a size outside the 12."""
+    for size, dims in SIZES.items():
+        if dims == (depth, hidden_size, num_heads) and patch_size in PATCH_SIZES:
+            return f"DiT-{size}/{patch_size}"
+    return None
+
+
+def parse_dtype(name: str) -> Dtype:
+    """"float32" | "bfloat16" -> the jnp dtype; an error names the choices."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def _make(size: str, patch: int) -> Callable[..., DiT]:
@@ -518,22 +545,30 @@ def _make(size: str, patch: int) -> Callable[..., DiT]:
     return factory
 
 
-DiT_models = {f"DiT-{s}/{p}": _make(s, p) for s in SIZES for p in (2, 4, 8)}
+DiT_models = {f"DiT-{s}/{p}": _make(s, p) for s in SIZES for p in PATCH_SIZES}
 
 
 def get_model(name: str, **kwargs) -> DiT:
     """DiT_models[name](**kwargs) with an error that lists the valid names."""
-    if name not in DiT_models:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(DiT_models)}")
+    parse_model_name(name)
     return DiT_models[name](**kwargs)
+
+
+def dummy_inputs(model: DiT, batch_size: int = 1) -> tuple:
+    """Zero (x (N, S, S, C), t (N,), y (N,)) of the shapes `model` takes; for init and shape tracing."""
+    s, c = model.input_size, model.in_channels
+    return (jnp.zeros((batch_size, s, s, c), jnp.float32), jnp.zeros((batch_size,), jnp.int32),
+            jnp.zeros((batch_size,), jnp.int32))
 
 
 def init_params(model: DiT, rng: jax.Array, batch_size: int = 1) -> dict:
     """Release-style random init; returns the `params` collection."""
-    x = jnp.zeros((batch_size, model.input_size, model.input_size, model.in_channels), jnp.float32)
-    t = jnp.zeros((batch_size,), jnp.int32)
-    y = jnp.zeros((batch_size,), jnp.int32)
-    return model.init(rng, x, t, y, train=False)["params"]
+    return model.init(rng, *dummy_inputs(model, batch_size), train=False)["params"]
+
+
+def abstract_params(model: DiT) -> dict:
+    """The `params` tree as ShapeDtypeStructs: shapes without compute or memory."""
+    return jax.eval_shape(lambda r: init_params(model, r), jax.random.PRNGKey(0))
 
 
 def count_params(params) -> int:

@@ -16,7 +16,10 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dit_jax.utils.errors import DitJaxError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -33,7 +36,7 @@ PARAM_AXES: Tuple[Tuple[str, Tuple[Optional[str], ...]], ...] = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(DitJaxError, ValueError):
     pass
 
 
@@ -68,8 +71,6 @@ def make_mesh(mesh_cfg) -> Mesh:
         devices = devices[:n]
     shape = mesh_shape(mesh_cfg, len(devices))
     try:  # topology-aware device order on TPU/GPU; plain order otherwise
-        from jax.experimental import mesh_utils
-
         dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # noqa: BLE001  (CPU subsets and odd shapes)
         dev_array = np.asarray(devices).reshape(shape)

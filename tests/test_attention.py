@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dit_jax.model import DiT, head_major_attention, init_params
-from tests.conftest import rel_err
+from conftest import rel_err
 
 N, H, T, DH = 2, 3, 16, 8
 

@@ -1,4 +1,4 @@
-"""Parity: dit_jax.model.DiT vs the PyTorch reference convert/torch_dit.py, weights converted torch -> flax.
+"""Parity: dit_jax.model.DiT vs the PyTorch reference convert/reference/torch_dit.py, weights converted torch -> flax.
 
 Metric: rel_err = max|jax - torch| / max|torch| (conftest.rel_err), float32 on CPU. Tolerance 1e-5 everywhere.
 Weights are the release init with EVERY parameter then perturbed (the release zeroes adaLN and the output
@@ -11,27 +11,12 @@ import pytest
 import torch
 
 import convert
-from conftest import rel_err
-from convert.torch_dit import DiT_models as TORCH_MODELS
+from conftest import nchw, nhwc, perturbed_torch_dit, rel_err
+from convert.reference.torch_dit import DiT_models as TORCH_MODELS
 from dit_jax.model import DiT
 
 TOL = 1e-5
 ALL_SIZES = sorted(TORCH_MODELS)  # the 12 names, "DiT-B/2" ... "DiT-XL/8"
-
-
-def perturbed_torch_dit(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
-    """Release init, then noise on every trained parameter (larger on the zero-initialised adaLN/output)."""
-    torch.manual_seed(seed)
-    model = TORCH_MODELS[name](**kwargs).eval()
-    with torch.no_grad():
-        for key, p in model.named_parameters():
-            if key == "pos_embed":  # fixed sin-cos table, not trained
-                continue
-            std = 0.1 if ("adaLN" in key or key.startswith("final_layer")) else 0.02
-            p.add_(torch.randn_like(p) * std)
-    for key in ("blocks.0.adaLN_modulation.1.weight", "final_layer.linear.weight"):
-        assert float(model.state_dict()[key].abs().max()) > 0.1, key
-    return model
 
 
 def inputs(model: torch.nn.Module, batch: int, input_size: int, num_classes: int = 1000, seed: int = 1):
@@ -40,14 +25,6 @@ def inputs(model: torch.nn.Module, batch: int, input_size: int, num_classes: int
     t = torch.randint(0, 1000, (batch,), generator=g).float()
     y = torch.randint(0, num_classes, (batch,), generator=g)
     return x, t, y
-
-
-def nhwc(x: torch.Tensor) -> np.ndarray:
-    return x.permute(0, 2, 3, 1).numpy()
-
-
-def nchw(x) -> np.ndarray:
-    return np.asarray(x).transpose(0, 3, 1, 2)
 
 
 def flax_forward(tm, x, t, y, **cfg_overrides):

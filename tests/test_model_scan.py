@@ -73,7 +73,7 @@ def test_train_flag_does_not_choose_the_block_structure():
     with_dropout, without = _count_scans(grads(True), params), _count_scans(grads(False), params)
     assert with_dropout == without >= 2, (with_dropout, without)  # the forward scan and its transpose
     # The samplers' forward runs the blocks unrolled (faster for a forward alone).
-    from dit_jax.diffusion import dit_model_fn
+    from dit_jax.guidance import dit_model_fn
 
     assert _count_scans(lambda p: model.apply({"params": p}, x, t, y), params) == 1
     assert _count_scans(lambda p: dit_model_fn(model, p, y)(x, t), params) == 0
