@@ -75,7 +75,9 @@ def torch_to_flax(obj: Mapping[str, Any], use_model: bool = False, num_heads: Op
 def flax_to_torch(params: Mapping[str, Any], cfg: Optional[Mapping[str, Any]] = None, as_numpy: bool = False
                   ) -> Dict[str, Any]:
     """Flax params -> release-layout state_dict (torch float32 tensors, or NumPy with as_numpy=True) that
-    loads into the PyTorch DiT with strict=True. `cfg` gives input_size for pos_embed (32 if omitted)."""
+    loads into the PyTorch DiT with strict=True. `cfg` (the DiT keyword arguments, e.g. from torch_to_flax
+    or a converted model's config.json) is required: it sizes pos_embed, which Flax params do not determine;
+    without it a ConversionError says so."""
     if "params" in params and len(params) == 1:
         params = params["params"]
     state = params_to_state_dict(params, cfg)

@@ -53,18 +53,77 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
     return np.concatenate([emb_w, emb_h], axis=1).astype(np.float32)  # (G*G, D)
 
 
+def _split_frequencies(half: int, max_period: float, freq_shift: float):
+    """The float64 sinusoid frequencies as two float32 arrays hi + lo, each (half,).
+
+    hi keeps 12 significant bits, so t * hi is exact in float32 for integer t < 2**12; lo is the rest
+    (|lo| < 2**-12 hi), small enough that t * lo's rounding no longer matters.
+    """
+    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / (half - freq_shift))
+    hi = (freqs.astype(np.float32).view(np.uint32) & np.uint32(0xFFFFF000)).view(np.float32)
+    lo = (freqs - hi.astype(np.float64)).astype(np.float32)
+    return hi, lo
+
+
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> jax.Array:
     """(N,) timesteps (may be fractional) -> (N, dim) float32 `cat([cos, sin])` features.
 
     `freq_shift` 0 is the release; diffusers' DiT port divides by (half - 1), i.e. freq_shift 1.
+
+    The release rounds each argument t * freq to float32: up to 3e-5 off at t ~ 1000, which is what its
+    float32 output loses at large t against a float64 evaluation (DiT-L/2, 2 blocks: 1.5e-5 at t=999 against
+    1.5e-6 at t < 10; see benchmarks/precision.py). Here the argument is hi + lo with t * hi exact, and
+    cos(a + b) = cos a cos b - sin a sin b (sin likewise): within 1e-7 of float64 at every integer t, and
+    half the release's error for fractional t. Four sin/cos on (N, half) instead of two: free.
     """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))  # (half,)
-    args = t.astype(jnp.float32)[:, None] * freqs[None]  # (N, half)
-    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    hi, lo = _split_frequencies(half, max_period, freq_shift)  # (half,) float32 constants each
+    t = t.astype(jnp.float32)[:, None]
+    a_hi, a_lo = t * jnp.asarray(hi)[None], t * jnp.asarray(lo)[None]  # (N, half); a_hi exact for integer t
+    cos_hi, sin_hi, cos_lo, sin_lo = jnp.cos(a_hi), jnp.sin(a_hi), jnp.cos(a_lo), jnp.sin(a_lo)
+    emb = jnp.concatenate([cos_hi * cos_lo - sin_hi * sin_lo, sin_hi * cos_lo + cos_hi * sin_lo], axis=-1)
     if dim % 2:
         emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
     return emb
+
+
+# Longest stretch of a contraction that XLA:CPU's float32 dot accumulates in one go in
+# `chunked_dot_general`. Its Eigen kernel sums each output over up to ~2048 products in one float32
+# accumulator, so its rounding error grows like sqrt(K): at K=1024, 1.5e-6 relative against 5e-7 for MKL,
+# which the release runs on (issue 13). Slices of <= 256 products, added in float32, match MKL.
+DOT_CHUNK = 256
+
+
+def chunked_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                        preferred_element_type=None) -> jax.Array:
+    """`lax.dot_general` for x (..., K) @ W (K, F) that, on CPU, sums dots over <= DOT_CHUNK-long slices of K.
+
+    Used (as `nn.Dense(dot_general=...)`) for the conditioning path, whose dots have only N rows so the
+    slicing costs nothing measurable, and for the per-token dots only with `DiT(precise_cpu_dots=True)`
+    (~8% more CPU time in the forward). Other platforms get the plain dot: their kernels accumulate
+    differently, and their programs stay unchanged. Partial sums are float32 whatever the operand dtype.
+    """
+    (lhs_contract, rhs_contract), batch = dimension_numbers
+    k = lhs.shape[-1]
+    n_chunks = -(-k // DOT_CHUNK)
+    plain = functools.partial(jax.lax.dot_general, dimension_numbers=dimension_numbers, precision=precision,
+                              preferred_element_type=preferred_element_type)
+    if n_chunks == 1 or tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,) or batch != ((), ()):
+        return plain(lhs, rhs)
+    out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+
+    def chunked(lhs, rhs):
+        bounds = [i * k // n_chunks for i in range(n_chunks + 1)]
+        parts = [jax.lax.dot_general(lhs[..., a:b], rhs[a:b], dimension_numbers, precision,
+                                     preferred_element_type=jnp.float32) for a, b in zip(bounds, bounds[1:])]
+        return sum(parts[1:], parts[0]).astype(out_dtype)  # (..., F)
+
+    return jax.lax.platform_dependent(lhs, rhs, cpu=chunked, default=plain)
+
+
+def _dot_general(precise: bool):
+    """The `dot_general` of a per-token nn.Dense: chunked on CPU when asked (None: flax's plain dot)."""
+    return chunked_dot_general if precise else None
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -120,7 +179,7 @@ class TimestepEmbedder(nn.Module):
     def __call__(self, t: jax.Array) -> jax.Array:
         t_freq = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)  # (N, 256)
         dense = functools.partial(nn.Dense, self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  kernel_init=normal_002, bias_init=zeros)
+                                  kernel_init=normal_002, bias_init=zeros, dot_general=chunked_dot_general)
         h = dense(name="mlp_0")(t_freq)
         h = nn.silu(h)
         return dense(name="mlp_2")(h).astype(jnp.float32)  # (N, D)
@@ -213,13 +272,14 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
+    precise_cpu_dots: bool = False  # see DiT
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n, t, d = x.shape
         head_dim = d // self.num_heads
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  kernel_init=xavier, bias_init=zeros)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=xavier,
+                                  bias_init=zeros, dot_general=_dot_general(self.precise_cpu_dots))
         qkv = dense(3 * d, name="qkv")(x).reshape(n, t, 3, self.num_heads, head_dim)  # (N, T, 3, H, Dh)
         if self.attention_impl in (None, ""):
             q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (N, H, T, Dh)
@@ -237,11 +297,12 @@ class Mlp(nn.Module):
     mlp_hidden: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precise_cpu_dots: bool = False  # see DiT
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  kernel_init=xavier, bias_init=zeros)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=xavier,
+                                  bias_init=zeros, dot_general=_dot_general(self.precise_cpu_dots))
         x = dense(self.mlp_hidden, name="fc1")(x)
         x = nn.gelu(x, approximate=True)  # tanh approximation, as in the release
         return dense(self.hidden_size, name="fc2")(x)
@@ -257,19 +318,21 @@ class DiTBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
     mlp_norm_eps: float = 1e-6
+    precise_cpu_dots: bool = False  # see DiT
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         # x: (N, T, D) float32 residual stream; c: (N, D) float32 conditioning.
         d = self.hidden_size
-        mod = nn.Dense(6 * d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=zeros,
-                       bias_init=zeros, name="adaLN_modulation_1")(nn.silu(c)).astype(jnp.float32)
+        mod = nn.Dense(6 * d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=zeros, bias_init=zeros,
+                       dot_general=chunked_dot_general, name="adaLN_modulation_1")(nn.silu(c)).astype(jnp.float32)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         h = modulate(layer_norm(x), shift_msa, scale_msa).astype(self.dtype)
-        h = Attention(d, self.num_heads, self.dtype, self.param_dtype, self.attention_impl, name="attn")(h)
+        h = Attention(d, self.num_heads, self.dtype, self.param_dtype, self.attention_impl, self.precise_cpu_dots,
+                      name="attn")(h)
         x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
         h = modulate(layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp).astype(self.dtype)
-        h = Mlp(d, int(d * self.mlp_ratio), self.dtype, self.param_dtype, name="mlp")(h)
+        h = Mlp(d, int(d * self.mlp_ratio), self.dtype, self.param_dtype, self.precise_cpu_dots, name="mlp")(h)
         return x + gate_mlp[:, None, :] * h.astype(jnp.float32)
 
 
@@ -279,15 +342,18 @@ class FinalLayer(nn.Module):
     out_channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precise_cpu_dots: bool = False  # see DiT
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         mod = nn.Dense(2 * self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=zeros,
-                       bias_init=zeros, name="adaLN_modulation_1")(nn.silu(c)).astype(jnp.float32)
+                       bias_init=zeros, dot_general=chunked_dot_general,
+                       name="adaLN_modulation_1")(nn.silu(c)).astype(jnp.float32)
         shift, scale = jnp.split(mod, 2, axis=-1)
         x = modulate(layer_norm(x), shift, scale).astype(self.dtype)
         x = nn.Dense(self.patch_size**2 * self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=zeros, bias_init=zeros, name="linear")(x)
+                     kernel_init=zeros, bias_init=zeros, dot_general=_dot_general(self.precise_cpu_dots),
+                     name="linear")(x)
         return x.astype(jnp.float32)  # (N, T, p*q*C_out)
 
 
@@ -311,10 +377,11 @@ class DiT(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False  # rematerialise each block in the backward pass (saves activation memory)
     # Run the blocks as one `lax.scan` over their stacked parameters (names and values unchanged: each block
-    # keeps its own `blocks_i` parameters): a much faster backward on CPU (see docs/performance.md) and a
-    # compile time that does not grow with depth. None: scan when train=True (training steps), unroll
-    # otherwise (the forward alone is ~8% faster unrolled); True/False force it.
-    scan_blocks: Optional[bool] = None
+    # keeps its own `blocks_i` parameters): a 2x faster backward on CPU (see docs/performance.md) and a
+    # compile time that does not grow with depth. True (default): every program, so any differentiated one,
+    # whatever `train` says (train only switches label dropout). False: a Python loop over the blocks, a
+    # few % faster for a forward alone; the samplers (diffusion.dit_model_fn) use it, they never differentiate.
+    scan_blocks: bool = True
     # None: head-major matmul attention (fastest on CPU); "xla"/"cudnn": jax.nn.dot_product_attention
     # ("cudnn" is flash attention on NVIDIA GPUs).
     attention_impl: Optional[str] = None
@@ -322,6 +389,11 @@ class DiT(nn.Module):
     # them when it reads a diffusers model so its outputs are reproduced exactly.
     timestep_freq_shift: float = 0.0  # diffusers: 1
     mlp_norm_eps: float = 1e-6  # diffusers: config.norm_eps (1e-5)
+    # On CPU, sum every per-token dot (qkv, proj, fc1, fc2, final linear) over <= 256-long slices of its
+    # contraction, as MKL does for the release: float32 errors at the release's level at every t (XLA:CPU's
+    # single long accumulation gives 1.3-2.8x the release's error at small t), for ~8% more CPU time in the
+    # forward. No effect on other platforms. The conditioning dots (N rows) are always summed so: free.
+    precise_cpu_dots: bool = False
 
     @property
     def out_channels(self) -> int:
@@ -341,7 +413,8 @@ class DiT(nn.Module):
         self.blocks = [
             block_cls(**self._block_kwargs(), name=f"blocks_{i}") for i in range(self.depth)
         ]
-        self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels, **kw)
+        self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels,
+                                      precise_cpu_dots=self.precise_cpu_dots, **kw)
 
     def pos_embed(self) -> np.ndarray:
         """(T, D) fixed sin-cos table; a constant, not a parameter (the release never trains it)."""
@@ -350,7 +423,7 @@ class DiT(nn.Module):
     def _block_kwargs(self) -> dict:
         return dict(hidden_size=self.hidden_size, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                     dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-                    mlp_norm_eps=self.mlp_norm_eps)
+                    mlp_norm_eps=self.mlp_norm_eps, precise_cpu_dots=self.precise_cpu_dots)
 
     def _scan_blocks(self, h: jax.Array, c: jax.Array) -> jax.Array:
         """The blocks as one `lax.scan`: h (N, T, D) float32 -> (N, T, D).
@@ -389,8 +462,7 @@ class DiT(nn.Module):
             raise ValueError(f"expected {self.in_channels} input channels (NHWC, last axis), got shape {x.shape}")
         h = self.x_embedder(x).astype(jnp.float32) + jnp.asarray(self.pos_embed())[None]  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, train, force_drop_ids)  # (N, D)
-        scan = train if self.scan_blocks is None else self.scan_blocks
-        if scan and self.depth > 1 and not self.is_initializing():
+        if self.scan_blocks and self.depth > 1 and not self.is_initializing():
             h = self._scan_blocks(h, c)
         else:
             for block in self.blocks:

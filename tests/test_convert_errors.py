@@ -182,3 +182,16 @@ def test_flax_dir_errors(state, tmp_path):
     with pytest.raises(PretrainedError, match="not a dit_jax config"):
         load_pretrained(tmp_path / "f")
     assert np.isfinite(params["blocks_0"]["attn"]["qkv"]["kernel"]).all()
+
+
+def test_flax_to_torch_without_cfg_refuses():
+    """Flax params do not determine the latent size (issue 13): no silent 32x32 pos_embed for a 512 px model."""
+    torch.manual_seed(0)
+    tm = DiT_models["DiT-S/8"](depth=1, input_size=64, num_classes=10)  # 512 px: 8x8 = 64 tokens
+    params, cfg = convert.torch_to_flax(tm.state_dict())
+    for bad_cfg in (None, {k: v for k, v in cfg.items() if k != "input_size"}):
+        with pytest.raises(ConversionError, match=r"latent size is not in Flax params.*pass the model config"):
+            convert.flax_to_torch(params, bad_cfg)
+    sd = convert.flax_to_torch(params, cfg)
+    assert sd["pos_embed"].shape == (1, 64, 384)
+    tm.load_state_dict(sd, strict=True)

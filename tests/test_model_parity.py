@@ -34,10 +34,10 @@ def flax_forward(tm, x, t, y, **cfg_overrides):
     return nchw(fwd(params, nhwc(x), t.numpy(), y.numpy())), jm, params
 
 
-def check(label: str, jax_out: np.ndarray, torch_out: torch.Tensor) -> float:
+def check(label: str, jax_out: np.ndarray, torch_out: torch.Tensor, tol: float = TOL) -> float:
     err = rel_err(jax_out, torch_out.numpy())
     print(f"\nPARITY {label}: rel_err={err:.2e}")
-    assert np.isfinite(err) and err <= TOL, f"{label}: rel_err {err:.3g} > {TOL}"
+    assert np.isfinite(err) and err <= tol, f"{label}: rel_err {err:.3g} > {tol}"
     return err
 
 
@@ -74,7 +74,10 @@ def test_parity_xl2_full_depth():
     assert cfg["depth"] == 28 and cfg["hidden_size"] == 1152
     jm = DiT(**cfg)
     out = jax.jit(lambda p, x, t, y: jm.apply({"params": p}, x, t, y))(params, nhwc(x), t.numpy(), y.numpy())
-    check("DiT-XL/2 full depth (28) latent=32", nchw(out), ref)
+    # 2e-5: here (t=734) the release's own float32 output is 1.0e-5 from a float64 evaluation and dit_jax's
+    # 2.0e-6 (benchmarks.precision.forward64; dit_jax's timestep features are float64-exact, the release's
+    # are not), so the two differ by the release's error.
+    check("DiT-XL/2 full depth (28) latent=32", nchw(out), ref, tol=2e-5)
 
 
 @pytest.mark.parametrize("guidance_channels", [3, None])
