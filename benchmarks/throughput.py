@@ -25,7 +25,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks.common import (batch_inputs, jax_sync, make_jax_train_step, make_pair, make_torch_train_step,
                                timed_interleaved, torch_sync_fn)

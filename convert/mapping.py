@@ -13,7 +13,8 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from dit_jax.utils.errors import DitJaxError
-from dit_jax.model import HEADS_BY_WIDTH, get_2d_sincos_pos_embed
+from dit_jax.model import HEADS_BY_WIDTH
+from dit_jax.model_ops import get_2d_sincos_pos_embed
 
 
 class ConversionError(DitJaxError, ValueError):

@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import write_folder
 from dit_jax.data import DataError, make_source

@@ -5,7 +5,6 @@ Weights are the release init with EVERY parameter then perturbed (the release ze
 layer, which would make the comparison trivial). Run with `-s` to see the error measured per size.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

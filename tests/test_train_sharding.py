@@ -1,5 +1,4 @@
 """Sharded training on 8 simulated CPU devices: shardings, parity with one device, restore on other meshes."""
-import os
 import shutil
 
 import jax
