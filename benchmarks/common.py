@@ -63,7 +63,7 @@ def make_pair(name: str, latent: int, num_classes: int = 1000, depth=None, seed:
     import torch
 
     import convert
-    from convert.torch_dit import DiT_models as TorchModels
+    from convert.reference.torch_dit import DiT_models as TorchModels
     from dit_jax.model import DiT
 
     torch.manual_seed(seed)
@@ -78,14 +78,19 @@ def make_pair(name: str, latent: int, num_classes: int = 1000, depth=None, seed:
     return DiT(**cfg), params, cfg, tmodel.to(device)
 
 
-def make_jax_train_step(model, diffusion, lr: float = 1e-4, ema_decay: float = 0.9999):
-    """jitted (params, opt_state, ema, x, y, t, noise, rng) -> (params, opt_state, ema, loss); state donated."""
+def make_jax_train_step(model, diffusion, lr: float = 1e-4, ema_decay: float = 0.9999, train: bool = True):
+    """jitted (params, opt_state, ema, x, y, t, noise, rng) -> (params, opt_state, ema, loss); state donated.
+
+    train=False: the step a user may write with `model.apply(..., train=False)` (no label dropout, no rng);
+    the blocks are differentiated through the same lax.scan either way (DiT.scan_blocks)."""
     import optax
 
     tx = optax.adamw(lr, weight_decay=0.0)
 
     def loss_fn(params, x, y, t, noise, rng):
         def model_fn(xt, tt):
+            if not train:
+                return model.apply({"params": params}, xt, tt, y, train=False)
             return model.apply({"params": params}, xt, tt, y, train=True, rngs={"dropout": rng})
 
         return jnp.mean(diffusion.training_losses(model_fn, x, t, noise=noise)["loss"])

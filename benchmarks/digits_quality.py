@@ -3,7 +3,8 @@
     python benchmarks/digits_quality.py --workdir runs/digits            # score an existing run
     python benchmarks/digits_quality.py --workdir runs/q --train         # train configs/digits.py first
 
-Trains an RBF SVC on 80% of scikit-learn's real digits (prints its accuracy on the other 20%), draws
+Trains the digits network of dit_jax/evaluation/digits.py on 80% of scikit-learn's real digits (prints its
+accuracy on the other 20%), draws
 `--per_class` samples of every class from the EMA weights of the newest checkpoint in --workdir (DDIM,
 fixed noise seed), and prints the fraction the classifier labels as the class they were conditioned on.
 """
@@ -18,36 +19,36 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+
+from dit_jax import checkpoint as ckpt_lib, train  # noqa: E402
+from dit_jax.evaluation import digits as digits_eval  # noqa: E402
+from dit_jax.train_samples import make_sampler  # noqa: E402
 
 
 def evaluate(config, workdir: str, per_class: int = 50, seed: int = 1, cfg_scale=None, respacing=None):
     """-> dict with classifier_accuracy, conditional_accuracy, step, per_class_accuracy."""
-    import jax
-
-    from dit_jax import checkpoint as ckpt_lib, digits_eval, train
-
     if cfg_scale is not None:
         config.sample.cfg_scale = cfg_scale
     if respacing is not None:
         config.sample.respacing = respacing
-    env = train.setup(config, workdir)
-    manager = ckpt_lib.make_manager(workdir, 1, 0, async_save=False)
-    restored = ckpt_lib.restore_latest(manager, ckpt_lib.abstract_like(env["abstract_state"], env["state_shardings"]))
-    manager.close()
+    env = train.setup(config)
+    restored = train.load_latest(workdir, env, config)
     if restored is None:
         raise SystemExit(f"no checkpoint in {ckpt_lib.checkpoint_dir(workdir)}; train first (--train)")
     step, state, _ = restored
     labels = np.repeat(np.arange(config.model.num_classes, dtype=np.int32), per_class)
     s, c = config.model.input_size, config.model.in_channels
     noise = np.random.default_rng(seed).standard_normal((len(labels), s, s, c)).astype(np.float32)
-    sampler = train.make_sampler(config, env["model"], env["mesh"])
-    samples = sampler(state["ema_params"], labels, noise)  # (N, S, S, 1) in [-1, 1]
-    clf, clf_acc = digits_eval.train_classifier()
-    pred = clf.predict(digits_eval.to_digit_features(samples))
+    sampler = make_sampler(config, env.model, env.mesh)
+    samples = sampler(state.ema_params, labels, noise)  # (N, S, S, 1) in [-1, 1]
+    scorer = digits_eval.scorer()
+    clf_acc = scorer.heldout_accuracy
+    pred = scorer.net.predict(digits_eval.to_digit_pixels(samples) / 16.0)
+    fd = scorer.score(samples, labels)["digits_fd"]
     per = {int(k): float(np.mean(pred[labels == k] == k)) for k in range(config.model.num_classes)}
     return {"step": int(step), "classifier_heldout_accuracy": clf_acc,
-            "conditional_accuracy": float(np.mean(pred == labels)), "num_samples": int(len(labels)),
+            "conditional_accuracy": float(np.mean(pred == labels)), "digits_fd": fd, "num_samples": int(len(labels)),
             "per_class_accuracy": per, "cfg_scale": float(config.sample.cfg_scale),
             "respacing": config.sample.respacing}
 
@@ -71,8 +72,6 @@ def main(argv=None) -> None:
     spec.loader.exec_module(mod)
     config = mod.get_config()
     if args.train:
-        from dit_jax import train
-
         logging.getLogger("dit_jax").setLevel(logging.INFO)
         t0 = time.time()
         train.train_and_evaluate(config, args.workdir)

@@ -116,7 +116,7 @@ def jax_train(args, model, params, latent, num_classes, macs):
 def torch_train(args, tmodel, latent, num_classes, macs):
     import torch
 
-    from convert.torch_diffusion import TorchDiffusion
+    from convert.reference.torch_diffusion import TorchDiffusion
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tmodel = tmodel.to(device)
@@ -147,7 +147,8 @@ def torch_train(args, tmodel, latent, num_classes, macs):
 
 
 def jax_sampling(args, model, params, latent, num_classes):
-    from dit_jax.diffusion import create_diffusion, dit_model_fn
+    from dit_jax.diffusion import create_diffusion
+    from dit_jax.guidance import dit_model_fn
 
     model = model.clone(dtype=jnp.bfloat16)
     diffusion = create_diffusion(str(args.sample_steps))

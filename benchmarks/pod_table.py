@@ -1,7 +1,7 @@
 """Compile configs for TPU pods on this CPU and print the docs/tpu.md table (needs the `tpu` extra).
 
     JAX_PLATFORMS=cpu python -m benchmarks.pod_table                       # DiT-XL/2 256 + 512 px, 4 pods
-    JAX_PLATFORMS=cpu python -m benchmarks.pod_table --configs configs/dit_s2.py --pods v5e:16x16 \
+    JAX_PLATFORMS=cpu python -m benchmarks.pod_table --configs configs/default.py:S/2 --pods v5e:16x16 \
         --set data.name=latents --out /tmp/rows.jsonl
 
 Each row is `dit-jax-train --compile-only` (dit_jax.compile_report.compile_for_topology) for one config
@@ -17,15 +17,16 @@ import sys
 
 GIB = 2**30
 PODS = ("v5e:16x16", "v4:4x4x8", "v5p:4x4x4", "v6e:16x16")
-CONFIGS = ("configs/default.py", "configs/dit_xl2_512.py")
+CONFIGS = ("configs/default.py", "configs/default.py:XL/2,512")  # PATH[:VARIANT]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(path: str, sets):
+    path, _, variant = path.partition(":")
     spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path) if not os.path.isabs(path) else path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = mod.get_config(variant) if variant else mod.get_config()
     for s in sets:
         key, value = s.split("=", 1)
         node = c
@@ -33,7 +34,12 @@ def load_config(path: str, sets):
         for p in parents:
             node = node[p]
         old = node[leaf]
-        node[leaf] = type(old)(value) if not isinstance(old, bool) else value.lower() in ("1", "true", "yes")
+        if isinstance(old, bool):
+            node[leaf] = value.lower() in ("1", "true", "yes")
+        elif old is None:  # an unset field: an int if it reads as one
+            node[leaf] = int(value) if value.lstrip("-").isdigit() else value
+        else:
+            node[leaf] = type(old)(value)
     return c
 
 

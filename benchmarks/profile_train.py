@@ -30,7 +30,7 @@ import numpy as np
 
 import dit_jax.model as dit_model
 from benchmarks.common import batch_inputs, make_jax_train_step, make_pair
-from dit_jax import cpu_malloc
+from dit_jax.utils import cpu_malloc
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 import jax
@@ -22,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import make_pair
-from dit_jax import cpu_malloc
-from dit_jax.sample import batch_chunk_arg
+from dit_jax.utils import cpu_malloc
+from dit_jax.cli.sample_args import batch_chunk_arg
 
 
 def parse(argv=None):
@@ -48,7 +47,8 @@ def parse(argv=None):
 
 
 def jax_loop(args, model, params, noise, labels, sampler: str) -> dict:
-    from dit_jax.diffusion import create_diffusion, dit_model_fn
+    from dit_jax.diffusion import create_diffusion
+    from dit_jax.guidance import dit_model_fn
 
     if args.dtype == "bfloat16":
         model = model.clone(dtype=jnp.bfloat16)
@@ -75,7 +75,7 @@ def jax_loop(args, model, params, noise, labels, sampler: str) -> dict:
 def torch_loop(args, tmodel, noise, labels, sampler: str) -> dict:
     import torch
 
-    from convert.torch_diffusion import TorchDiffusion
+    from convert.reference.torch_diffusion import TorchDiffusion
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tmodel = tmodel.to(device).eval()
@@ -122,18 +122,25 @@ def main(argv=None) -> dict:
     for sampler in args.samplers:
         jax_run, compile_s = jax_loop(args, model, params, noise, labels, sampler)
         torch_run = torch_loop(args, tmodel, noise, labels, sampler)
-        times = {"jax": [], "torch": []}
+        times, outputs = {"jax": [], "torch": []}, {}
         for _ in range(args.repeats):  # alternate the two sides so that outside load hits both alike
             for side, fn in (("jax", jax_run), ("torch", torch_run)):
                 t0 = time.perf_counter()
-                fn()
+                outputs[side] = fn()
                 times[side].append(time.perf_counter() - t0)
         r = {"jax_s": float(np.median(times["jax"])), "torch_s": float(np.median(times["torch"])),
              "jax_compile_s": compile_s, "jax_runs_s": times["jax"], "torch_runs_s": times["torch"]}
         r["ratio"] = r["torch_s"] / r["jax_s"]
+        # DDIM (eta 0) is deterministic: both loops must give the same x_0 from the same noise, else the speed
+        # ratio compares different work. DDPM draws its noise from two different generators: not compared.
+        if sampler.startswith("ddim"):
+            jax_x0 = np.asarray(outputs["jax"], np.float64).transpose(0, 3, 1, 2)  # NHWC -> NCHW
+            torch_x0 = outputs["torch"].double().cpu().numpy()
+            r["ddim_rel_diff"] = float(np.max(np.abs(jax_x0 - torch_x0)) / np.max(np.abs(torch_x0)))
         results[sampler] = r
         print(f"  {sampler:8s} s/image: JAX {r['jax_s'] / args.batch:8.3f}  PyTorch {r['torch_s'] / args.batch:8.3f}"
-              f"  speed-up {r['ratio']:.2f}x  (JAX compile {r['jax_compile_s']:.1f} s, not in the loop time)")
+              f"  speed-up {r['ratio']:.2f}x  (JAX compile {r['jax_compile_s']:.1f} s, not in the loop time)"
+              + (f"  max|JAX - PyTorch| / max|PyTorch| {r['ddim_rel_diff']:.1e}" if "ddim_rel_diff" in r else ""))
     if args.json:
         print(json.dumps(results))
     return results

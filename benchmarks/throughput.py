@@ -5,8 +5,12 @@
     python -m benchmarks.throughput --tiny                # smoke run (CI)
     python -m benchmarks.throughput --memory              # also peak memory of each side (separate processes)
     python -m benchmarks.throughput --unrolled            # JAX blocks unrolled (before the lax.scan fix)
+    python -m benchmarks.throughput --precise-cpu-dots    # JAX with DiT(precise_cpu_dots=True)
 
 The training step is the release's: diffusion loss (MSE + VB, learned sigma), backward, AdamW, EMA update.
+JAX runs it twice: with train=True (label dropout) and as a user's step with train=False; both differentiate
+the blocks as one lax.scan (DiT.scan_blocks), so their times should match. The forward is the samplers'
+(blocks unrolled, as diffusion.dit_model_fn runs them).
 JAX and PyTorch calls alternate (A B A B ...) so that load from other processes hits both alike; the median
 wall time is reported, with its min-max and the median process CPU time per call.
 """
@@ -21,11 +25,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks.common import (batch_inputs, jax_sync, make_jax_train_step, make_pair, make_torch_train_step,
                                timed_interleaved, torch_sync_fn)
-from dit_jax import cpu_malloc
+from dit_jax.utils import cpu_malloc
 
 
 def parse(argv=None):
@@ -40,6 +43,8 @@ def parse(argv=None):
     ap.add_argument("--tiny", action="store_true", help="DiT-S/2, depth 2, latent 8, batch 2, 1 iteration")
     ap.add_argument("--unrolled", action="store_true",
                     help="JAX blocks as a Python loop (DiT(scan_blocks=False), the state before the scan fix)")
+    ap.add_argument("--precise-cpu-dots", action="store_true",
+                    help="JAX model with DiT(precise_cpu_dots=True): CPU dots summed over <= 256-long slices")
     ap.add_argument("--memory", action="store_true", help="measure peak memory of each side in a subprocess")
     ap.add_argument("--only", choices=["jax", "torch"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="print one JSON line with the results")
@@ -50,35 +55,43 @@ def parse(argv=None):
 
 
 def jax_callables(args, model, params, inputs):
-    """(forward, train step) zero-argument callables for the JAX side; the step updates its own state."""
+    """(forward, train step, train step with train=False) zero-argument callables for the JAX side; each
+    step updates its own state."""
     from dit_jax.diffusion import create_diffusion
 
     if args.dtype == "bfloat16":
         model = model.clone(dtype=jnp.bfloat16)
     if args.unrolled:
         model = model.clone(scan_blocks=False)
+    if args.precise_cpu_dots:
+        model = model.clone(precise_cpu_dots=True)
     diffusion = create_diffusion("")
     x = jnp.asarray(inputs["x"].transpose(0, 2, 3, 1))  # (N, H, W, C)
     noise = jnp.asarray(inputs["noise"].transpose(0, 2, 3, 1))
     y, t = jnp.asarray(inputs["y"], jnp.int32), jnp.asarray(inputs["t"], jnp.int32)
-    fwd = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
-    tx, step = make_jax_train_step(model, diffusion)
-    state = [jax.tree_util.tree_map(jnp.copy, params), None, jax.tree_util.tree_map(jnp.copy, params)]
-    state[1] = tx.init(state[0])
+    fwd_model = model.clone(scan_blocks=False)  # the samplers' forward
+    fwd = jax.jit(lambda p, x, t, y: fwd_model.apply({"params": p}, x, t, y))
     rng = jax.random.PRNGKey(0)
 
-    def one():
-        state[0], state[1], state[2], loss = step(state[0], state[1], state[2], x, y, t, noise, rng)
-        return loss
+    def stepper(train: bool):
+        tx, step = make_jax_train_step(model, diffusion, train=train)
+        state = [jax.tree_util.tree_map(jnp.copy, params), None, jax.tree_util.tree_map(jnp.copy, params)]
+        state[1] = tx.init(state[0])
 
-    return (lambda: fwd(params, x, t, y)), one
+        def one():
+            state[0], state[1], state[2], loss = step(state[0], state[1], state[2], x, y, t, noise, rng)
+            return loss
+
+        return one
+
+    return (lambda: fwd(params, x, t, y)), stepper(True), stepper(False)
 
 
 def torch_callables(args, tmodel, inputs):
     """(forward, train step, sync) for the PyTorch reference."""
     import torch
 
-    from convert.torch_diffusion import TorchDiffusion
+    from convert.reference.torch_diffusion import TorchDiffusion
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tmodel = tmodel.to(device)
@@ -100,8 +113,8 @@ def measure(args, model, params, tmodel, inputs) -> dict:
     """Forward, then training step; within each, the JAX and PyTorch calls alternate (see timed_interleaved)."""
     fns, syncs = {}, {}
     if args.only != "torch":
-        fns["jax_forward"], fns["jax_train"] = jax_callables(args, model, params, inputs)
-        syncs["jax_forward"] = syncs["jax_train"] = jax_sync
+        fns["jax_forward"], fns["jax_train"], fns["jax_nodrop_train"] = jax_callables(args, model, params, inputs)
+        syncs["jax_forward"] = syncs["jax_train"] = syncs["jax_nodrop_train"] = jax_sync
     device = None
     if args.only != "jax":
         fns["torch_forward"], fns["torch_train"], tsync, device = torch_callables(args, tmodel, inputs)
@@ -129,7 +142,7 @@ def measure(args, model, params, tmodel, inputs) -> dict:
 def peak_rss_subprocess(argv, which: str) -> float:
     """Peak resident memory (GiB) of a child process that runs only one framework's benchmark."""
     code = ("import resource, sys, runpy; sys.argv = sys.argv[1:]; "
-            "from dit_jax import cpu_malloc; cpu_malloc.configure(); "
+            "from dit_jax.utils import cpu_malloc; cpu_malloc.configure(); "
             "from benchmarks import throughput; throughput.main(sys.argv[1:]); "
             "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     out = subprocess.run([sys.executable, "-c", code, "x", *argv, "--only", which], capture_output=True, text=True,
@@ -161,6 +174,10 @@ def main(argv=None) -> dict:
                   f"  ratio {res[phase + '_ratio']:.2f}x   (median of {args.iters}, wall s/step min-max JAX"
                   f" {res[j + '_spread'][0]:.2f}-{res[j + '_spread'][1]:.2f}, PyTorch {res[t + '_spread'][0]:.2f}-"
                   f"{res[t + '_spread'][1]:.2f}; CPU s/step JAX {res[j + '_cpu_s']:.2f}, PyTorch {res[t + '_cpu_s']:.2f})")
+        n = "jax_nodrop_train"
+        print(f"  train step with train=False (a user's step, no label dropout): JAX {res[n + '_ips']:8.2f} images/s"
+              f", {res[n + '_s']:.2f} s/step (min-max {res[n + '_spread'][0]:.2f}-{res[n + '_spread'][1]:.2f}; CPU"
+              f" {res[n + '_cpu_s']:.2f}) against {res['jax_train_s']:.2f} s/step with train=True")
         for k in ("jax_peak_gib", "torch_peak_gib", "jax_peak_rss_gib", "torch_peak_rss_gib"):
             if k in res:
                 print(f"  {k}: {res[k]:.2f}")

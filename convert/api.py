@@ -1,12 +1,19 @@
-"""The two public conversion calls. torch is imported only when torch tensors are asked for."""
+"""The public conversion calls. torch is imported only when torch tensors are asked for."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+import json
+import os
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from convert import diffusers_keys, io
 from convert.mapping import (ConversionError, infer_config, params_to_state_dict, state_dict_to_params,
                              strip_wrapper_prefixes)
+from dit_jax.model import DiT
+from dit_jax.pretrained import is_pretrained_dir, load_pretrained
 
 
 def _to_numpy(value: Any, key: str) -> np.ndarray:
@@ -48,8 +55,6 @@ def torch_to_flax(obj: Mapping[str, Any], use_model: bool = False, num_heads: Op
 
     `diffusers_config` (a diffusers config.json as a dict) supplies input_size, heads and norm_eps for a
     diffusers state_dict; explicit arguments win over it."""
-    from convert import diffusers_keys  # local: keeps `import convert` light
-
     state = select_state_dict(obj, use_model)
     if not isinstance(state, Mapping):
         raise ConversionError(f"expected the weights to be a state_dict (a mapping of names to tensors), "
@@ -70,13 +75,15 @@ def torch_to_flax(obj: Mapping[str, Any], use_model: bool = False, num_heads: Op
 def flax_to_torch(params: Mapping[str, Any], cfg: Optional[Mapping[str, Any]] = None, as_numpy: bool = False
                   ) -> Dict[str, Any]:
     """Flax params -> release-layout state_dict (torch float32 tensors, or NumPy with as_numpy=True) that
-    loads into the PyTorch DiT with strict=True. `cfg` gives input_size for pos_embed (32 if omitted)."""
+    loads into the PyTorch DiT with strict=True. `cfg` (the DiT keyword arguments, e.g. from torch_to_flax
+    or a converted model's config.json) is required: it sizes pos_embed, which Flax params do not determine;
+    without it a ConversionError says so."""
     if "params" in params and len(params) == 1:
         params = params["params"]
     state = params_to_state_dict(params, cfg)
     if as_numpy:
         return state
-    import torch
+    import torch  # optional stack (the `torch` extra): only torch outputs need it
 
     def tensor(v: np.ndarray):
         v = np.ascontiguousarray(v)
@@ -89,8 +96,6 @@ def load_torch_checkpoint(path: str, use_model: bool = False, num_heads: Optiona
                           input_size: Optional[int] = None, num_classes: Optional[int] = None,
                           allow_pickle: bool = False, log=lambda s: None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """A checkpoint on disk (.pt/.pth/.bin, .safetensors, diffusers folder) -> (Flax params, DiT kwargs)."""
-    from convert import io
-
     ckpt = io.read_checkpoint(path, allow_pickle=allow_pickle, log=log)
     try:
         n = len(select_state_dict(ckpt.obj, use_model))
@@ -104,10 +109,24 @@ def load_torch_checkpoint(path: str, use_model: bool = False, num_heads: Optiona
         raise ConversionError(f"{path}: {e}") from None
     # Our .safetensors writer records the config; keep the two diffusers-only settings it may carry.
     if "dit_jax_config" in ckpt.metadata:
-        import json
-
         saved = json.loads(ckpt.metadata["dit_jax_config"])
         for key in ("timestep_freq_shift", "mlp_norm_eps"):
             if key in saved and key not in cfg:
                 cfg[key] = saved[key]
     return params, cfg
+
+
+def load_any(path: str, dtype: Any = None, use_model: bool = False, num_heads: Optional[int] = None,
+             input_size: Optional[int] = None, num_classes: Optional[int] = None, allow_pickle: bool = False,
+             log: Callable[[str], None] = lambda s: None, **model_kwargs) -> Tuple[DiT, Dict[str, Any]]:
+    """(DiT module, params) from a dit_jax directory or any PyTorch format (converted on the fly):
+    release .pt, train.py checkpoint (EMA unless use_model), .safetensors, diffusers folder."""
+    path = os.fspath(path)
+    if is_pretrained_dir(path):
+        return load_pretrained(path, dtype=dtype, **model_kwargs)
+    params, cfg = load_torch_checkpoint(path, use_model=use_model, num_heads=num_heads, input_size=input_size,
+                                        num_classes=num_classes, allow_pickle=allow_pickle, log=log)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+    if dtype is not None:
+        model_kwargs["dtype"] = dtype
+    return DiT(**cfg, **model_kwargs), params

@@ -4,21 +4,22 @@ Formats: `.pt/.pth/.bin` written by `torch.save` (release files, train.py checkp
 `.safetensors`, and diffusers folders (a `DiTTransformer2DModel` folder, or a pipeline folder with a
 `transformer/` subfolder). The format is recognised from the file's first bytes, not only its suffix.
 
-torch is imported only for pickled files; `.safetensors` and diffusers safetensors folders are read with
-NumPy alone. Pickles are read with `torch.load(weights_only=True)` unless the caller passes
+`.safetensors` and diffusers safetensors folders are read with NumPy (dit_jax.utils.safetensors_io). Pickles are read with `torch.load(weights_only=True)` unless the caller passes
 `allow_pickle=True`: an arbitrary pickle can run code when it is loaded.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import struct
+import pickle
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import numpy as np
 
 from convert.mapping import ConversionError
+from dit_jax.utils.safetensors_io import WeightsFileError, read_safetensors
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -52,15 +53,11 @@ def _size_str(n: int) -> str:
 # ----------------------------------------------------------------------------------------------------
 def load_torch_file(path: str, allow_pickle: bool = False) -> Any:
     """torch.load on CPU; weights_only=True unless allow_pickle. Errors become ConversionError."""
-    import pickle
-
-    import torch
+    import torch  # optional stack (the `torch` extra): only pickled files need it
 
     try:
         if allow_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)
-        import argparse
-
         # The release train.py stores its argparse.Namespace under "args"; rebuilding a Namespace runs no
         # code (its values still pass through the restricted unpickler), so it is allowed.
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -83,56 +80,14 @@ def load_torch_file(path: str, allow_pickle: bool = False) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------
-# safetensors (read with NumPy; bfloat16 via ml_dtypes, which JAX depends on)
+# safetensors (the project's NumPy reader)
 # ----------------------------------------------------------------------------------------------------
-def _safetensors_dtype(name: str):
-    table = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-             "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-    if name == "BF16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    if name not in table:
-        raise KeyError(name)
-    return table[name]
-
-
 def load_safetensors_file(path: str) -> tuple[Dict[str, np.ndarray], Dict[str, str]]:
     """(state dict of NumPy arrays, floating point ones as float32; the file's __metadata__)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ConversionError(f"{path}: {size}-byte file is too short for a .safetensors file; expected {EXPECTED}")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100 * 2**20:
-            raise ConversionError(f"{path}: not a .safetensors file (header length {n} does not fit the "
-                                  f"{size}-byte file); the file is truncated or not a checkpoint")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConversionError(f"{path}: not a .safetensors file (bad JSON header: {e})") from None
-        if not isinstance(header, dict):
-            raise ConversionError(f"{path}: not a .safetensors file (header is not a JSON object)")
-        metadata = header.pop("__metadata__", None) or {}
-        need = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-        if 8 + n + need > size:
-            raise ConversionError(f"{path}: truncated .safetensors file: the header describes {8 + n + need} "
-                                  f"bytes but the file has {size}")
-        state: Dict[str, np.ndarray] = {}
-        if not header:
-            return state, metadata
-        for key, info in header.items():
-            try:
-                dtype = np.dtype(_safetensors_dtype(info["dtype"]))
-                start, end = (int(o) for o in info["data_offsets"])
-                f.seek(8 + n + start)
-                arr = np.fromfile(f, dtype=dtype, count=(end - start) // dtype.itemsize).reshape(info["shape"])
-            except (KeyError, ValueError, TypeError) as e:
-                raise ConversionError(f"{path}: bad .safetensors entry for key {key!r} ({e!r})") from None
-            floating = np.issubdtype(arr.dtype, np.floating) or info["dtype"] == "BF16"
-            state[key] = arr.astype(np.float32, copy=False) if floating else arr
-    return state, metadata
+    try:
+        return read_safetensors(path)
+    except WeightsFileError as e:
+        raise ConversionError(f"{e}; expected {EXPECTED}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,7 +152,3 @@ def read_checkpoint(path: str, allow_pickle: bool = False, log: Callable[[str], 
         return _read_diffusers(folder, allow_pickle, log)
     return read_file(path, allow_pickle, log)
 
-
-def is_flax_dir(path: str) -> bool:
-    """A directory written by dit_jax.pretrained.save_pretrained (config.json + params/)."""
-    return os.path.isdir(os.path.join(path, "params")) and os.path.isfile(os.path.join(path, "config.json"))

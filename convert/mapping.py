@@ -10,14 +10,14 @@ import warnings
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
+from flax.traverse_util import flatten_dict
 
-from dit_jax.model import get_2d_sincos_pos_embed
+from dit_jax.utils.errors import DitJaxError
+from dit_jax.model import HEADS_BY_WIDTH
+from dit_jax.model_ops import get_2d_sincos_pos_embed
 
-# Standard widths -> heads; heads are not visible in weight shapes (see DESIGN.md).
-HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
 
-
-class ConversionError(ValueError):
+class ConversionError(DitJaxError, ValueError):
     """A checkpoint that cannot be converted; the message names the key/shape/file and what was expected."""
 
 
@@ -211,17 +211,6 @@ def state_dict_to_params(state: Mapping[str, np.ndarray], cfg: Mapping[str, Any]
     return params
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, path))
-        else:
-            out[path] = v
-    return out
-
-
 def _torch_key(flax_path: str) -> Tuple[str, str]:
     """Inverse of the rename table."""
     parts = flax_path.split("/")
@@ -238,8 +227,19 @@ def _torch_key(flax_path: str) -> Tuple[str, str]:
 
 
 def params_to_state_dict(params: Mapping, cfg: Optional[Mapping[str, Any]] = None) -> Dict[str, np.ndarray]:
-    """Flax params -> release-layout state_dict of float32 NumPy arrays, pos_embed included."""
-    flat = _flatten(params)
+    """Flax params -> release-layout state_dict of float32 NumPy arrays, pos_embed included.
+
+    `cfg` (the DiT keyword arguments) is required: the release's pos_embed has one row per latent token,
+    and no Flax parameter tells the latent size (pos_embed is a constant there, and every parameter shape
+    is the same at 256 and 512 px).
+    """
+    if cfg is None or "input_size" not in cfg:
+        raise ConversionError(
+            "the latent size is not in Flax params (pos_embed is not a parameter there), so the release's "
+            "pos_embed cannot be sized: pass the model config, e.g. convert.flax_to_torch(params, cfg) with "
+            "the cfg from convert.torch_to_flax or the converted model's config.json (input_size 32 for "
+            "256 px, 64 for 512 px)")
+    flat = flatten_dict(params, sep="/")
     state = {}
     for path, value in flat.items():
         try:
@@ -247,8 +247,6 @@ def params_to_state_dict(params: Mapping, cfg: Optional[Mapping[str, Any]] = Non
         except (KeyError, AttributeError):
             raise ConversionError(f"unexpected Flax parameter {path!r}: not part of a DiT") from None
         state[key] = np.ascontiguousarray(_to_torch_layout(np.asarray(value), kind))
-    if cfg is None:
-        cfg = infer_config(state)  # warns that input_size is assumed
     d = state["x_embedder.proj.weight"].shape[0]
     grid = cfg["input_size"] // cfg["patch_size"]
     state[POS_EMBED_KEY] = get_2d_sincos_pos_embed(d, grid)[None]

@@ -1,22 +1,23 @@
 """Writing release-layout state dicts: `.pt` (plain or train.py-style), `.safetensors`, diffusers folders.
 
-Every writer is atomic: it writes to a temporary name beside OUT and renames it into place, so an error
-(or Ctrl-C) never leaves a partial file or folder at OUT.
+Every writer is atomic (dit_jax.utils.atomic): it writes to a temporary name beside OUT and renames it into
+place, so an error (or Ctrl-C) never leaves a partial file or folder at OUT.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from typing import Any, Dict, Iterator, Mapping, Optional
 
 import numpy as np
+from safetensors.numpy import save_file
 
+from convert.diffusers_keys import release_to_diffusers
 from convert.mapping import ConversionError
-from dit_jax.atomic import atomic_path
+from dit_jax.model import model_name as registry_name
+from dit_jax.utils.atomic import atomic_dir, atomic_path, check_target
 
 FORMATS = ("pt", "train", "safetensors", "diffusers")
 
@@ -34,14 +35,6 @@ def guess_format(out: str) -> str:
                           f"suffix, a directory name for diffusers, or pass --format {'|'.join(FORMATS)}")
 
 
-def check_target(out: str, overwrite: bool) -> None:
-    if os.path.lexists(out) and not overwrite:
-        raise ConversionError(f"{out} already exists; remove it or pass --overwrite (overwrite=True)")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise ConversionError(f"{out}: the parent directory {parent} does not exist")
-
-
 @contextlib.contextmanager
 def atomic_file(out: str, overwrite: bool = False) -> Iterator[str]:
     """Yields a temporary path in OUT's directory; renamed onto OUT only if the block succeeds."""
@@ -50,28 +43,8 @@ def atomic_file(out: str, overwrite: bool = False) -> Iterator[str]:
         yield tmp
 
 
-@contextlib.contextmanager
-def atomic_dir(out: str, overwrite: bool = False) -> Iterator[str]:
-    """Yields a temporary directory beside OUT; moved onto OUT only if the block succeeds."""
-    check_target(out, overwrite)
-    out = os.path.abspath(out)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=os.path.dirname(out))
-    try:
-        yield tmp
-        if os.path.lexists(out):  # overwrite: move the old one aside first, drop it after the swap
-            old = tmp + ".old"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
-        else:
-            os.rename(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _torch_state(state: Mapping[str, Any]) -> Dict[str, Any]:
-    import torch
+    import torch  # optional stack (the `torch` extra): only torch outputs need it
 
     def tensor(v):
         if isinstance(v, torch.Tensor):
@@ -88,8 +61,8 @@ def _numpy_state(state: Mapping[str, Any]) -> Dict[str, np.ndarray]:
 
 
 def write_pt(state: Mapping[str, Any], out: str, overwrite: bool = False) -> None:
-    """A plain state_dict, like the release files (loads into convert.torch_dit.DiT with strict=True)."""
-    import torch
+    """A plain state_dict, like the release files (loads into convert.reference.torch_dit.DiT with strict=True)."""
+    import torch  # optional stack (the `torch` extra): only torch outputs need it
 
     with atomic_file(out, overwrite) as tmp:
         torch.save(_torch_state(state), tmp)
@@ -97,13 +70,7 @@ def write_pt(state: Mapping[str, Any], out: str, overwrite: bool = False) -> Non
 
 def model_name(cfg: Mapping[str, Any]) -> Optional[str]:
     """"DiT-XL/2" etc. when the config is one of the 12 registry sizes, else None."""
-    from dit_jax.model import SIZES
-
-    for size, (depth, hidden, heads) in SIZES.items():
-        if (cfg["depth"], cfg["hidden_size"], cfg["num_heads"]) == (depth, hidden, heads) \
-                and cfg["patch_size"] in (2, 4, 8):
-            return f"DiT-{size}/{cfg['patch_size']}"
-    return None
+    return registry_name(cfg["depth"], cfg["hidden_size"], cfg["num_heads"], cfg["patch_size"])
 
 
 def train_args(cfg: Mapping[str, Any]) -> Dict[str, Any]:
@@ -115,7 +82,7 @@ def write_train(state: Mapping[str, Any], out: str, cfg: Optional[Mapping[str, A
                 model_state: Optional[Mapping[str, Any]] = None, overwrite: bool = False) -> None:
     """A train.py-style dict {"model", "ema"[, "args"]}; `state` is the EMA, `model_state` the raw weights
     (the EMA again when not given)."""
-    import torch
+    import torch  # optional stack (the `torch` extra): only torch outputs need it
 
     ema = _torch_state(state)
     model = _torch_state(model_state) if model_state is not None else {k: v.clone() for k, v in ema.items()}
@@ -128,8 +95,6 @@ def write_train(state: Mapping[str, Any], out: str, cfg: Optional[Mapping[str, A
 
 def write_safetensors(state: Mapping[str, Any], out: str, overwrite: bool = False,
                       metadata: Optional[Mapping[str, str]] = None) -> None:
-    from safetensors.numpy import save_file
-
     meta = {"format": "pt", **(metadata or {})}  # "pt": what transformers/diffusers loaders look for
     with atomic_file(out, overwrite) as tmp:
         save_file(_numpy_state(state), tmp, metadata=meta)
@@ -137,10 +102,6 @@ def write_safetensors(state: Mapping[str, Any], out: str, overwrite: bool = Fals
 
 def write_diffusers(state: Mapping[str, Any], cfg: Mapping[str, Any], out: str, overwrite: bool = False) -> None:
     """A DiTTransformer2DModel folder: config.json + diffusion_pytorch_model.safetensors."""
-    from safetensors.numpy import save_file
-
-    from convert.diffusers_keys import release_to_diffusers
-
     d_state, d_config = release_to_diffusers(_numpy_state(state), cfg)
     with atomic_dir(out, overwrite) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:

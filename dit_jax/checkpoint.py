@@ -1,29 +1,41 @@
-"""orbax checkpoints of the train state: save every N steps (async), keep K, resume from the newest.
+"""orbax checkpoints of the train state: save every N steps (async), keep K, resume from the newest intact one.
 
 Layout: `workdir/checkpoints/<step>/{state,meta}`. `state` holds params, optimizer state, EMA and step;
-`meta` (JSON) the step, the seed and the data position, so a resumed run draws the same rngs and batches.
-orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a save that is
-killed half way is never listed, never resumed, and removed by the next run. Restoring takes the
-*target* shardings, so a checkpoint written on one mesh restores onto any other.
+`meta` (JSON) the step, the seed, the data position, the config that shaped the state and a checksum of
+every array (dit_jax.utils.checksum). orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it
+when complete, so a save that is killed half way is never listed and is removed by the next run.
+
+Restoring (`restore_latest`) first compares the checkpoint's config with the run's: a field that shapes the
+state (the model's dimensions, the optimizer's structure, the seed) that differs is an error naming it, and
+nothing on disk changes. Then the newest checkpoint is restored and its checksums verified; one that does
+not restore or does not match (flipped bytes, a truncated or empty folder) is moved aside to
+`checkpoints/damaged-<step>` with a warning, and the next older one is tried. Restoring takes the *target*
+shardings, so a checkpoint written on one mesh restores onto any other.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+import time
 from typing import Any, Dict, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from dit_jax.utils.checksum import mismatches, tree_fingerprints
+from dit_jax.utils.errors import CheckpointError
 
-class CheckpointError(RuntimeError):
-    pass
+log = logging.getLogger("dit_jax.train")
+DAMAGED_PREFIX = "damaged-"
 
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def make_manager(workdir: str, every_steps: int, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None,
         save_interval_steps=1,  # the train loop decides when to save
@@ -35,36 +47,90 @@ def make_manager(workdir: str, every_steps: int, keep: int, async_save: bool = T
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Dict[str, Any], meta: Dict[str, Any]) -> None:
+    """Save `state` (a dict of arrays) with `meta` plus the checksums of its arrays (computed before the
+    asynchronous write starts, from the arrays being saved)."""
+    meta = dict(meta, checksums=tree_fingerprints(state))
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                meta=ocp.args.JsonSave(meta)), force=True)
 
 
-def abstract_like(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs carrying the target shardings (what restore places the arrays onto)."""
-    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any
+def _move_aside(manager: ocp.CheckpointManager, step: int, why: str) -> None:
+    src = os.path.join(str(manager.directory), str(step))
+    dst = os.path.join(str(manager.directory), f"{DAMAGED_PREFIX}{step}-{int(time.time())}")
+    log.warning("checkpoint %s is damaged (%s); moved to %s, trying an older one", src, why, dst)
+    if jax.process_index() == 0 and os.path.exists(src):
+        os.rename(src, dst)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"dit_jax_checkpoint_damaged_{step}")
+    manager.reload()
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> Dict[str, Any]:
+    return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+
+def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+    """{field: (in the checkpoint, now)} of the fields of `current` that the checkpoint has and that differ."""
+    return {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v}
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, state_config: Dict[str, Any]
                    ) -> Optional[Tuple[int, Dict[str, Any], Dict[str, Any]]]:
-    """(step, state, meta) of the newest complete checkpoint, or None when there is none.
+    """(step, state, meta) of the newest intact checkpoint, or None when there is none (see module docstring).
 
-    A checkpoint that cannot be read (corrupt files, a different model) raises CheckpointError naming it.
+    `state_config`: the run's fields that shape the state, {"model.hidden_size": 384, ...}.
     """
-    step = manager.latest_step()
-    if step is None:
-        return None
-    where = os.path.join(str(manager.directory), str(step))
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                                 meta=ocp.args.JsonRestore()))
-    except Exception as e:  # noqa: BLE001  (orbax raises many types; the cause is chained)
-        older = [s for s in manager.all_steps() if s < step]
-        hint = (f"move it away to resume from step {max(older)}" if older else "move it away to start afresh")
-        raise CheckpointError(f"checkpoint {where} could not be restored ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:300] if str(e) else ''}); it is corrupt or belongs to a "
-                              f"different model/optimizer config; {hint}, or set config.checkpoint.resume=False "
-                              f"with a new workdir") from e
-    meta = dict(restored["meta"])
-    if int(meta.get("step", -1)) != step:
-        raise CheckpointError(f"checkpoint {where}: meta says step {meta.get('step')}, directory says {step}")
-    return step, restored["state"], meta
+    where = str(manager.directory)
+    damaged = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            meta = read_meta(manager, step)
+        except Exception as e:  # noqa: BLE001  (orbax raises many types for a missing/corrupt meta)
+            _move_aside(manager, step, f"its meta cannot be read: {_first_line(e)}")
+            damaged.append(step)
+            continue
+        diff = config_differences(meta.get("state_config", {}), state_config)
+        if diff:
+            fields = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+            raise CheckpointError(f"checkpoint {where}/{step} was trained with another config ({fields}); "
+                                  f"resume with the same values, or use a new --workdir (nothing was changed)")
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001  (corrupt files: orbax/tensorstore raise many types)
+            _move_aside(manager, step, f"it cannot be restored: {_first_line(e)}")
+            damaged.append(step)
+            continue
+        bad = mismatches(meta.get("checksums", {}), tree_fingerprints(restored["state"])) if "checksums" in meta \
+            else []
+        if bad:
+            _move_aside(manager, step, f"checksums of {len(bad)} arrays differ, e.g. {bad[0]}")
+            damaged.append(step)
+            continue
+        if int(meta.get("step", -1)) != step:
+            raise CheckpointError(f"checkpoint {where}/{step}: meta says step {meta.get('step')}")
+        if damaged:
+            log.warning("resuming from step %d: newer checkpoints %s were damaged", step, damaged)
+        return step, restored["state"], meta
+    if damaged:
+        raise CheckpointError(f"every checkpoint in {where} is damaged (steps {damaged}, moved to "
+                              f"{DAMAGED_PREFIX}*); set config.checkpoint.resume=False or use a new --workdir")
+    return None
+
+
+def latest_saved_step(workdir: str) -> Optional[int]:
+    """The newest complete checkpoint step on disk (orbax renames a save into a numeric folder when it is
+    complete), without creating anything; None when there is none."""
+    d = checkpoint_dir(workdir)
+    steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+    return max(steps) if steps else None
+
+
+def to_json_value(v: Any) -> Any:
+    """A config value as stored in meta (tuples become lists, like JSON reads them back)."""
+    return json.loads(json.dumps(v, default=str))

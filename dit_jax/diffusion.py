@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Dict, Optional
+from typing import Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax import progress as _progress
+from dit_jax.utils.progress import tick as progress_tick
 from dit_jax.diffusion_schedules import get_named_beta_schedule, parse_respacing, respace_betas
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x (N,H,W,C), t (N,) original timesteps) -> (N,H,W,C')
@@ -274,7 +274,7 @@ class GaussianDiffusion:
 
     def _loop(self, step_fn, x_T, progress: bool, desc: str):
         n = self.num_timesteps
-        tick = functools.partial(_progress.tick, total=n, desc=desc)
+        tick = functools.partial(progress_tick, total=n, desc=desc)
 
         def body(x, i):  # i runs K-1, ..., 0
             x = step_fn(x, i)
@@ -387,77 +387,3 @@ def create_diffusion(timestep_respacing, noise_schedule: str = "linear", use_kl:
     return GaussianDiffusion(betas, model_mean_type="x0" if predict_xstart else "epsilon",
                              model_var_type=var_type, loss_type=loss_type, timestep_map=timestep_map,
                              original_num_steps=diffusion_steps)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Model functions from a DiT
-# ----------------------------------------------------------------------------------------------------
-# Examples per DiT call when sampling on a CPU: activations of 8 latents at 256 px stay in cache, so two
-# calls of 8 beat one of 16 by ~11% (DiT-S/2, docs/performance.md). Accelerators take the whole batch.
-CPU_BATCH_CHUNK = 8
-
-
-def resolve_batch_chunk(batch_chunk: Any = "auto") -> Optional[int]:
-    """"auto" -> CPU_BATCH_CHUNK on a CPU backend, else None; 0/None -> None (no chunking); n -> n."""
-    if batch_chunk == "auto":
-        return CPU_BATCH_CHUNK if jax.default_backend() == "cpu" else None
-    if batch_chunk is None or int(batch_chunk) == 0:
-        return None
-    if int(batch_chunk) < 0:
-        raise ValueError(f"batch_chunk must be >= 0 (0: no chunking), got {batch_chunk}")
-    return int(batch_chunk)
-
-
-def apply_in_chunks(fn: Callable[..., jax.Array], chunk: Optional[int], *args: jax.Array) -> jax.Array:
-    """fn(*args) evaluated `chunk` examples at a time along the leading axis (a `lax.map`, one compiled body).
-
-    Equal to fn(*args) when fn treats examples independently, as the DiT forward does (no batch statistics).
-    """
-    n = args[0].shape[0]
-    if chunk is None or n <= chunk:
-        return fn(*args)
-    m = n - n % chunk
-
-    def split(a):  # (m, ...) -> (m / chunk, chunk, ...)
-        return a[:m].reshape(m // chunk, chunk, *a.shape[1:])
-
-    out = jax.lax.map(lambda a: fn(*a), tuple(split(a) for a in args))
-    out = out.reshape(m, *out.shape[2:])
-    if m < n:
-        out = jnp.concatenate([out, fn(*(a[m:] for a in args))], axis=0)
-    return out
-
-
-def dit_model_fn(model: Any, params: Any, labels: jax.Array, cfg_scale: float = 1.0,
-                 guidance_channels: Optional[int] = 3, batch_chunk: Any = "auto") -> ModelFn:
-    """model_fn(x, t) for a flax DiT with fixed class labels (N,); guided when cfg_scale > 1.
-
-    With guidance the function doubles the batch internally (labels, then the null class
-    `model.num_classes`), runs the DiT on it and guides like `DiT.forward_with_cfg`, returning the guided
-    first half, so the sampling loop itself only carries N examples. Use it inside jit with `params` as a
-    traced argument. batch_chunk: examples per DiT call ("auto": `CPU_BATCH_CHUNK` on CPU, whole batch on
-    accelerators; 0/None: whole batch), see `apply_in_chunks`.
-    """
-    variables = {"params": params}
-    chunk = resolve_batch_chunk(batch_chunk)
-
-    def dit(x, t, y):
-        return model.apply(variables, x, t, y, train=False)
-
-    if cfg_scale <= 1.0:
-        return lambda x, t: apply_in_chunks(dit, chunk, x, t, labels)
-    if not getattr(model, "class_dropout_prob", 0.0) > 0:
-        raise ValueError("classifier-free guidance needs a DiT trained with class dropout (a null-class row in "
-                         "y_embedder); this model has class_dropout_prob=0, use cfg_scale=1")
-    from dit_jax.model import apply_guidance
-
-    null = jnp.full_like(labels, model.num_classes)
-    guided_channels = model.in_channels if guidance_channels is None else guidance_channels
-
-    def guided(x, t):
-        n = x.shape[0]
-        out = apply_in_chunks(dit, chunk, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                              jnp.concatenate([labels, null]))  # (2N, H, W, C_out), conditional half first
-        return apply_guidance(out, cfg_scale, guided_channels)[:n]
-
-    return guided

@@ -41,7 +41,11 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, int, Sequence
 
     "ddimN" takes every k-th step from 0 with the integer stride k that gives exactly N steps.
     Otherwise the T steps are cut into len(section_counts) equal sections (the first T % len sections one
-    step longer) and each section keeps its count of steps, evenly spread and rounded, ends included.
+    step longer) and each section of `size` steps keeps `count` of them, ends included: a position that
+    starts at 0.0 and grows by the float stride (size - 1) / (count - 1) once per kept step, rounded
+    half-to-even. The position is summed step by step, not computed as j * stride, because that is what
+    the release does and the two round differently for many counts (e.g. "21" keeps 499, not 500).
+    A count of 0 keeps nothing from its section (as in the release); at least one step must be kept.
     """
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
@@ -64,12 +68,16 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, int, Sequence
     start, steps = 0, []
     for i, count in enumerate(section_counts):
         size = size_per + (1 if i < extra else 0)
-        if count < 1 or count > size:
-            raise ValueError(f"respacing section {i} asks for {count} steps but has {size} (1..{size} allowed)")
+        if count < 0 or count > size:
+            raise ValueError(f"respacing section {i} asks for {count} steps but has {size} (0..{size} allowed)")
         stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
-        # round() is Python's round-half-to-even, which the release uses too.
-        steps += [start + round(j * stride) for j in range(count)]
+        position = 0.0
+        for _ in range(count):
+            steps.append(start + round(position))  # round() is half-to-even, as in the release
+            position += stride
         start += size
+    if not steps:
+        raise ValueError(f"respacing {section_counts!r} keeps no timesteps")
     return set(steps)
 
 

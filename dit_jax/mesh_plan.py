@@ -1,6 +1,6 @@
 """The mesh of a run: explicit sizes from config.mesh, or a data x fsdp (x tensor) split chosen for the chips.
 
-config.mesh.data / fsdp / tensor: a positive size, -1 for "the devices left over", or 0 for "auto":
+config.mesh.data / fsdp / tensor: a positive size, -1 for "the devices left over", or None (unset) for "auto":
 - tensor auto: 1, unless the micro-batch has fewer examples than there are devices; then the smallest
   tensor size that leaves data x fsdp dividing the micro-batch (every batch axis needs whole examples).
   With data or fsdp at -1 ("all the rest") tensor auto is 1.
@@ -34,7 +34,7 @@ AUTO_MARGIN = 1.25  # "auto" wants the estimate times this to fit (the estimate 
 class MeshPlan:
     shape: Tuple[int, int, int]  # (data, fsdp, tensor)
     fsdp_groups: Tuple[int, ...]  # fsdp sub-axis sizes (shd.fsdp_groups)
-    requested: Tuple[int, int, int]  # config.mesh (data, fsdp, tensor); 0 = auto, -1 = the rest
+    requested: Tuple[int, int, int]  # config.mesh (data, fsdp, tensor); 0 = auto (None there), -1 = the rest
     reason: str  # one sentence: how the shape was chosen
     estimate: Optional[Dict[str, int]] = None  # estimated bytes per chip of the chosen shape
 
@@ -83,16 +83,18 @@ def plan_mesh(config, devices: Sequence[Any], model, abstract_params, hbm_bytes:
               image_batch: bool = False) -> MeshPlan:
     """Resolve config.mesh for these devices (see the module docstring); explicit sizes are checked only."""
     m = config.mesh
-    req = (int(m.data), int(m.fsdp), int(m.tensor))
+    req = tuple(0 if v is None else int(v) for v in (m.data, m.fsdp, m.tensor))  # 0: auto, from here on
     n = len(devices)
     micro = max(1, int(config.global_batch_size) // max(1, int(config.grad_accum_steps)))
     if 0 not in req:
         shape = shd.mesh_shape(m, n)
         groups = shd.fsdp_groups(abstract_params, shape[1], config.sharding, shape[2])
         return MeshPlan(shape, groups, req, "explicit config.mesh sizes")
-    desc = shd._describe(req)
-    if sum(s == -1 for s in req) > 1 or any(s < -1 for s in req):
-        shd.mesh_shape(m, n)  # raises the usual message
+    desc = shd.describe_mesh(tuple(None if v == 0 else v for v in req))
+    if sum(s == -1 for s in req) > 1:
+        raise shd.MeshError(f"{desc}: at most one axis may be -1")
+    if any(s < -1 for s in req):
+        raise shd.MeshError(f"{desc}: axis sizes must be positive, -1 for 'the rest' or unset (None) for 'auto'")
     fixed = int(np.prod([s for s in req if s > 0]))
     if n % fixed:
         raise shd.MeshError(f"{desc} does not fit {n} devices: {n} is not divisible by {fixed}")

@@ -3,19 +3,23 @@
 Mirrors the PyTorch release layer for layer so weights convert one-to-one (see convert/). The JAX side
 works in NHWC: inputs (N, H, W, C), outputs (N, H, W, out_channels).
 
-Parameter names follow the release's state_dict keys (`blocks_3/attn/qkv` <-> `blocks.3.attn.qkv`,
+The numerical kernels (sin-cos tables, timestep features, LayerNorm, attention with its backward) live in
+dit_jax/model_ops.py; this file holds the modules and the size registry. Parameter names follow the
+release's state_dict keys (`blocks_3/attn/qkv` <-> `blocks.3.attn.qkv`,
 `t_embedder/mlp_0` <-> `t_embedder.mlp.0`), so the converter's rename table stays one line per family.
 """
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dit_jax.model_ops import (chunked_dot_general, get_2d_sincos_pos_embed, head_major_attention, layer_norm,
+                               modulate, timestep_embedding, token_dot_general)
 
 Dtype = Any
 
@@ -25,59 +29,6 @@ xavier = nn.initializers.xavier_uniform()
 patch_xavier = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
 normal_002 = nn.initializers.normal(stddev=0.02)
 zeros = nn.initializers.zeros
-
-
-# ----------------------------------------------------------------------------------------------------
-# Fixed embeddings (computed in float64 NumPy then cast to float32, exactly like the release)
-# ----------------------------------------------------------------------------------------------------
-def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.ndarray:
-    """(M,) positions -> (M, embed_dim): [sin(pos * omega), cos(pos * omega)]."""
-    assert embed_dim % 2 == 0, f"embed_dim must be even, got {embed_dim}"
-    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
-    omega = 1.0 / 10000**omega  # (D/2,)
-    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)  # (M, D/2)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
-    """(grid_size**2, embed_dim) table; token order is row-major (h, w).
-
-    The release builds `meshgrid(grid_w, grid_h)`, so the first half of the channels encodes the w
-    (column) coordinate and the second half the h (row) coordinate.
-    """
-    assert embed_dim % 2 == 0, f"embed_dim must be even, got {embed_dim}"
-    coords = np.arange(grid_size, dtype=np.float32)
-    w_coord, h_coord = np.meshgrid(coords, coords)  # both (G, G), indexed [h, w]
-    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, w_coord)
-    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, h_coord)
-    return np.concatenate([emb_w, emb_h], axis=1).astype(np.float32)  # (G*G, D)
-
-
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> jax.Array:
-    """(N,) timesteps (may be fractional) -> (N, dim) float32 `cat([cos, sin])` features.
-
-    `freq_shift` 0 is the release; diffusers' DiT port divides by (half - 1), i.e. freq_shift 1.
-    """
-    half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))  # (half,)
-    args = t.astype(jnp.float32)[:, None] * freqs[None]  # (N, half)
-    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-    if dim % 2:
-        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
-    return emb
-
-
-def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-    """x (N, T, D) float32, shift/scale (N, D) float32."""
-    return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
-
-
-def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """LayerNorm without affine parameters, always in float32."""
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,7 +71,7 @@ class TimestepEmbedder(nn.Module):
     def __call__(self, t: jax.Array) -> jax.Array:
         t_freq = timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)  # (N, 256)
         dense = functools.partial(nn.Dense, self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  kernel_init=normal_002, bias_init=zeros)
+                                  kernel_init=normal_002, bias_init=zeros, dot_general=chunked_dot_general)
         h = dense(name="mlp_0")(t_freq)
         h = nn.silu(h)
         return dense(name="mlp_2")(h).astype(jnp.float32)  # (N, D)
@@ -152,55 +103,6 @@ class LabelEmbedder(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Transformer blocks
 # ----------------------------------------------------------------------------------------------------
-def _swap_last(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, -1, -2)
-
-
-def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array):
-    """-> (out (N, H, T, Dh), unnormalised probabilities e (N, H, T, S) float32, row sums l (N, H, T, 1))."""
-    scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    logits = jnp.matmul(q * scale, _swap_last(k), preferred_element_type=jnp.float32)  # (N, H, T, S)
-    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    l = jnp.sum(e, axis=-1, keepdims=True)  # (N, H, T, 1)
-    # Normalise after the value product: a (T, Dh) division instead of a (T, S) one (same maths; on CPU the
-    # forward is ~2x faster than softmax-then-matmul, faster than PyTorch's SDPA on the same shapes).
-    out = jnp.matmul(e.astype(v.dtype), v, preferred_element_type=jnp.float32) / l
-    return out.astype(v.dtype), e, l
-
-
-@jax.custom_vjp
-def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Softmax attention on head-major (N, H, T, Dh) q/k/v -> (N, H, T, Dh); logits and softmax in float32.
-
-    The same maths as `jax.nn.dot_product_attention`'s XLA path, written as plain batched matmuls over
-    (N, H) (which XLA's CPU dot kernels run ~1.5x faster than the (N, T, H, Dh) einsums) with a hand-written
-    backward pass: dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(Dh), dK = dS^T Q / sqrt(Dh).
-    Gradients equal autodiff of the plain softmax formula (tests/test_attention.py).
-    """
-    return _attention_forward(q, k, v)[0]
-
-
-def _attention_fwd_rule(q, k, v):
-    out, e, l = _attention_forward(q, k, v)
-    return out, (q, k, v, out, (e / l).astype(v.dtype))  # keeps the probabilities P (N, H, T, S)
-
-
-def _attention_bwd_rule(res, g):
-    q, k, v, out, p = res  # g: (N, H, T, Dh)
-    f32 = jnp.float32
-    scale = q.shape[-1] ** -0.5
-    dv = jnp.matmul(_swap_last(p), g.astype(p.dtype), preferred_element_type=f32)  # (N, H, S, Dh)
-    dp = jnp.matmul(g, _swap_last(v), preferred_element_type=f32)  # (N, H, T, S)
-    delta = jnp.sum(g.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # (N, H, T, 1)
-    ds = (p.astype(f32) * (dp - delta) * scale).astype(q.dtype)  # gradient of the scaled logits
-    dq = jnp.matmul(ds, k, preferred_element_type=f32)  # (N, H, T, Dh)
-    dk = jnp.matmul(_swap_last(ds), q, preferred_element_type=f32)  # (N, H, S, Dh)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-head_major_attention.defvjp(_attention_fwd_rule, _attention_bwd_rule)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection (with bias), like timm's Attention.
 
@@ -213,13 +115,14 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
+    precise_cpu_dots: bool = False  # see DiT
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n, t, d = x.shape
         head_dim = d // self.num_heads
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  kernel_init=xavier, bias_init=zeros)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=xavier,
+                                  bias_init=zeros, dot_general=token_dot_general(self.precise_cpu_dots))
         qkv = dense(3 * d, name="qkv")(x).reshape(n, t, 3, self.num_heads, head_dim)  # (N, T, 3, H, Dh)
         if self.attention_impl in (None, ""):
             q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (N, H, T, Dh)
@@ -237,11 +140,12 @@ class Mlp(nn.Module):
     mlp_hidden: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precise_cpu_dots: bool = False  # see DiT
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  kernel_init=xavier, bias_init=zeros)
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=xavier,
+                                  bias_init=zeros, dot_general=token_dot_general(self.precise_cpu_dots))
         x = dense(self.mlp_hidden, name="fc1")(x)
         x = nn.gelu(x, approximate=True)  # tanh approximation, as in the release
         return dense(self.hidden_size, name="fc2")(x)
@@ -257,19 +161,21 @@ class DiTBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = None
     mlp_norm_eps: float = 1e-6
+    precise_cpu_dots: bool = False  # see DiT
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         # x: (N, T, D) float32 residual stream; c: (N, D) float32 conditioning.
         d = self.hidden_size
-        mod = nn.Dense(6 * d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=zeros,
-                       bias_init=zeros, name="adaLN_modulation_1")(nn.silu(c)).astype(jnp.float32)
+        mod = nn.Dense(6 * d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=zeros, bias_init=zeros,
+                       dot_general=chunked_dot_general, name="adaLN_modulation_1")(nn.silu(c)).astype(jnp.float32)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         h = modulate(layer_norm(x), shift_msa, scale_msa).astype(self.dtype)
-        h = Attention(d, self.num_heads, self.dtype, self.param_dtype, self.attention_impl, name="attn")(h)
+        h = Attention(d, self.num_heads, self.dtype, self.param_dtype, self.attention_impl, self.precise_cpu_dots,
+                      name="attn")(h)
         x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
         h = modulate(layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp).astype(self.dtype)
-        h = Mlp(d, int(d * self.mlp_ratio), self.dtype, self.param_dtype, name="mlp")(h)
+        h = Mlp(d, int(d * self.mlp_ratio), self.dtype, self.param_dtype, self.precise_cpu_dots, name="mlp")(h)
         return x + gate_mlp[:, None, :] * h.astype(jnp.float32)
 
 
@@ -279,15 +185,18 @@ class FinalLayer(nn.Module):
     out_channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    precise_cpu_dots: bool = False  # see DiT
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         mod = nn.Dense(2 * self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=zeros,
-                       bias_init=zeros, name="adaLN_modulation_1")(nn.silu(c)).astype(jnp.float32)
+                       bias_init=zeros, dot_general=chunked_dot_general,
+                       name="adaLN_modulation_1")(nn.silu(c)).astype(jnp.float32)
         shift, scale = jnp.split(mod, 2, axis=-1)
         x = modulate(layer_norm(x), shift, scale).astype(self.dtype)
         x = nn.Dense(self.patch_size**2 * self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=zeros, bias_init=zeros, name="linear")(x)
+                     kernel_init=zeros, bias_init=zeros, dot_general=token_dot_general(self.precise_cpu_dots),
+                     name="linear")(x)
         return x.astype(jnp.float32)  # (N, T, p*q*C_out)
 
 
@@ -311,10 +220,11 @@ class DiT(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False  # rematerialise each block in the backward pass (saves activation memory)
     # Run the blocks as one `lax.scan` over their stacked parameters (names and values unchanged: each block
-    # keeps its own `blocks_i` parameters): a much faster backward on CPU (see docs/performance.md) and a
-    # compile time that does not grow with depth. None: scan when train=True (training steps), unroll
-    # otherwise (the forward alone is ~8% faster unrolled); True/False force it.
-    scan_blocks: Optional[bool] = None
+    # keeps its own `blocks_i` parameters): a 2x faster backward on CPU (see docs/performance.md) and a
+    # compile time that does not grow with depth. True (default): every program, so any differentiated one,
+    # whatever `train` says (train only switches label dropout). False: a Python loop over the blocks, a
+    # few % faster for a forward alone; the samplers (diffusion.dit_model_fn) use it, they never differentiate.
+    scan_blocks: bool = True
     # None: head-major matmul attention (fastest on CPU); "xla"/"cudnn": jax.nn.dot_product_attention
     # ("cudnn" is flash attention on NVIDIA GPUs).
     attention_impl: Optional[str] = None
@@ -322,6 +232,11 @@ class DiT(nn.Module):
     # them when it reads a diffusers model so its outputs are reproduced exactly.
     timestep_freq_shift: float = 0.0  # diffusers: 1
     mlp_norm_eps: float = 1e-6  # diffusers: config.norm_eps (1e-5)
+    # On CPU, sum every per-token dot (qkv, proj, fc1, fc2, final linear) over <= 256-long slices of its
+    # contraction, as MKL does for the release: float32 errors at the release's level at every t (XLA:CPU's
+    # single long accumulation gives 1.3-2.8x the release's error at small t), for ~8% more CPU time in the
+    # forward. No effect on other platforms. The conditioning dots (N rows) are always summed so: free.
+    precise_cpu_dots: bool = False
 
     @property
     def out_channels(self) -> int:
@@ -341,7 +256,8 @@ class DiT(nn.Module):
         self.blocks = [
             block_cls(**self._block_kwargs(), name=f"blocks_{i}") for i in range(self.depth)
         ]
-        self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels, **kw)
+        self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels,
+                                      precise_cpu_dots=self.precise_cpu_dots, **kw)
 
     def pos_embed(self) -> np.ndarray:
         """(T, D) fixed sin-cos table; a constant, not a parameter (the release never trains it)."""
@@ -350,7 +266,7 @@ class DiT(nn.Module):
     def _block_kwargs(self) -> dict:
         return dict(hidden_size=self.hidden_size, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                     dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-                    mlp_norm_eps=self.mlp_norm_eps)
+                    mlp_norm_eps=self.mlp_norm_eps, precise_cpu_dots=self.precise_cpu_dots)
 
     def _scan_blocks(self, h: jax.Array, c: jax.Array) -> jax.Array:
         """The blocks as one `lax.scan`: h (N, T, D) float32 -> (N, T, D).
@@ -389,8 +305,7 @@ class DiT(nn.Module):
             raise ValueError(f"expected {self.in_channels} input channels (NHWC, last axis), got shape {x.shape}")
         h = self.x_embedder(x).astype(jnp.float32) + jnp.asarray(self.pos_embed())[None]  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, train, force_drop_ids)  # (N, D)
-        scan = train if self.scan_blocks is None else self.scan_blocks
-        if scan and self.depth > 1 and not self.is_initializing():
+        if self.scan_blocks and self.depth > 1 and not self.is_initializing():
             h = self._scan_blocks(h, c)
         else:
             for block in self.blocks:
@@ -425,7 +340,7 @@ def apply_guidance(out: jax.Array, cfg_scale: float, guided_channels: int) -> ja
 
 
 # ----------------------------------------------------------------------------------------------------
-# Size registry
+# Size registry: the one home of the 12 sizes, their names and the compute dtypes
 # ----------------------------------------------------------------------------------------------------
 SIZES = {  # name -> (depth, hidden_size, num_heads)
     "XL": (28, 1152, 16),
@@ -433,6 +348,33 @@ SIZES = {  # name -> (depth, hidden_size, num_heads)
     "B": (12, 768, 12),
     "S": (12, 384, 6),
 }
+PATCH_SIZES = (2, 4, 8)
+# Heads are not visible in weight shapes; the converter reads them off the standard widths.
+HEADS_BY_WIDTH = {hidden: heads for _, hidden, heads in SIZES.values()}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # compute dtypes by config/flag name
+
+
+def parse_model_name(name: str) -> tuple:
+    """"DiT-XL/2" -> (depth, hidden_size, num_heads, patch_size); an error lists the valid names."""
+    size, _, patch = name[len("DiT-"):].partition("/") if name.startswith("DiT-") else ("", "", "")
+    if size not in SIZES or patch not in tuple(str(p) for p in PATCH_SIZES):
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(DiT_models)}")
+    return SIZES[size] + (int(patch),)
+
+
+def model_name(depth: int, hidden_size: int, num_heads: int, patch_size: int) -> Optional[str]:
+    """The registry name ("DiT-XL/2") of these dimensions, or None for a size outside the 12."""
+    for size, dims in SIZES.items():
+        if dims == (depth, hidden_size, num_heads) and patch_size in PATCH_SIZES:
+            return f"DiT-{size}/{patch_size}"
+    return None
+
+
+def parse_dtype(name: str) -> Dtype:
+    """"float32" | "bfloat16" -> the jnp dtype; an error names the choices."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def _make(size: str, patch: int) -> Callable[..., DiT]:
@@ -446,22 +388,30 @@ def _make(size: str, patch: int) -> Callable[..., DiT]:
     return factory
 
 
-DiT_models = {f"DiT-{s}/{p}": _make(s, p) for s in SIZES for p in (2, 4, 8)}
+DiT_models = {f"DiT-{s}/{p}": _make(s, p) for s in SIZES for p in PATCH_SIZES}
 
 
 def get_model(name: str, **kwargs) -> DiT:
     """DiT_models[name](**kwargs) with an error that lists the valid names."""
-    if name not in DiT_models:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(DiT_models)}")
+    parse_model_name(name)
     return DiT_models[name](**kwargs)
+
+
+def dummy_inputs(model: DiT, batch_size: int = 1) -> tuple:
+    """Zero (x (N, S, S, C), t (N,), y (N,)) of the shapes `model` takes; for init and shape tracing."""
+    s, c = model.input_size, model.in_channels
+    return (jnp.zeros((batch_size, s, s, c), jnp.float32), jnp.zeros((batch_size,), jnp.int32),
+            jnp.zeros((batch_size,), jnp.int32))
 
 
 def init_params(model: DiT, rng: jax.Array, batch_size: int = 1) -> dict:
     """Release-style random init; returns the `params` collection."""
-    x = jnp.zeros((batch_size, model.input_size, model.input_size, model.in_channels), jnp.float32)
-    t = jnp.zeros((batch_size,), jnp.int32)
-    y = jnp.zeros((batch_size,), jnp.int32)
-    return model.init(rng, x, t, y, train=False)["params"]
+    return model.init(rng, *dummy_inputs(model, batch_size), train=False)["params"]
+
+
+def abstract_params(model: DiT) -> dict:
+    """The `params` tree as ShapeDtypeStructs: shapes without compute or memory."""
+    return jax.eval_shape(lambda r: init_params(model, r), jax.random.PRNGKey(0))
 
 
 def count_params(params) -> int:

@@ -1,25 +1,34 @@
 """Converted / pretrained DiT weights on disk, loaded in one call.
 
 A dit_jax model directory holds
-    config.json   DiT keyword arguments (input_size, patch_size, hidden_size, depth, num_heads, ...)
+    config.json   DiT keyword arguments (input_size, patch_size, hidden_size, depth, num_heads, ...) and a
+                  checksum of every parameter array ("_checksums", dit_jax.utils.checksum)
     params/       the Flax `params` tree saved with orbax (float32 NumPy arrays)
+Loading verifies the checksums, so flipped or truncated bytes are an error naming the arrays, never
+silently wrong weights.
 
     save_pretrained(params, cfg, "out/DiT-XL-2-256")
     model, params = load_pretrained("out/DiT-XL-2-256")
-    model, params = load_any("DiT-XL-2-256x256.pt")   # Flax dir, .pt/.pth/.bin, .safetensors or diffusers folder
 
-torch is imported only when a pickled PyTorch file is given (safetensors are read with NumPy).
+PyTorch formats (.pt, .safetensors, diffusers folders) are read by `convert.load_any`, which also takes
+these directories.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict
 
-from dit_jax.model import DiT
+from dit_jax.utils.errors import DitJaxError
+from dit_jax.model import DiT, abstract_params
+from dit_jax.utils.atomic import atomic_dir
+from dit_jax.utils.checksum import mismatches, tree_fingerprints
 
 CONFIG_NAME = "config.json"
 PARAMS_NAME = "params"
@@ -30,7 +39,7 @@ CONFIG_FIELDS = ("input_size", "patch_size", "in_channels", "hidden_size", "dept
 OPTIONAL_FIELDS = {"timestep_freq_shift": 0.0, "mlp_norm_eps": 1e-6}
 
 
-class PretrainedError(ValueError):
+class PretrainedError(DitJaxError, ValueError):
     """A model directory that cannot be read; the message names the file and what was expected."""
 
 
@@ -66,10 +75,6 @@ def save_pretrained(params: Mapping, cfg: Any, directory: str, overwrite: bool =
     """Writes config.json + orbax params/ to `directory` atomically (temp dir, then rename).
 
     `cfg` is the DiT kwargs dict (as returned by convert.torch_to_flax) or a DiT module."""
-    import orbax.checkpoint as ocp
-
-    from convert.writers import atomic_dir
-
     if "params" in params and len(params) == 1:  # accept {"params": ...} too
         params = params["params"]
     cfg = model_config(cfg)
@@ -78,29 +83,15 @@ def save_pretrained(params: Mapping, cfg: Any, directory: str, overwrite: bool =
     directory = os.path.abspath(os.fspath(directory))
     with atomic_dir(directory, overwrite) as tmp:
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(config_to_json(cfg), f, indent=2)
+            json.dump(dict(config_to_json(cfg), _checksums=tree_fingerprints(host)), f, indent=2)
         ocp.PyTreeCheckpointer().save(os.path.join(tmp, PARAMS_NAME), host)
     return directory
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else str(k)
-        out.update(_flatten(v, path) if isinstance(v, Mapping) else {path: v})
-    return out
-
-
 def check_params(params: Mapping, cfg: Mapping[str, Any], where: str) -> None:
     """The params tree must have exactly the keys and shapes DiT(**cfg) creates."""
-    import jax.numpy as jnp
-
-    model = DiT(**cfg)
-    x = jax.ShapeDtypeStruct((1, model.input_size, model.input_size, model.in_channels), jnp.float32)
-    i = jax.ShapeDtypeStruct((1,), jnp.int32)
-    shapes = jax.eval_shape(lambda a, b, c: model.init(jax.random.PRNGKey(0), a, b, c), x, i, i)  # no compute
-    want = _flatten(shapes["params"])
-    got = _flatten(params)
+    want = flatten_dict(abstract_params(DiT(**cfg)), sep="/")
+    got = flatten_dict(dict(params), sep="/")
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or extra:
         raise PretrainedError(f"{where}: params do not match DiT({_short(cfg)}): missing {missing[:6]}, "
@@ -128,8 +119,13 @@ def read_config(directory: str) -> Dict[str, Any]:
         raise PretrainedError(f"{path}: not valid JSON ({e})") from None
     if data.get("_format") != FORMAT_TAG:
         raise PretrainedError(f"{path}: not a dit_jax config (no \"_format\": \"{FORMAT_TAG}\"); a diffusers or "
-                              f"PyTorch folder can be read with load_any")
+                              f"PyTorch folder can be read with convert.load_any")
     return config_from_json(data, path)
+
+
+def read_checksums(directory: str) -> Dict[str, int]:
+    with open(os.path.join(directory, CONFIG_NAME)) as f:
+        return json.load(f).get("_checksums", {})
 
 
 def load_pretrained(directory: str, dtype: Any = None, **model_kwargs) -> Tuple[DiT, Dict[str, Any]]:
@@ -137,8 +133,6 @@ def load_pretrained(directory: str, dtype: Any = None, **model_kwargs) -> Tuple[
 
     `dtype` is the compute dtype (e.g. jnp.bfloat16); parameters stay float32. Extra keyword arguments
     (remat=True, attention_impl="cudnn", ...) go to the DiT constructor."""
-    import orbax.checkpoint as ocp
-
     directory = os.path.abspath(os.fspath(directory))
     cfg = read_config(directory)
     params_dir = os.path.join(directory, PARAMS_NAME)
@@ -150,7 +144,12 @@ def load_pretrained(directory: str, dtype: Any = None, **model_kwargs) -> Tuple[
         raise PretrainedError(f"{params_dir}: cannot restore the orbax parameters ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
     check_params(params, cfg, params_dir)
-    params = jax.tree_util.tree_map(lambda a: jax.numpy.asarray(a, jax.numpy.float32), params)
+    expected = read_checksums(directory)
+    bad = mismatches(expected, tree_fingerprints(params)) if expected else []
+    if bad:
+        raise PretrainedError(f"{params_dir}: {len(bad)} parameter arrays do not match the checksums in "
+                              f"{CONFIG_NAME} (first: {bad[0]}); the directory is damaged, convert it again")
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
     if dtype is not None:
         model_kwargs["dtype"] = dtype
     return DiT(**cfg, **model_kwargs), params
@@ -158,21 +157,3 @@ def load_pretrained(directory: str, dtype: Any = None, **model_kwargs) -> Tuple[
 
 def is_pretrained_dir(path: str) -> bool:
     return os.path.isdir(os.path.join(path, PARAMS_NAME)) and os.path.isfile(os.path.join(path, CONFIG_NAME))
-
-
-def load_any(path: str, dtype: Any = None, use_model: bool = False, num_heads: Optional[int] = None,
-             input_size: Optional[int] = None, num_classes: Optional[int] = None, allow_pickle: bool = False,
-             log: Callable[[str], None] = lambda s: None, **model_kwargs) -> Tuple[DiT, Dict[str, Any]]:
-    """(DiT module, params) from a dit_jax directory or any PyTorch format (converted on the fly):
-    release .pt, train.py checkpoint (EMA unless use_model), .safetensors, diffusers folder."""
-    path = os.fspath(path)
-    if is_pretrained_dir(path):
-        return load_pretrained(path, dtype=dtype, **model_kwargs)
-    from convert.api import load_torch_checkpoint
-
-    params, cfg = load_torch_checkpoint(path, use_model=use_model, num_heads=num_heads, input_size=input_size,
-                                        num_classes=num_classes, allow_pickle=allow_pickle, log=log)
-    params = jax.tree_util.tree_map(lambda a: jax.numpy.asarray(a, jax.numpy.float32), params)
-    if dtype is not None:
-        model_kwargs["dtype"] = dtype
-    return DiT(**cfg, **model_kwargs), params

@@ -29,7 +29,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dit_jax.utils.errors import DitJaxError
 
 MESH_AXES = ("data", "fsdp", "tensor")  # logical axes; "fsdp" may be several sub-axes in the Mesh
 
@@ -45,7 +48,7 @@ PARAM_AXES: Tuple[Tuple[str, Tuple[Optional[str], ...]], ...] = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(DitJaxError, ValueError):
     pass
 
 
@@ -73,21 +76,23 @@ def batch_axes(mesh: Mesh) -> Tuple[str, ...]:
     return ("data",) + fsdp_axes(mesh)
 
 
-def _describe(sizes: Sequence[int]) -> str:
-    show = ["auto" if s == 0 else str(s) for s in sizes]
+def describe_mesh(sizes: Sequence[int]) -> str:
+    show = ["auto" if s is None else str(s) for s in sizes]
     return f"mesh data={show[0]}, fsdp={show[1]}, tensor={show[2]}"
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> Tuple[int, int, int]:
     """(data, fsdp, tensor) sizes of an explicit mesh config with at most one -1 filled in.
 
-    An error names what does not fit. Axes set to 0 ("auto") are resolved by dit_jax.mesh_plan first."""
-    sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)]
-    desc = _describe(sizes)
+    An error names what does not fit. Axes left None ("auto") are resolved by dit_jax.mesh_plan first."""
+    sizes = [None if v is None else int(v) for v in (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)]
+    desc = describe_mesh(sizes)
+    if None in sizes:
+        raise MeshError(f"{desc}: resolve the auto axes first (dit_jax.mesh_plan)")
     if sum(s == -1 for s in sizes) > 1:
         raise MeshError(f"{desc}: at most one axis may be -1")
-    if any(s < -1 for s in sizes) or 0 in sizes:
-        raise MeshError(f"{desc}: axis sizes must be positive, -1 for 'the rest' or 0 for 'auto'")
+    if any(s < -1 or s == 0 for s in sizes):
+        raise MeshError(f"{desc}: axis sizes must be positive, -1 for 'the rest' or unset (None) for 'auto'")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % known:
@@ -105,7 +110,7 @@ def select_devices(mesh_cfg, devices: Optional[Sequence[Any]] = None, process_co
     n = int(mesh_cfg.get("num_devices", 0) or 0)
     if n:
         if (jax.process_count() if process_count is None else process_count) > 1:
-            raise MeshError("config.mesh.num_devices is for single-process runs; leave it 0 with several processes")
+            raise MeshError("config.mesh.num_devices is for single-process runs; leave it unset with several processes")
         if n > len(devices):
             raise MeshError(f"config.mesh.num_devices={n} but only {len(devices)} devices exist")
         devices = devices[:n]
@@ -122,7 +127,7 @@ def make_mesh(mesh_cfg_or_shape, devices: Optional[Sequence[Any]] = None,
         shape = tuple(int(s) for s in mesh_cfg_or_shape)
         devices = list(jax.devices() if devices is None else devices)
         if int(np.prod(shape)) != len(devices):
-            raise MeshError(f"{_describe(shape)} needs {int(np.prod(shape))} devices but {len(devices)} are in use")
+            raise MeshError(f"{describe_mesh(shape)} needs {int(np.prod(shape))} devices but {len(devices)} are in use")
     else:
         devices = select_devices(mesh_cfg_or_shape, devices)
         shape = mesh_shape(mesh_cfg_or_shape, len(devices))
@@ -130,8 +135,6 @@ def make_mesh(mesh_cfg_or_shape, devices: Optional[Sequence[Any]] = None,
     if int(np.prod(groups)) != shape[1]:
         raise MeshError(f"fsdp sub-axes {groups} do not multiply to the fsdp size {shape[1]}")
     try:  # topology-aware device order on TPU/GPU; plain order otherwise
-        from jax.experimental import mesh_utils
-
         dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # noqa: BLE001  (CPU subsets and odd shapes)
         dev_array = np.asarray(devices).reshape(shape)

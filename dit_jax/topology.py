@@ -19,11 +19,15 @@ Hosts: libtpu's default is 4 chips per host; v5e and v6e pods have 8 chips per h
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
+
+from jax.experimental import topologies
+
+from dit_jax.utils.errors import DitJaxError
+from dit_jax.utils.platforms import libtpu_installed
 
 GIB = 2**30
 
@@ -48,7 +52,7 @@ TPU_EXTRA = "pip install -e '.[tpu]' (or pip install 'jax[tpu]')"
 _NAME = re.compile(r"^(v\d+[a-z]*):(\d+(?:x\d+){1,2})$")
 
 
-class TopologyError(ValueError):
+class TopologyError(DitJaxError, ValueError):
     pass
 
 
@@ -74,10 +78,6 @@ def _valid() -> str:
     return ", ".join(EXAMPLES)
 
 
-def libtpu_installed() -> bool:
-    return importlib.util.find_spec("libtpu") is not None
-
-
 def tpu_topology(name: str) -> Topology:
     """The compile-only devices of a TPU slice named like "v5e:16x16" (generation:chips per dimension)."""
     m = _NAME.match(name.strip().lower())
@@ -93,7 +93,6 @@ def tpu_topology(name: str) -> Topology:
     # libtpu takes /tmp/libtpu_lockfile when it loads, so that one process owns the chips; a compile-only
     # load opens no chip, and the lock would stop two checks (or a check beside a TPU job) running at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
 
     dims3 = dims + (1,) * (3 - len(dims))
     kwargs: Dict[str, Any] = {"chips_per_host_bounds": [min(d, c) for d, c in zip(dims3, spec["chips_per_host"])]}

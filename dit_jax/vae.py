@@ -3,13 +3,14 @@
 DiT trains and samples in the latent space of this autoencoder: images (N, H, W, 3) in [-1, 1] map to
 latents (N, H/8, W/8, 4), scaled by LATENT_SCALE = 0.18215 before the diffusion model sees them.
 
-    from dit_jax.vae import AutoencoderKL, load_vae, LATENT_SCALE
-    vae, params = load_vae("mse")                                   # or "ema", or a diffusers folder / weights file
+    from dit_jax.vae import AutoencoderKL, LATENT_SCALE
+    from dit_jax.vae_weights import load_vae
+    vae, params = load_vae("mse")                                   # or "ema", or a diffusers folder / .safetensors
     mean, logvar = vae.apply({"params": params}, images, method=AutoencoderKL.encode)
     images = vae.apply({"params": params}, latents / LATENT_SCALE, method=AutoencoderKL.decode)
 
 Parameter names follow the diffusers state_dict (`encoder/down_blocks_0/resnets_1/norm2` <->
-`encoder.down_blocks.0.resnets.1.norm2`), so convert/vae_weights.py maps keys one-to-one.
+`encoder.down_blocks.0.resnets.1.norm2`), so dit_jax/vae_weights.py maps keys one-to-one.
 No torch/diffusers import here: the GPU box has neither.
 """
 from __future__ import annotations
@@ -26,13 +27,14 @@ Dtype = Any
 
 LATENT_SCALE = 0.18215  # sd-vae-ft-* `scaling_factor`: diffusion latents are `sample * LATENT_SCALE`
 LOGVAR_RANGE = (-30.0, 20.0)  # the clamp of the posterior log-variance used by the reference VAE
+GROUP_NORM_EPS = 1e-6  # every GroupNorm of the reference VAE (fixed in diffusers, not a config field)
 
 
 class GroupNorm(nn.Module):
     """GroupNorm over the channel (last) axis, statistics always in float32; params `scale`, `bias` (C,)."""
 
     num_groups: int = 32
-    epsilon: float = 1e-6
+    epsilon: float = GROUP_NORM_EPS
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -66,9 +68,9 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # (N, H, W, Cin) -> (N, H, W, Cout)
-        h = nn.silu(GroupNorm(self.num_groups, 1e-6, self.dtype, name="norm1")(x))
+        h = nn.silu(GroupNorm(self.num_groups, GROUP_NORM_EPS, self.dtype, name="norm1")(x))
         h = _conv(self.out_channels, 3, self.dtype, "conv1")(h)
-        h = nn.silu(GroupNorm(self.num_groups, 1e-6, self.dtype, name="norm2")(h))
+        h = nn.silu(GroupNorm(self.num_groups, GROUP_NORM_EPS, self.dtype, name="norm2")(h))
         # Dropout is 0 in the sd-vae configuration and the VAE is never trained here.
         h = _conv(self.out_channels, 3, self.dtype, "conv2")(h)
         if x.shape[-1] != self.out_channels:
@@ -85,7 +87,8 @@ class AttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # (N, H, W, C) -> same
         n, hh, ww, c = x.shape
-        h = GroupNorm(self.num_groups, 1e-6, self.dtype, name="group_norm")(x).reshape(n, hh * ww, c)  # (N, T, C)
+        h = GroupNorm(self.num_groups, GROUP_NORM_EPS, self.dtype, name="group_norm")(x)
+        h = h.reshape(n, hh * ww, c)  # (N, T, C)
         q = nn.Dense(c, dtype=self.dtype, name="to_q")(h)
         k = nn.Dense(c, dtype=self.dtype, name="to_k")(h)
         v = nn.Dense(c, dtype=self.dtype, name="to_v")(h)
@@ -173,7 +176,7 @@ class Encoder(nn.Module):
             x = LevelBlock(c, self.layers_per_block, "down" if i < len(chans) - 1 else None, self.num_groups,
                            self.dtype, name=f"down_blocks_{i}")(x)
         x = MidBlock(chans[-1], self.num_groups, self.mid_block_add_attention, self.dtype, name="mid_block")(x)
-        x = nn.silu(GroupNorm(self.num_groups, 1e-6, self.dtype, name="conv_norm_out")(x))
+        x = nn.silu(GroupNorm(self.num_groups, GROUP_NORM_EPS, self.dtype, name="conv_norm_out")(x))
         return _conv(2 * self.latent_channels, 3, self.dtype, "conv_out")(x)
 
 
@@ -195,7 +198,7 @@ class Decoder(nn.Module):
         for i, c in enumerate(chans):  # the decoder has one resnet more per level than the encoder
             x = LevelBlock(c, self.layers_per_block + 1, "up" if i < len(chans) - 1 else None, self.num_groups,
                            self.dtype, name=f"up_blocks_{i}")(x)
-        x = nn.silu(GroupNorm(self.num_groups, 1e-6, self.dtype, name="conv_norm_out")(x))
+        x = nn.silu(GroupNorm(self.num_groups, GROUP_NORM_EPS, self.dtype, name="conv_norm_out")(x))
         return _conv(self.out_channels, 3, self.dtype, "conv_out")(x)
 
 
@@ -293,25 +296,3 @@ def encode_to_latents(vae: AutoencoderKL, params, images: jax.Array, rng: Option
 def decode_latents(vae: AutoencoderKL, params, latents: jax.Array) -> jax.Array:
     """Scaled latents (N, h, w, 4) -> images (N, 8h, 8w, 3) float32 (unclipped, roughly [-1, 1]), jitted."""
     return _decode_scaled(vae, params, latents)
-
-
-def to_uint8(images: jax.Array) -> jax.Array:
-    """[-1, 1] float images -> uint8 [0, 255], rounding like `clamp(127.5 * x + 128, 0, 255)`."""
-    return jnp.clip(127.5 * images + 128.0, 0, 255).astype(jnp.uint8)
-
-
-def load_vae(source: str = "mse", dtype: Dtype = jnp.float32, cache_dir: Optional[str] = None):
-    """-> (AutoencoderKL, params) from "mse" | "ema" (downloaded from the Hub) or a local path.
-
-    A path may be a diffusers folder (config.json + diffusion_pytorch_model.safetensors|.bin, or a
-    pipeline folder with a `vae/` subfolder) or one weights file (.safetensors / .bin; a config.json next
-    to it is used, else the configuration is read off the weight shapes).
-    """
-    from convert import vae_weights  # lazy: keeps `import dit_jax.vae` light
-
-    if source in ("mse", "ema"):
-        from dit_jax.download import vae_weights_path
-
-        source = vae_weights_path(source, cache_dir=cache_dir)
-    params, cfg = vae_weights.load_diffusers_vae(source)
-    return AutoencoderKL(**cfg, dtype=dtype), params

@@ -1,6 +1,6 @@
 """One process of a 2-process training run that may get SIGTERM (used by tests/test_preemption.py).
 
-    python tests/preemption_worker.py PORT PROCESS_ID NUM_PROCESSES WORKDIR NUM_STEPS STEP_SLEEP_S
+    python -m tests.preemption_worker PORT PROCESS_ID NUM_PROCESSES WORKDIR NUM_STEPS STEP_SLEEP_S
 Each process has 4 CPU devices (gloo collectives); a source that sleeps STEP_SLEEP_S per batch keeps the
 run long enough to be interrupted. Prints "process I preempted=STEP|None" at the end.
 """
@@ -10,11 +10,12 @@ import time
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from dit_jax.main import init_distributed  # noqa: E402
+from dit_jax import train  # noqa: E402
+from dit_jax.cli.train import init_distributed  # noqa: E402
+from tests.conftest import tiny_config  # noqa: E402  (run with -m from the repository root)
 
 
 def main():
@@ -22,8 +23,6 @@ def main():
     num_steps, sleep_s = int(sys.argv[5]), float(sys.argv[6])
     init_distributed("auto", f"127.0.0.1:{port}", nproc, pid, "gloo")
     assert jax.process_count() == nproc
-    from dit_jax import train
-    from tests.train_tiny import tiny_config
 
     real = train.make_source
 
@@ -43,7 +42,7 @@ def main():
     cfg.mesh.data, cfg.mesh.fsdp = 2, 4
     cfg.checkpoint.every_steps = 0  # only the last step and the preemption step
     out = train.train_and_evaluate(cfg, workdir)
-    print(f"process {pid} preempted={out['preempted']}", flush=True)
+    print(f"process {pid} preempted={out.preempted}", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,25 +21,35 @@ def ref_betas(name, steps):
 
 
 def ref_kept_timesteps(steps, spec):
-    """Sorted list of the original timesteps that a respacing string keeps."""
+    """Sorted list of the original timesteps that a respacing string keeps.
+
+    A re-statement of the DiT release's loop (diffusion/respace.py), not of dit_jax's code: "ddimN" is the
+    first integer stride from 1 up that yields exactly N steps; otherwise each section walks a float cursor
+    from 0, adding (size - 1) / (count - 1) after every kept step and keeping round(cursor) (Python's
+    half-to-even). The running sum matters: it rounds differently from j * stride for 278 counts of 1000.
+    """
     if spec in (None, ""):
         return list(range(steps))
     if spec.startswith("ddim"):
         n = int(spec[4:])
         for stride in range(1, steps):
-            kept = list(range(0, steps, stride))
-            if len(kept) == n:
-                return kept
+            if len(range(0, steps, stride)) == n:
+                return list(range(0, steps, stride))
         raise ValueError(spec)
     counts = [int(c) for c in spec.split(",")]
-    kept = []
-    start = 0
-    for i, c in enumerate(counts):
-        size = steps // len(counts) + (1 if i < steps % len(counts) else 0)
-        stride = 1.0 if c <= 1 else (size - 1) / (c - 1)
-        kept += [start + round(j * stride) for j in range(c)]
-        start += size
-    return sorted(set(kept))
+    base, longer = divmod(steps, len(counts))
+    kept, offset = set(), 0
+    for section, count in enumerate(counts):
+        size = base + 1 if section < longer else base
+        if count > size:
+            raise ValueError(spec)
+        increment = (size - 1) / (count - 1) if count > 1 else 1
+        cursor = 0.0
+        for _ in range(count):
+            kept.add(offset + round(cursor))
+            cursor = cursor + increment
+        offset += size
+    return sorted(kept)
 
 
 class RefDiffusion:

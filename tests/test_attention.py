@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit_jax.model import DiT, head_major_attention, init_params
-from tests.conftest import rel_err
+from dit_jax.model import DiT, init_params
+from dit_jax.model_ops import head_major_attention
+from conftest import rel_err
 
 N, H, T, DH = 2, 3, 16, 8
 

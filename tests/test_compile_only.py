@@ -8,17 +8,19 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default, digits, dit_s2
+from conftest import ROOT
+from configs import default, digits
 from dit_jax import compile_report, mesh_plan, topology, train
 from dit_jax import sharding as shd
+from dit_jax.hlo_collectives import collectives
+from dit_jax.utils.errors import ConfigError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
-needs_libtpu = pytest.mark.skipif(not topology.libtpu_installed(), reason="needs libtpu: pip install -e '.[tpu]'")
+# libtpu comes with the project's test setup (the `tpu` extra, scripts/setup_env.sh); without it these fail.
 
 
 def _s2_latents(batch):
-    c = dit_s2.get_config()
+    c = default.get_config("S/2")
     c.data.name = "latents"
     c.global_batch_size = batch
     return c
@@ -36,7 +38,7 @@ def _xl2(fsdp=None, data=None):
 def _independent_state_bytes(env, device):
     """Bytes of `device`'s shards of the whole state, from the index map of each sharding (not shard_shape)."""
     total = 0
-    for x, s in zip(jax.tree_util.tree_leaves(env["abstract_state"]), jax.tree_util.tree_leaves(env["state_shardings"])):
+    for x, s in zip(jax.tree_util.tree_leaves(env.abstract_state), jax.tree_util.tree_leaves(env.state_shardings)):
         idx = s.devices_indices_map(tuple(x.shape))[device]
         shape = [len(range(*sl.indices(n))) for sl, n in zip(idx, x.shape)]
         total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
@@ -46,21 +48,20 @@ def _independent_state_bytes(env, device):
 # ----------------------------------------------------------------------------------------------------
 # Pod-scale sharding (no compile: shardings and byte counts only)
 # ----------------------------------------------------------------------------------------------------
-@needs_libtpu
 @pytest.mark.parametrize("pod", ["v5e:16x16", "v4:8x8x8"])  # 256 chips; 512 chips (v4 megacore)
 def test_xl2_fsdp_over_all_chips_leaves_under_1_percent_replicated(pod):
     topo = topology.tpu_topology(pod)
     cfg = _xl2(fsdp=topo.chips)
     cfg.global_batch_size = max(256, topo.chips)  # at least one example per chip
-    env = train.setup(cfg, "/nonexistent", devices=topo.devices, process_count=topo.hosts)
-    acct = compile_report.state_accounting(env["abstract_state"], env["state_shardings"], topo.chips)
+    env = train.setup(cfg, devices=topo.devices, process_count=topo.hosts)
+    acct = compile_report.state_accounting(env.abstract_state, env.state_shardings, topo.chips)
     assert acct["replicated_fraction"] < 0.01, acct["largest_replicated"][:3]
     assert acct["per_chip"]["total"] <= 1.25 * acct["total"]["total"] / topo.chips
     # The attention kernels (1152 x 3456, 1152 x 1152) are split over both of their dimensions.
-    specs = shd.spec_tree(env["state_shardings"]["params"])
+    specs = shd.spec_tree(env.state_shardings.params)
     qkv = specs["blocks_0/attn/qkv/kernel"]
     assert all(d is not None for d in qkv), qkv
-    assert len(shd.fsdp_axes(env["mesh"])) > 1 and shd.axis_size(env["mesh"], "fsdp") == topo.chips
+    assert len(shd.fsdp_axes(env.mesh)) > 1 and shd.axis_size(env.mesh, "fsdp") == topo.chips
     assert _independent_state_bytes(env, topo.devices[0]) == acct["per_chip"]["total"]
 
 
@@ -75,24 +76,20 @@ def test_fsdp_groups_merge_primes_that_every_parameter_treats_alike():
     assert shd.fsdp_groups(shapes, 1, Cfg) == (1,)
 
 
-@needs_libtpu
 def test_auto_mesh_on_v5e_256_and_on_cpu():
     topo = topology.tpu_topology("v5e:16x16")
     cfg = default.get_config()
-    env = train.setup(cfg, "/nonexistent", devices=topo.devices, process_count=topo.hosts)
-    plan = env["mesh_plan"]
+    env = train.setup(cfg, devices=topo.devices, process_count=topo.hosts)
+    plan = env.plan
     d, f, t = plan.shape
     assert d * f == 256 and t == 1 and 1 < f < 256 and "smallest fsdp" in plan.reason
     assert plan.estimate["total"] * mesh_plan.AUTO_MARGIN <= (1 - mesh_plan.HEADROOM) * topo.hbm_bytes
     # The digits config: 128 examples on 256 chips -> a tensor axis of 2 (data x fsdp must divide the batch).
     c = digits.get_config()
-    c.mesh.num_devices = 0
-    env = train.setup(c, "/nonexistent", devices=topo.devices, process_count=topo.hosts)
-    assert env["mesh_plan"].shape[2] == 2 and "tensor=2" in env["mesh_plan"].reason
+    env = train.setup(c, devices=topo.devices, process_count=topo.hosts)
+    assert env.plan.shape[2] == 2 and "tensor=2" in env.plan.reason
     # On CPU there is no memory limit to fit: plain data parallelism over the 8 test devices.
-    c = digits.get_config()
-    c.mesh.num_devices = 0
-    assert train.setup(c, "/nonexistent")["mesh_plan"].shape == (8, 1, 1)
+    assert train.setup(digits.get_config()).plan.shape == (8, 1, 1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -131,7 +128,7 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   ROOT %r = f32[8]{0} get-tuple-element(%w), index=1
 }
 """
-    c = compile_report.collectives(hlo)
+    c = collectives(hlo)
     assert c["all-reduce"] == {"count": 1, "bytes": 40, "count_per_step": 1, "bytes_per_step": 40}
     assert c["all-gather"] == {"count": 1, "bytes": 32, "count_per_step": 28, "bytes_per_step": 28 * 32}
 
@@ -139,50 +136,45 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 # ----------------------------------------------------------------------------------------------------
 # Bad input: one line, exit 1, before any compile
 # ----------------------------------------------------------------------------------------------------
-def _main_error(capsys, cfg, topo_name, tmp_path):
-    rc = compile_report.main(cfg, str(tmp_path / "w"), topo_name)
-    err = capsys.readouterr().err.strip()
-    assert rc == 1 and len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert not os.path.exists(tmp_path / "w" / compile_report.REPORT_NAME)
-    return err
+def test_unknown_topology_one_line_from_the_command_line(tmp_path):
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "dit-jax-train"), "--config",
+                        os.path.join(ROOT, "configs", "default.py:S/2"), "--workdir", str(tmp_path / "w"),
+                        "--compile-only", "--topology", "v9x:2x2"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    err = [l for l in r.stderr.splitlines() if ": error: " in l]
+    assert r.returncode == 1 and len(err) == 1, r.stderr[-2000:]
+    assert "unknown TPU topology 'v9x:2x2'" in err[0] and "v5e:16x16" in err[0] and "v4:4x4x8" in err[0]
+    assert not os.path.exists(tmp_path / "w")
 
 
-def test_unknown_topology(capsys, tmp_path):
-    err = _main_error(capsys, _s2_latents(8), "v9x:2x2", tmp_path)
-    assert "unknown TPU topology 'v9x:2x2'" in err and "v5e:16x16" in err and "v4:4x4x8" in err
+def test_libtpu_missing_names_the_extra(monkeypatch):
+    monkeypatch.setattr(topology, "libtpu_installed", lambda: False)  # the name topology.py calls
+    with pytest.raises(topology.TopologyError, match=r"needs libtpu, which is not installed.*\.\[tpu\]"):
+        topology.tpu_topology("v5e:2x2")
 
 
-def test_libtpu_missing_names_the_extra(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(topology, "libtpu_installed", lambda: False)
-    err = _main_error(capsys, _s2_latents(8), "v5e:2x2", tmp_path)
-    assert "needs libtpu, which is not installed" in err and ".[tpu]" in err
-
-
-@needs_libtpu
-def test_mesh_product_is_not_the_chip_count(capsys, tmp_path):
+def test_mesh_product_is_not_the_chip_count():
     c = _s2_latents(8)
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 4, 1
-    err = _main_error(capsys, c, "v5e:2x2", tmp_path)
-    assert "needs 8 devices but 4 are in use" in err
+    with pytest.raises(shd.MeshError, match="needs 8 devices but 4 are in use"):
+        compile_report.compile_for_topology(c, topology.tpu_topology("v5e:2x2"))
 
 
-@needs_libtpu
-def test_batch_the_data_axes_do_not_divide(capsys, tmp_path):
+def test_batch_the_data_axes_do_not_divide():
     c = _s2_latents(6)
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 4, 1, 1
-    err = _main_error(capsys, c, "v5e:2x2", tmp_path)
-    assert "micro-batch 6" in err and "not divisible by the 4 data-parallel devices" in err
+    with pytest.raises(ConfigError, match="micro-batch 6.*not divisible by the 4 data-parallel devices"):
+        compile_report.compile_for_topology(c, topology.tpu_topology("v5e:2x2"))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Real compiles (slow: 1-3 minutes each on 2 cores)
 # ----------------------------------------------------------------------------------------------------
-@needs_libtpu
 @pytest.mark.slow
 def test_s2_does_not_fit_v5e_2x2_exits_1_with_numbers(tmp_path):
     """The command line: a batch too big for 16 GiB per chip -> exit 1, the numbers and suggestions."""
     wd = tmp_path / "v5e"
-    cmd = [sys.executable, "-m", "dit_jax.main", "--config", os.path.join(ROOT, "configs", "dit_s2.py"),
+    cmd = [sys.executable, "-m", "dit_jax.cli.train", "--config", os.path.join(ROOT, "configs", "default.py:S/2"),
            "--workdir", str(wd), "--compile-only", "--topology", "v5e:2x2", "--config.data.name=latents",
            f"--config.global_batch_size={S2_BIG_BATCH}"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
@@ -198,7 +190,6 @@ def test_s2_does_not_fit_v5e_2x2_exits_1_with_numbers(tmp_path):
 S2_BIG_BATCH = 512  # DiT-S/2 float32 without remat: ~20 GiB per chip on 4 chips
 
 
-@needs_libtpu
 @pytest.mark.slow
 def test_s2_compiles_for_v4_megacore_and_state_bytes_add_up(tmp_path):
     topo = topology.tpu_topology("v4:2x2x1")
@@ -206,17 +197,16 @@ def test_s2_compiles_for_v4_megacore_and_state_bytes_add_up(tmp_path):
     cfg = _s2_latents(S2_BIG_BATCH)
     rep = compile_report.compile_for_topology(cfg, topo)
     assert rep["fits"] and rep["hbm_bytes_per_chip"] == 32 * GIB  # the same batch fits 32 GiB
-    env = train.setup(cfg, "/nonexistent", devices=topo.devices, process_count=topo.hosts)
+    env = train.setup(cfg, devices=topo.devices, process_count=topo.hosts)
     assert rep["state_bytes_per_chip"]["total"] == _independent_state_bytes(env, topo.devices[0])
     st = rep["state_bytes_per_chip"]
     assert st["total"] == st["params"] + st["ema"] + st["optimizer"] and st["ema"] == st["params"]
     assert rep["temp_bytes_per_chip"] > 0 and rep["compile_seconds"] > 0
     assert rep["flops"]["train_flops_per_step"] == pytest.approx(
-        6 * compile_report.forward_macs(env["model"])["total"] * S2_BIG_BATCH)
+        6 * compile_report.forward_macs(env.model)["total"] * S2_BIG_BATCH)
     assert "all-reduce" in rep["collectives"]  # data parallel: gradients are all-reduced
 
 
-@needs_libtpu
 @pytest.mark.slow
 def test_xl2_fsdp_256_compiles_on_v5e_16x16_and_fits():
     rep = compile_report.compile_for_topology(_xl2(fsdp=256), topology.tpu_topology("v5e:16x16"))

@@ -12,21 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import rel_err
-from convert import cli
-from convert.torch_dit import DiT, DiT_models
+from conftest import ROOT, perturbed_torch_dit, rel_err
+from convert.reference.torch_dit import DiT
+from dit_jax.cli import convert as cli
 from dit_jax.pretrained import load_pretrained
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_release_pt(path):
-    torch.manual_seed(0)
-    m = DiT_models["DiT-S/4"](depth=2, input_size=16, num_classes=10).eval()
-    with torch.no_grad():
-        for key, p in m.named_parameters():
-            if key != "pos_embed":
-                p.add_(torch.randn_like(p) * (0.1 if "adaLN" in key or "final" in key else 0.02))
+    m = perturbed_torch_dit("DiT-S/4", depth=2, input_size=16, num_classes=10)
     torch.save(m.state_dict(), path)
     return m
 
@@ -72,16 +65,16 @@ def test_to_flax_then_to_torch(tmp_path, capsys):
 
 
 def test_module_entry_point_and_no_torch_for_safetensors(tmp_path):
-    """`python -m convert.cli` works as a program; load_any reads .safetensors without importing torch."""
+    """`python -m dit_jax.cli.convert` works as a program; convert.load_any reads .safetensors without torch."""
     tiny_release_pt(tmp_path / "tiny.pt")
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-m", "convert.cli", "to-torch", str(tmp_path / "tiny.pt"),
+    r = subprocess.run([sys.executable, "-m", "dit_jax.cli.convert", "to-torch", str(tmp_path / "tiny.pt"),
                         str(tmp_path / "w.safetensors")], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "convert.cli", "to-flax", str(tmp_path / "missing.pt"),
+    r = subprocess.run([sys.executable, "-m", "dit_jax.cli.convert", "to-flax", str(tmp_path / "missing.pt"),
                         str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 1 and r.stderr.strip().endswith("dit_jax Flax directory") and not (tmp_path / "out").exists()
-    code = ("import sys; from dit_jax.pretrained import load_any; "
+    code = ("import sys; from convert import load_any; "
             f"m, p = load_any({str(tmp_path / 'w.safetensors')!r}); "
             "assert 'torch' not in sys.modules, 'torch was imported'; print(m.depth)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import convert
-from convert import ConversionError, cli, writers
+from convert import ConversionError, writers
+from dit_jax.cli import convert as cli
 from convert.api import load_torch_checkpoint
-from convert.torch_dit import DiT_models
+from convert.reference.torch_dit import DiT_models
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,7 @@ def test_train_checkpoint_without_ema(state, tmp_path, capsys):
 
 
 def test_nonstandard_width_needs_num_heads():
-    from convert.torch_dit import DiT
+    from convert.reference.torch_dit import DiT
 
     sd = DiT(input_size=8, hidden_size=96, depth=1, num_heads=3, num_classes=10).state_dict()
     with pytest.raises(ConversionError, match="width 96 is not a standard DiT width.*num_heads"):
@@ -150,15 +151,13 @@ def test_to_torch_errors_leave_nothing(state, tmp_path, capsys):
 @pytest.mark.parametrize("fmt,out", [("pt", "o.pt"), ("safetensors", "o.safetensors"), ("diffusers", "odir")])
 def test_writer_failure_is_atomic(state, tmp_path, monkeypatch, fmt, out):
     """A failure in the middle of writing (after bytes hit the disk) leaves neither OUT nor a temp file."""
-    import safetensors.numpy
-
     def half_then_fail(obj, path, *a, **k):
         with open(path, "wb") as f:
             f.write(b"partial")
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(torch, "save", half_then_fail)
-    monkeypatch.setattr(safetensors.numpy, "save_file", half_then_fail)
+    monkeypatch.setattr(writers, "save_file", half_then_fail)
     params, cfg = convert.torch_to_flax(state)
     sd = convert.flax_to_torch(params, cfg, as_numpy=True)
     with pytest.raises(OSError, match="simulated"):
@@ -183,3 +182,16 @@ def test_flax_dir_errors(state, tmp_path):
     with pytest.raises(PretrainedError, match="not a dit_jax config"):
         load_pretrained(tmp_path / "f")
     assert np.isfinite(params["blocks_0"]["attn"]["qkv"]["kernel"]).all()
+
+
+def test_flax_to_torch_without_cfg_refuses():
+    """Flax params do not determine the latent size (issue 13): no silent 32x32 pos_embed for a 512 px model."""
+    torch.manual_seed(0)
+    tm = DiT_models["DiT-S/8"](depth=1, input_size=64, num_classes=10)  # 512 px: 8x8 = 64 tokens
+    params, cfg = convert.torch_to_flax(tm.state_dict())
+    for bad_cfg in (None, {k: v for k, v in cfg.items() if k != "input_size"}):
+        with pytest.raises(ConversionError, match=r"latent size is not in Flax params.*pass the model config"):
+            convert.flax_to_torch(params, bad_cfg)
+    sd = convert.flax_to_torch(params, cfg)
+    assert sd["pos_embed"].shape == (1, 64, 384)
+    tm.load_state_dict(sd, strict=True)

@@ -12,8 +12,9 @@ import torch
 import convert
 from convert import io, writers
 from convert.api import load_torch_checkpoint
-from convert.torch_dit import DiT, DiT_models
-from dit_jax.pretrained import load_any, load_pretrained, save_pretrained
+from convert.reference.torch_dit import DiT, DiT_models
+from convert import load_any
+from dit_jax.pretrained import load_pretrained, save_pretrained
 
 
 def random_release_state(name="DiT-S/2", seed=0, **kw):

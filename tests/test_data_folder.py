@@ -4,25 +4,12 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import write_folder
 from dit_jax.data import DataError, make_source
-from dit_jax.data_folder import list_folder
-from dit_jax.preprocess import flip_mask, preprocess, to_model_range
-
-
-def write_folder(root, rng, per_class=(5, 4, 3), size=(40, 30)):
-    """root/<class>/<i>.{png,jpg,JPEG}: 12 images in 3 classes, a nested sub-folder and a non-image file."""
-    exts = [".png", ".jpg", ".JPEG", ".webp"]
-    for c, n in enumerate(per_class):
-        d = root / f"class_{c}"
-        (d / "nested").mkdir(parents=True)
-        for i in range(n):
-            arr = rng.integers(0, 256, (size[1] + i, size[0], 3), dtype=np.uint8)
-            where = d / "nested" if i == 0 else d
-            Image.fromarray(arr).save(where / f"img{i}{exts[(c + i) % len(exts)]}")
-        (d / "notes.txt").write_text("not an image")
-    return root
+from dit_jax.data.folder import list_folder
+from dit_jax.data.preprocess import flip_mask, preprocess
+from dit_jax.utils.images import to_model_range
 
 
 def cfg(folder, **kw):

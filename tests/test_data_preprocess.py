@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit_jax.preprocess import center_crop, flip_mask, open_rgb, to_model_range
+from dit_jax.data.preprocess import center_crop, flip_mask, open_rgb
+from dit_jax.utils.images import to_model_range
 
 
 def reference_center_crop(img: Image.Image, size: int) -> np.ndarray:

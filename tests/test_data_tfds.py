@@ -1,12 +1,12 @@
 """tfds path through the real tfds loader on a tiny builder prepared into a tmp data_dir."""
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-tfds = pytest.importorskip("tensorflow_datasets")
-
-from dit_jax import data_tfds  # noqa: E402
-from dit_jax.data import DataError, make_source  # noqa: E402
-from dit_jax.preprocess import flip_mask, preprocess, to_model_range  # noqa: E402
+from dit_jax.data import tfds as data_tfds
+from dit_jax.data import DataError, make_source
+from dit_jax.data.preprocess import flip_mask, preprocess
+from dit_jax.utils.images import to_model_range
 
 N = 20
 

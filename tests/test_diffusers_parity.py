@@ -3,7 +3,8 @@
 Metric: rel_err = max|jax - diffusers| / max|diffusers| (conftest.rel_err), float32 CPU, tolerance 1e-5.
 diffusers differs from the release in its timestep frequencies (divides by half - 1) and the MLP LayerNorm
 eps (config.norm_eps); a model read from diffusers carries timestep_freq_shift=1 and mlp_norm_eps (see
-convert/diffusers_keys.py), so the Flax model reproduces diffusers exactly.
+convert/diffusers_keys.py), so the Flax model reproduces diffusers exactly. With ordinary inputs the eps is
+invisible (a wrong one measures ~9e-7); test_mlp_norm_eps_is_visible feeds tokens of tiny variance, where it shows.
 """
 import json
 import os
@@ -13,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
-from diffusers import DiTTransformer2DModel  # noqa: E402
+from diffusers import DiTTransformer2DModel
 
-import convert  # noqa: E402
-from conftest import rel_err  # noqa: E402
-from convert import cli, writers  # noqa: E402
-from dit_jax.model import DiT, init_params  # noqa: E402
-from dit_jax.pretrained import load_any, save_pretrained  # noqa: E402
+import convert
+from conftest import perturbed_torch_dit, rel_err
+from convert import load_any, writers
+from dit_jax.cli import convert as cli
+from dit_jax.model import DiT, init_params
+from dit_jax.pretrained import save_pretrained
 
 TOL = 1e-5
 SMALL = dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=2,
@@ -71,6 +72,42 @@ def test_diffusers_state_dict_to_flax():
     report("diffusers state_dict -> flax", rel_err(flax_out(DiT(**cfg), params, x, t, y), diffusers_out(m, x, t, y)))
 
 
+def tokens_near_zero_input(m, delta, n=3, seed=0) -> np.ndarray:
+    """(N, H, W, C) latents whose patch embedding plus position embedding is delta * N(0, 1) per token.
+
+    Solved per token through the patch-embedding conv (needs C * p * p == hidden size). Tokens with a variance
+    of delta**2 make the LayerNorm eps visible: 1e-5 vs 1e-6 changes the normalised values by ~4.5e-6 / delta**2.
+    """
+    w = m.pos_embed.proj.weight.detach().double().numpy()  # (D, C, p, p)
+    b = m.pos_embed.proj.bias.detach().double().numpy()
+    pos = m.pos_embed.pos_embed[0].double().numpy()  # (T, D)
+    d, c, p, _ = w.shape
+    assert c * p * p == d, "the patch must have as many values as the hidden size"
+    g = int(round(len(pos) ** 0.5))
+    r = np.random.default_rng(seed)
+    x = np.zeros((n, c, g * p, g * p))  # NCHW, like the conv
+    for k in range(n):
+        for tok in range(g * g):
+            i, j = divmod(tok, g)
+            patch = np.linalg.solve(w.reshape(d, -1), delta * r.standard_normal(d) - b - pos[tok])
+            x[k, :, i * p:(i + 1) * p, j * p:(j + 1) * p] = patch.reshape(c, p, p)
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)).astype(np.float32)
+
+
+@pytest.mark.parametrize("norm_eps,wrong_eps", [(1e-5, 1e-6), (1e-6, 1e-5)])
+def test_mlp_norm_eps_is_visible(norm_eps, wrong_eps):
+    """With ordinary inputs a wrong mlp_norm_eps measures ~9e-7, inside TOL; near-zero-variance tokens expose it."""
+    m = random_diffusers_dit(seed=3, patch_size=4, norm_eps=norm_eps)  # 4 channels * 4 * 4 = 64 = hidden size
+    x, (_, t, y) = tokens_near_zero_input(m, delta=0.03), batch()
+    params, cfg = convert.torch_to_flax(m.state_dict(), diffusers_config=dict(m.config))
+    assert cfg["mlp_norm_eps"] == norm_eps
+    ref = diffusers_out(m, x, t, y)
+    report(f"near-zero tokens, norm_eps {norm_eps:g}", rel_err(flax_out(DiT(**cfg), params, x, t, y), ref))
+    wrong = rel_err(flax_out(DiT(**{**cfg, "mlp_norm_eps": wrong_eps}), params, x, t, y), ref)
+    print(f"mlp_norm_eps {wrong_eps:g} instead of {norm_eps:g}: rel_err={wrong:.2e}")
+    assert wrong > 10 * TOL, f"a wrong mlp_norm_eps measures {wrong:.3g}: this case cannot see it"
+
+
 @pytest.mark.parametrize("layout", ["model", "pipeline"])
 def test_diffusers_folder_to_flax(tmp_path, layout):
     m = random_diffusers_dit(seed=1, sample_size=16, patch_size=4, out_channels=4, norm_eps=1e-6)
@@ -105,14 +142,7 @@ def test_release_weights_to_diffusers_via_cli(tmp_path):
     Release weights keep the release timestep maths (shift 0); diffusers divides by (half - 1), so the
     diffusers output matches the Flax model only when the Flax side uses diffusers' shift; the difference
     to the release is measured and shown."""
-    from convert.torch_dit import DiT_models
-
-    torch.manual_seed(0)
-    tm = DiT_models["DiT-S/4"](depth=2, input_size=16, num_classes=10).eval()
-    with torch.no_grad():
-        for key, p in tm.named_parameters():
-            if key != "pos_embed":
-                p.add_(torch.randn_like(p) * (0.1 if "adaLN" in key or "final" in key else 0.02))
+    tm = perturbed_torch_dit("DiT-S/4", depth=2, input_size=16, num_classes=10)
     params, cfg = convert.torch_to_flax(tm.state_dict())
     save_pretrained(params, cfg, tmp_path / "flax")
     with pytest.warns(UserWarning, match="half - 1"):

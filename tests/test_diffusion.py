@@ -94,9 +94,41 @@ def test_betas(name, steps):
         assert b.max() <= 0.999
 
 
-@pytest.mark.parametrize("spec", ["250", "ddim25", "ddim50", "10,10,10", "50,30,20", "1000", "7"])
-def test_space_timesteps(spec):
-    assert sorted(space_timesteps(1000, spec)) == ref_kept_timesteps(1000, spec)
+def _kept_or_error(fn, steps, spec):
+    try:
+        return sorted(fn(steps, spec))
+    except ValueError:
+        return "ValueError"
+
+
+def _multi_section_specs():
+    """Fixed and random comma-separated strings, counts 0..size per section (a 0 keeps nothing there)."""
+    specs = ["10,10,10", "50,30,20", "334,333,333", "1,1,1", "21,43,7", "0,10", "3,0,3", "100,0,0,5"]
+    r = np.random.default_rng(14)
+    for _ in range(300):
+        n = int(r.integers(2, 9))
+        sizes = [1000 // n + (i < 1000 % n) for i in range(n)]
+        specs.append(",".join(str(int(r.integers(0, size + 1))) for size in sizes))
+    return specs
+
+
+@pytest.mark.parametrize("steps", [1000, 250, 37])
+def test_space_timesteps_every_count_matches_release(steps):
+    """Every single-section count K and every "ddimK" against the release's loop (reference_diffusion_np)."""
+    wrong = [k for k in range(1, steps + 1)
+             if sorted(space_timesteps(steps, str(k))) != ref_kept_timesteps(steps, str(k))]
+    assert wrong == [], f"{len(wrong)} of {steps} counts keep different timesteps, e.g. {wrong[:10]}"
+    ddim = [f"ddim{k}" for k in range(1, steps + 1)]
+    wrong = [s for s in ddim
+             if _kept_or_error(space_timesteps, steps, s) != _kept_or_error(ref_kept_timesteps, steps, s)]
+    assert wrong == [], f"ddimK differs for K in {wrong[:10]}"
+
+
+def test_space_timesteps_multi_section_matches_release():
+    specs = _multi_section_specs()
+    wrong = [s for s in specs
+             if _kept_or_error(space_timesteps, 1000, s) != _kept_or_error(ref_kept_timesteps, 1000, s)]
+    assert wrong == [], f"{len(wrong)} of {len(specs)} strings differ, e.g. {wrong[:5]}"
 
 
 def test_space_timesteps_known_values():
@@ -105,10 +137,16 @@ def test_space_timesteps_known_values():
     assert len(s) == 30 and s[:3] == [0, 37, 74] and s[9] == 333 and s[10] == 334 and s[-1] == 999
     s = sorted(space_timesteps(1000, "250"))
     assert len(s) == 250 and s[0] == 0 and s[-1] == 999
+    # The release sums the fractional stride step by step: 499, not round(10 * 49.95) = 500.
+    assert 499 in space_timesteps(1000, "21") and 500 not in space_timesteps(1000, "21")
+    assert {499, 833} <= space_timesteps(1000, "43")
+    assert space_timesteps(1000, "0,2") == {500, 999}  # a count of 0 keeps nothing from its section
     with pytest.raises(ValueError, match="stride"):
         space_timesteps(1000, "ddim333")
     with pytest.raises(ValueError, match="section 0"):
         space_timesteps(10, "11")
+    with pytest.raises(ValueError, match="keeps no timesteps"):
+        space_timesteps(10, "0,0")
 
 
 def test_respaced_chain_keeps_alpha_bar():

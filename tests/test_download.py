@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from dit_jax import download as dl
+from dit_jax.utils import download as dl
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -152,7 +152,7 @@ def test_http_404_is_not_retried(tmp_path):
 # The hub reads HF_HUB_OFFLINE/HF_HOME at import time, so these run in a fresh interpreter.
 HUB_SCRIPT = """
 import json, sys
-from dit_jax import download as dl
+from dit_jax.utils import download as dl
 try:
     print(json.dumps({"path": dl.vae_weights_path(sys.argv[1], cache_dir=sys.argv[2] or None)}))
 except dl.DownloadError as e:

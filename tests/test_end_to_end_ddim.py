@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err
-from test_sample_cli import tiny_torch_dit
+
+from conftest import perturbed_torch_dit, rel_err
 
 import convert
-from dit_jax.diffusion import create_diffusion, dit_model_fn
+from dit_jax.diffusion import create_diffusion
+from dit_jax.guidance import dit_model_fn
 from dit_jax.model import DiT
 
 STEPS = "ddim10"
@@ -48,7 +49,7 @@ def torch_ddim(model, x_T, labels, spec=STEPS, cfg_scale=CFG):
 
 @pytest.fixture(scope="module")
 def pair():
-    tm = tiny_torch_dit(seed=11)
+    tm = perturbed_torch_dit("DiT-S/2", seed=11, depth=2, input_size=8, num_classes=10)
     with torch.no_grad():  # larger adaLN / output weights than the helper's, so guidance matters
         for name, p in tm.named_parameters():
             if "final_layer.linear" in name:
@@ -89,9 +90,10 @@ def test_guidance_is_not_a_no_op(pair, latents):
 
 
 def test_decoded_images_match_pytorch(latents):
-    diffusers = pytest.importorskip("diffusers")
-    from convert.vae_weights import infer_config, torch_to_flax_vae
+    import diffusers
+
     from dit_jax.vae import LATENT_SCALE, AutoencoderKL
+    from dit_jax.vae_weights import infer_config, state_dict_to_params
 
     torch.manual_seed(2)
     tv = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2,
@@ -103,7 +105,7 @@ def test_decoded_images_match_pytorch(latents):
             if name.endswith("bias"):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
     cfg = infer_config({k: v.numpy() for k, v in tv.state_dict().items()})
-    vae, vparams = AutoencoderKL(**cfg), torch_to_flax_vae(tv.state_dict(), cfg)
+    vae, vparams = AutoencoderKL(**cfg), state_dict_to_params(tv.state_dict(), cfg)
 
     got_lat, want_lat, _ = latents
     with torch.no_grad():

@@ -3,50 +3,28 @@ import json
 import os
 import subprocess
 import sys
+import pickle
 import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
-from dit_jax import data_latents
+from conftest import tiny_vae, write_folder
 from dit_jax.data import DataError, image_reader, make_source
-from dit_jax.extract_latents import extract
-from dit_jax.preprocess import flip_mask
+from dit_jax.data import latents as data_latents
+from dit_jax.data.preprocess import flip_mask
+from dit_jax.latent_extraction import extract
 from dit_jax.vae import AutoencoderKL
 
 SIZE = 16  # images 16 px -> latents 2 x 2 x 4
-TINY_VAE = "AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)"
-
-
-def tiny_vae():
-    """A random encoder-only tiny VAE; params drawn with NumPy (no flax init compile: keeps the test fast)."""
-    vae = eval(TINY_VAE)
-    shapes = jax.eval_shape(lambda: vae.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)),
-                                             method=AutoencoderKL.encode))["params"]
-    r = np.random.default_rng(0)
-    return vae, jax.tree.map(lambda s: (r.standard_normal(s.shape) * 0.3).astype(np.float32), shapes)
-
-
-def write_folder(root, n=10):
-    r = np.random.default_rng(1)
-    for i in range(n):
-        d = root / f"c{i % 3}"
-        d.mkdir(parents=True, exist_ok=True)
-        arr = r.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(d / (f"{i}.png" if i % 2 else f"{i}.jpg"))
-    return root
-
-
 def cfg(**kw):
     return {"image_size": SIZE, "num_workers": 2, "prefetch": 0, "random_flip": True, **kw}
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = write_folder(tmp_path_factory.mktemp("imgs") / "train")
+    root = write_folder(tmp_path_factory.mktemp("imgs") / "train", np.random.default_rng(1))  # 12 images
     out = str(tmp_path_factory.mktemp("lat") / "full")
     vae, params = tiny_vae()
     stats = extract(image_reader(cfg(name="folder", folder=str(root))), out, vae, params, batch_size=8,
@@ -58,7 +36,7 @@ def test_extracted_equals_on_the_fly(setup):
     root, out, vae, params, stats = setup
     assert stats == {"num_shards": 3, "written": 3, "already_done": 0, "skipped_images": 0}
     index = json.load(open(os.path.join(out, "index.json")))
-    assert index["num_examples"] == 10 and index["latent_shape"] == [2, 2, 4]
+    assert index["num_examples"] == 12 and index["latent_shape"] == [2, 2, 4]
     encode = jax.jit(lambda x: vae.apply({"params": params}, x, method=AutoencoderKL.encode))
     lat = make_source(cfg(name="latents", latents_dir=out), global_batch_size=8, seed=11)
     img = make_source(cfg(name="folder", folder=str(root)), global_batch_size=8, seed=11)
@@ -81,14 +59,11 @@ def test_extracted_equals_on_the_fly(setup):
 
 
 KILL_SCRIPT = textwrap.dedent("""
-    import os, signal, sys
-    import jax, jax.numpy as jnp
-    from dit_jax.vae import AutoencoderKL
+    import os, pickle, signal, sys
     from dit_jax.data import image_reader
-    from dit_jax.extract_latents import extract
-    sys.path.insert(0, {testdir!r})
-    from test_extract_latents import tiny_vae
-    vae, params = tiny_vae()
+    from dit_jax.latent_extraction import extract
+    with open(sys.argv[3], "rb") as f:
+        vae, params = pickle.load(f)  # the test's tiny VAE
     reader = image_reader({{"name": "folder", "folder": sys.argv[1], "image_size": {size}}})
     def die(s):  # a real SIGKILL right after the second shard is in place: no cleanup runs
         if s == 1:
@@ -102,8 +77,10 @@ KILL_SCRIPT = textwrap.dedent("""
 def test_killed_extraction_resumes(setup, tmp_path):
     root, full, vae, params, _ = setup
     out = str(tmp_path / "killed")
-    script = KILL_SCRIPT.format(size=SIZE, testdir=os.path.dirname(__file__))
-    r = subprocess.run([sys.executable, "-c", script, str(root), out], capture_output=True, text=True, timeout=300)
+    with open(tmp_path / "vae.pkl", "wb") as f:
+        pickle.dump((vae, jax.device_get(params)), f)
+    r = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(size=SIZE), str(root), out, str(tmp_path / "vae.pkl")],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == -9, r.stderr[-2000:]
     assert sorted(os.listdir(out)) == [".shard-00002.tmp-dead", "index.json", "shard-00000", "shard-00001"]
     before = {s: os.stat(os.path.join(out, s, "mean.npy")).st_mtime_ns for s in ("shard-00000", "shard-00001")}
@@ -144,7 +121,7 @@ def test_errors(setup, tmp_path):
                 shard_size=5, settings={"data": "test"}, progress=False)
     partial = tmp_path / "partial"
     partial.mkdir()
-    json.dump({"format": data_latents.FORMAT, "num_examples": 10, "shard_size": 4, "num_shards": 3},
+    json.dump({"format": data_latents.FORMAT, "num_examples": 12, "shard_size": 4, "num_shards": 3},
               open(partial / "index.json", "w"))
     with pytest.raises(DataError, match="incomplete: 3 of 3 shards missing.*rerun"):
         make_source(cfg(name="latents", latents_dir=str(partial)), global_batch_size=2)
@@ -155,19 +132,18 @@ def test_errors(setup, tmp_path):
 
 
 def test_cli(setup, tmp_path, monkeypatch, capsys):
-    import dit_jax.vae
-    from dit_jax.extract_latents import main, parse_args
+    from dit_jax.cli import extract_latents as cli
     root, full, vae, params, _ = setup
-    a = parse_args(["--folder", "/x", "--out", str(tmp_path), "--vae", "mse", "--batch-size", "16"])
+    a = cli.parse_args(["--folder", "/x", "--out", str(tmp_path), "--vae", "mse", "--batch-size", "16"])
     assert (a.folder, a.vae, a.batch_size, a.shard_size) == ("/x", "mse", 16, 1024)
-    with pytest.raises(DataError, match="does not exist"):
-        main(["--folder", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no_progress"])
-    monkeypatch.setattr(dit_jax.vae, "load_vae", lambda name, *a, **k: (vae, params))  # no download in tests
+    assert cli.main(["--folder", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--no_progress"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    monkeypatch.setattr(cli.vae_weights, "load_vae", lambda name, *a, **k: (vae, params))  # no download in tests
     args = ["--config", "configs/default.py", "--folder", str(root), "--image_size", str(SIZE), "--vae", "tiny",
             "--batch_size", "8", "--shard_size", "4", "--out", str(tmp_path / "cli"), "--no_progress"]
-    main(args)
+    assert cli.main(args) == 0
     assert "3 shards written, 0 already done (of 3)" in capsys.readouterr().out
-    main(args)
+    assert cli.main(args) == 0
     assert "0 shards written, 3 already done (of 3)" in capsys.readouterr().out
     np.testing.assert_array_equal(np.load(tmp_path / "cli" / "shard-00002" / "std.npy"),
                                   np.load(os.path.join(full, "shard-00002", "std.npy")))

@@ -1,12 +1,11 @@
 """Sampling-time batch chunking (dit_jax.diffusion.apply_in_chunks / dit_model_fn batch_chunk): same outputs."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from dit_jax.diffusion import CPU_BATCH_CHUNK, apply_in_chunks, dit_model_fn, resolve_batch_chunk
+from dit_jax.guidance import CPU_BATCH_CHUNK, apply_in_chunks, dit_model_fn, resolve_batch_chunk
 from dit_jax.model import DiT, init_params
-from tests.conftest import rel_err
+from conftest import rel_err
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 import torch
 
-from convert.torch_dit import DiT_models as TORCH_MODELS
+from convert.reference.torch_dit import DiT_models as TORCH_MODELS
 from dit_jax.model import DiT_models, count_params
 
 TABLE4_MILLIONS = {"S": 33, "B": 130, "L": 458, "XL": 675}

@@ -10,38 +10,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err
 from PIL import Image
 
-from convert.torch_dit import DiT as TorchDiT
-from dit_jax import sample
+from conftest import perturbed_torch_dit, rel_err
+from convert import load_any
+from dit_jax.cli import sample
 from dit_jax.diffusion import create_diffusion
-from dit_jax.pretrained import load_any
+from dit_jax.sampling import image_keys, latents_fn
+from dit_jax.utils.images import make_grid
 
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=384, depth=2, num_heads=6, num_classes=10)
-
-
-def tiny_torch_dit(seed=0):
-    """A small release-layout DiT with the zero-initialised adaLN / output layers randomised."""
-    torch.manual_seed(seed)
-    m = TorchDiT(**TINY).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "adaLN_modulation" in name or "final_layer.linear" in name:
-                p.copy_(0.02 * torch.randn_like(p))
-    return m
+TINY = dict(depth=2, input_size=8, num_classes=10)  # DiT-S/2 with 2 blocks on 8x8x4 latents
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save(tiny_torch_dit().state_dict(), path)
+    torch.save(perturbed_torch_dit("DiT-S/2", **TINY).state_dict(), path)
     return str(path)
 
 
 @pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory):
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     torch.manual_seed(1)
     m = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                                 block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
@@ -78,34 +68,35 @@ def test_latents_match_direct_loop_and_do_not_depend_on_batch_size(ckpt, tmp_pat
     assert rel_err(runs["2"], runs["3"]) <= 1e-5
     # The same numbers from the library calls the command is made of (DDPM, 4 steps, guided).
     model, params = load_any(ckpt)
-    fn = sample.latents_fn(model, create_diffusion("4"), "ddpm", cfg_scale=1.5)
-    want = jax.jit(fn)(params, jnp.array([4, 5, 6]), sample.image_keys(0, [0, 1, 2]))
+    fn = latents_fn(model, create_diffusion("4"), "ddpm", cfg_scale=1.5)
+    want = jax.jit(fn)(params, jnp.array([4, 5, 6]), image_keys(0, [0, 1, 2]))
     assert rel_err(runs["3"], want) <= 1e-5
     # A different seed or guidance scale gives different latents.
-    other = jax.jit(sample.latents_fn(model, create_diffusion("4"), "ddpm", cfg_scale=1.0))(
-        params, jnp.array([4, 5, 6]), sample.image_keys(0, [0, 1, 2]))
+    other = jax.jit(latents_fn(model, create_diffusion("4"), "ddpm", cfg_scale=1.0))(
+        params, jnp.array([4, 5, 6]), image_keys(0, [0, 1, 2]))
     assert rel_err(other, want) > 1e-3
 
 
-def test_errors_name_the_bad_flag(ckpt, tmp_path):
+def test_errors_name_the_bad_flag(ckpt, tmp_path, capsys):
     out = str(tmp_path / "x.png")
-    with pytest.raises(SystemExit, match="--model DiT-XL/2 expects depth=28"):
-        sample.main(["--ckpt", ckpt, "--model", "DiT-XL/2", "--vae", "none", "--out", out] + COMMON)
-    with pytest.raises(SystemExit, match=r"--class-labels \[10\]"):
-        sample.main(["--ckpt", ckpt, "--vae", "none", "--class-labels", "10", "--out", out] + COMMON)
-    with pytest.raises(SystemExit, match="--image-size 256 does not match"):
-        sample.main(["--ckpt", ckpt, "--vae", "none", "--image-size", "256", "--class-labels", "1", "--out", out]
-                    + COMMON)
-    with pytest.raises(SystemExit, match="--ckpt .*missing.pt: no such file"):
-        sample.main(["--ckpt", str(tmp_path / "missing.pt"), "--vae", "none", "--out", out] + COMMON)
-    with pytest.raises(SystemExit, match="--vae nowhere"):
-        sample.main(["--ckpt", ckpt, "--vae", "nowhere", "--out", out] + COMMON)
+    cases = [
+        (["--ckpt", ckpt, "--model", "DiT-XL/2", "--vae", "none"], "--model DiT-XL/2 expects depth=28"),
+        (["--ckpt", ckpt, "--vae", "none", "--class-labels", "10"], "--class-labels [10]"),
+        (["--ckpt", ckpt, "--vae", "none", "--image-size", "256", "--class-labels", "1"], "--image-size 256 does not match"),
+        (["--ckpt", str(tmp_path / "missing.pt"), "--vae", "none"], "missing.pt: no such file"),
+        (["--ckpt", ckpt, "--vae", "nowhere"], "--vae nowhere"),
+    ]
+    for flags, message in cases:
+        assert sample.main(flags + ["--out", out] + COMMON) == 1, flags
+        err = capsys.readouterr().err.strip().splitlines()  # progress lines, then the one error line
+        assert message in err[-1] and err[-1].startswith("dit-jax-sample: error:"), (flags, err)
+        assert not any("Traceback" in line for line in err)
     assert not os.path.exists(out)
 
 
 def test_make_grid_layout():
     imgs = np.stack([np.full((2, 3, 3), i + 1, np.uint8) for i in range(5)])
-    g = sample.make_grid(imgs, nrow=4, padding=1)
+    g = make_grid(imgs, nrow=4, padding=1)
     assert g.shape == (2 * 3 + 1, 4 * 4 + 1, 3)
     assert g[1, 1, 0] == 1 and g[1, 13, 0] == 4 and g[4, 1, 0] == 5 and g[4, 5, 0] == 0
 
@@ -144,13 +135,13 @@ def test_bfloat16_close_to_float32(ckpt, tmp_path):
 
 
 def test_console_script_in_a_subprocess(ckpt, tmp_path):
-    """The installed `python -m dit_jax.sample` entry point, with the progress bar on stderr."""
+    """The `python -m dit_jax.cli.sample` entry point, with the progress bar on stderr."""
     import subprocess
     import sys
 
     out = tmp_path / "cli.png"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.run([sys.executable, "-m", "dit_jax.sample", "--ckpt", ckpt, "--vae", "none",
+    proc = subprocess.run([sys.executable, "-m", "dit_jax.cli.sample", "--ckpt", ckpt, "--vae", "none",
                            "--class-labels", "3", "--num-sampling-steps", "3", "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -172,8 +163,7 @@ def test_flax_directory_checkpoint_gives_the_same_latents(ckpt, tmp_path):
 
 
 def test_checkpoint_without_learned_sigma(tmp_path):
-    torch.manual_seed(4)
-    m = TorchDiT(**TINY, learn_sigma=False).eval()
+    m = perturbed_torch_dit("DiT-S/2", seed=4, learn_sigma=False, **TINY)
     path = tmp_path / "fixed_sigma.pt"
     torch.save(m.state_dict(), path)
     lat = tmp_path / "z.npy"

@@ -4,9 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit_jax import train
+from conftest import tiny_config
+from dit_jax import build, train
+from dit_jax.train_state import init_state
+from dit_jax.train_step import make_loss_fn, make_train_step
+from dit_jax.utils.errors import ConfigError
 from dit_jax.vae import AutoencoderKL
-from tests.train_tiny import tiny_config
 
 
 @pytest.mark.slow
@@ -15,18 +18,19 @@ def test_image_batches_equal_their_latent_posteriors():
     holding that image's posterior (same rng), and both use the 0.18215 scale."""
     c = tiny_config(global_batch_size=4)
     c.mesh.num_devices = 1
-    c.model.name, c.model.input_size, c.model.in_channels, c.model.num_classes = "DiT-S/2", 4, 4, 10
+    c.model.patch_size, c.model.input_size, c.model.in_channels, c.model.num_classes = 2, 4, 4, 10
     c.data.name = "latents"  # not digits: 4-channel latents
-    env = train.setup(c, "/nonexistent")
-    model, tx = env["model"], env["tx"]
+    env = train.setup(c)
+    model, tx = env.model, env.tx
     vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32))  # (N, H, W, 3)
     vae_params = vae.init(jax.random.PRNGKey(1), images, method=AutoencoderKL.encode)["params"]
     mean, logvar = vae.apply({"params": vae_params}, images, method=AutoencoderKL.encode)  # (N, 4, 4, 4)
     y = jnp.asarray([0, 1, 2, 3], jnp.int32)
-    st = train.init_state(model, tx, jax.random.PRNGKey(0), env["state_shardings"])
-    step = jax.jit(train.make_train_step(c, model, tx, env["diffusion"], vae))
+    st = init_state(model, tx, jax.random.PRNGKey(0), env.state_shardings)
+    loss_fn = make_loss_fn(model, env.diffusion, c.latent_scale, vae)
+    step = jax.jit(make_train_step(loss_fn, tx, build.lr_schedule(c), c.ema_decay))
     key = jax.random.PRNGKey(7)
     copy = lambda s: jax.tree_util.tree_map(jnp.copy, s)  # noqa: E731
     _, m_img = step(copy(st), {"image": images, "y": y}, key, vae_params)
@@ -38,10 +42,10 @@ def test_image_batches_equal_their_latent_posteriors():
     assert abs(float(m_x["loss"]) - float(m_l0["loss"])) <= 1e-5 * abs(float(m_x["loss"]))
 
 
-def test_check_batch_names_shape_mismatch():
-    import pytest
-
+def test_check_batch_names_shape_and_label_mismatch():
     c = tiny_config()
-    model = train.build_model(c)
-    with pytest.raises(train.ConfigError, match=r"kind 'x' has per-example shape \(16, 16, 1\).*needs \(8, 8, 1\)"):
-        train.check_batch({"x": np.zeros((2, 16, 16, 1)), "y": np.zeros(2, np.int32)}, model, 2)
+    model = build.build_model(c)
+    with pytest.raises(ConfigError, match=r"kind 'x' has per-example shape \(16, 16, 1\).*needs \(8, 8, 1\)"):
+        build.check_batch({"x": np.zeros((2, 16, 16, 1)), "y": np.zeros(2, np.int32)}, model, 2)
+    with pytest.raises(ConfigError, match=r"labels span 0..10 but config.model.num_classes=10"):
+        build.check_batch({"x": np.zeros((2, 8, 8, 1)), "y": np.array([0, 10], np.int32)}, model, 2)

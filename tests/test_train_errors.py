@@ -6,10 +6,10 @@ import struct
 import numpy as np
 import pytest
 
-from dit_jax import checkpoint as ckpt_lib
+from conftest import ROOT, train_command, tiny_config
 from dit_jax import sharding as shd
 from dit_jax import train
-from tests.train_tiny import tiny_config
+from dit_jax.utils.errors import CheckpointError, ConfigError, NonFiniteLossError
 
 
 def _no_compute(monkeypatch):
@@ -17,19 +17,19 @@ def _no_compute(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("compute started before the bad input was reported")
 
-    monkeypatch.setattr(train, "make_train_step", boom)
+    monkeypatch.setattr(train, "jit_train_step", boom)
     monkeypatch.setattr(train, "init_state", boom)
 
 
 def test_unknown_model_name(tmp_path, monkeypatch):
     _no_compute(monkeypatch)
-    with pytest.raises(train.ConfigError, match=r"config.model.name: unknown model 'DiT-Q/2'.*DiT-B/2"):
+    with pytest.raises(ConfigError, match=r"config.model.name: unknown model 'DiT-Q/2'.*DiT-B/2"):
         train.train_and_evaluate(tiny_config(**{"model.name": "DiT-Q/2"}), str(tmp_path))
 
 
 def test_batch_not_divisible_by_data_devices(tmp_path, monkeypatch):
     _no_compute(monkeypatch)
-    with pytest.raises(train.ConfigError, match=r"micro-batch 12 .* not divisible by the 8 data-parallel devices"):
+    with pytest.raises(ConfigError, match=r"micro-batch 12 .* not divisible by the 8 data-parallel devices"):
         train.train_and_evaluate(tiny_config(global_batch_size=12), str(tmp_path))
 
 
@@ -47,13 +47,10 @@ def test_mesh_does_not_fit(tmp_path, monkeypatch):
 def test_unknown_config_field_on_the_command_line(tmp_path):
     """The real entry point (a subprocess: absl parses flags once per process)."""
     import subprocess
-    import sys
 
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "dit_jax.main", "--config", os.path.join(here, "configs", "digits.py"),
-           "--workdir", str(tmp_path / "w"), "--config.optim.lrr=0.5"]
-    r = subprocess.run(cmd, cwd=here, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
+    r = subprocess.run(train_command(tmp_path / "w", "--config.optim.lrr=0.5"), cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2
     assert "unknown config field in --config.optim.lrr" in r.stderr and 'Did you mean "lr"' in r.stderr
     assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")
 
@@ -66,12 +63,19 @@ def test_corrupt_checkpoint(tmp_path, monkeypatch):
             with open(path, "wb") as f:
                 f.write(b"not a checkpoint")
     _no_compute(monkeypatch)
-    with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoints/1 could not be restored"):
+    with pytest.raises(CheckpointError, match=r"checkpoints/1 could not be restored"):
         train.train_and_evaluate(tiny_config(num_steps=2, **{"mesh.num_devices": 1}), wd)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_every,first_nan_step", [
+    (1, 4),  # every step is logged: the guard checks each step's loss right away (step 4 is also a save step)
+    (100, 3),  # step 3 is neither logged nor saved: its loss is checked one step behind, after step 4 is dispatched
+])
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, log_every, first_nan_step):
     real = train.make_source
+    checked = []
+    real_check = train.check_finite
+    monkeypatch.setattr(train, "check_finite", lambda step, *a: (checked.append(step), real_check(step, *a)))
 
     class Poisoned:
         def __init__(self, src):
@@ -79,7 +83,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
 
         def batch(self, step):
             b = self.src.batch(step)
-            if step >= 3:  # the 4th step sees NaN pixels
+            if step + 1 >= first_nan_step:  # (steps count from 1, batches from 0) NaN pixels from here on
                 b["x"] = np.full_like(b["x"], np.nan)
             return b
 
@@ -87,12 +91,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
             pass
 
     monkeypatch.setattr(train, "make_source", lambda c: Poisoned(real(c)))
-    c = tiny_config(num_steps=8)
+    c = tiny_config(num_steps=8, log_every_steps=log_every)
     c.checkpoint.every_steps = 2
     c.mesh.num_devices = 1
     wd = str(tmp_path / "nan")
-    with pytest.raises(train.NonFiniteLossError, match=r"non-finite training loss at step 4 .*last good checkpoint is step 2"):
+    with pytest.raises(NonFiniteLossError,
+                       match=rf"non-finite training loss at step {first_nan_step} .*last good checkpoint is step 2"):
         train.train_and_evaluate(c, wd)
+    assert checked == list(range(1, first_nan_step + 1))  # every step's loss was checked, the bad one last
     steps = sorted(int(n) for n in os.listdir(os.path.join(wd, "checkpoints")) if n.isdigit())
     assert steps == [2]
 

@@ -1,25 +1,24 @@
-"""kill -9 in the middle of training, then the same command again: resumes from the last complete checkpoint."""
+"""kill -9 in the middle of training (and in the middle of a checkpoint write), then the same command again:
+it resumes from the last complete checkpoint and ends with exactly the state of an uninterrupted run."""
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
+from conftest import ROOT, tiny_config, train_command
 from dit_jax import train
-from tests.train_tiny import TINY_FLAGS, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 24, 3
 
 
 def _cmd(workdir):
-    return [sys.executable, "-m", "dit_jax.main", "--config", os.path.join(ROOT, "configs", "digits.py"),
-            "--workdir", workdir, f"--config.num_steps={STEPS}", f"--config.checkpoint.every_steps={EVERY}",
-            "--config.checkpoint.keep=3", "--config.mesh.num_devices=1", *TINY_FLAGS]
+    return train_command(workdir, f"--config.num_steps={STEPS}", f"--config.checkpoint.every_steps={EVERY}",
+                         "--config.checkpoint.keep=3", "--config.mesh.num_devices=1")
 
 
 def _complete_steps(workdir):
@@ -62,6 +61,56 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path):
 
     cfg = tiny_config(num_steps=STEPS)
     cfg.mesh.num_devices = 1
-    ref = train.train_and_evaluate(cfg, str(tmp_path / "uninterrupted"))["losses"]
+    ref = train.train_and_evaluate(cfg, str(tmp_path / "uninterrupted"))
     for s in resumed:
-        assert abs(resumed[s] - ref[s]) <= 1e-6 * abs(ref[s]), (s, resumed[s], ref[s])
+        assert abs(resumed[s] - ref.losses[s]) <= 1e-6 * abs(ref.losses[s]), (s, resumed[s], ref.losses[s])
+    assert_same_state(wd, cfg, ref)
+
+
+def assert_same_state(workdir, cfg, ref):
+    """The final checkpoint of `workdir` holds the uninterrupted run's params, EMA and optimizer state."""
+    step, state, _ = train.load_latest(str(workdir), train.setup(cfg), cfg)
+    assert step == STEPS
+    for name in ("params", "ema_params", "opt_state"):
+        got = jax.tree_util.tree_leaves(jax.device_get(getattr(state, name)))
+        want = jax.tree_util.tree_leaves(jax.device_get(getattr(ref.state, name)))
+        worst = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))) /
+                          max(float(np.max(np.abs(np.asarray(b, np.float64)))), 1e-30)) for a, b in zip(got, want))
+        assert worst <= 1e-6, (name, worst)
+
+
+@pytest.mark.slow
+def test_killed_during_a_checkpoint_write_then_resumed(tmp_path):
+    """SIGKILL while orbax is writing a save (its temporary folder exists): that save is never resumed."""
+    for attempt in range(3):  # the write takes milliseconds; a run whose writes were all missed is tried again
+        wd = str(tmp_path / f"run{attempt}")
+        ckdir = os.path.join(wd, "checkpoints")
+        p = subprocess.Popen(_cmd(wd), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        seen = None
+        try:
+            deadline = time.time() + 180
+            while time.time() < deadline and p.poll() is None and seen is None:
+                names = os.listdir(ckdir) if os.path.isdir(ckdir) else []
+                tmp = [n for n in names if ".orbax-checkpoint-tmp" in n]
+                if tmp and _complete_steps(wd):  # a save in progress after at least one complete one
+                    os.kill(p.pid, signal.SIGKILL)
+                    seen = tmp[0]
+        finally:
+            if p.poll() is None and seen is None:
+                p.kill()
+            p.wait()
+        # caught only if the write had not finished (renamed into place) when the kill landed
+        if seen is not None and p.returncode == -signal.SIGKILL and int(seen.split(".")[0]) not in _complete_steps(wd):
+            break
+        seen = None
+    assert seen is not None, "never caught a checkpoint write in progress"
+    interrupted_step = int(seen.split(".")[0])
+    before = _complete_steps(wd)
+    assert interrupted_step not in before and before, (seen, before)
+    r = subprocess.run(_cmd(wd), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from checkpoint step {max(before)}" in r.stderr
+    assert not [n for n in os.listdir(os.path.join(wd, "checkpoints")) if ".orbax-checkpoint-tmp" in n]
+    cfg = tiny_config(num_steps=STEPS)
+    cfg.mesh.num_devices = 1
+    assert_same_state(wd, cfg, train.train_and_evaluate(cfg, str(tmp_path / "uninterrupted")))

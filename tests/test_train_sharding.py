@@ -1,5 +1,4 @@
 """Sharded training on 8 simulated CPU devices: shardings, parity with one device, restore on other meshes."""
-import os
 import shutil
 
 import jax
@@ -7,24 +6,26 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from dit_jax import sharding as shd
+from conftest import rel_err, tiny_config
+from dit_jax import build, sharding as shd
 from dit_jax import train
-from tests.conftest import rel_err
-from tests.train_tiny import tiny_config
+from dit_jax.model import init_params
+from dit_jax.train_state import TrainState
+from dit_jax.train_step import make_loss_fn, make_train_step
 
 TOL = 1e-5  # float32 sums in another order (sharded reductions) differ by ~1e-7 relative
 
 
 def _flat(tree):
-    return {shd.path_str(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
 
 
 def test_param_specs_fsdp_and_tensor():
     cfg = tiny_config()
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 4, 2
-    env = train.setup(cfg, "/nonexistent")
-    specs = shd.spec_tree(env["state_shardings"]["params"])
-    assert env["mesh"].shape == {"data": 1, "fsdp": 4, "tensor": 2}
+    env = train.setup(cfg)
+    specs = shd.spec_tree(env.state_shardings.params)
+    assert env.mesh.shape == {"data": 1, "fsdp": 4, "tensor": 2}
     # qkv kernel (32, 96): heads -> tensor on the output axis, fsdp on the only free axis left.
     assert specs["blocks_0/attn/qkv/kernel"] == P("fsdp", "tensor")
     assert specs["blocks_0/attn/proj/kernel"] == P("tensor", "fsdp")
@@ -34,33 +35,63 @@ def test_param_specs_fsdp_and_tensor():
     assert specs["blocks_0/attn/qkv/bias"] == P("tensor")  # 96 elements < fsdp_min_size: tensor only
     assert specs["final_layer/linear/bias"] == P()  # small: replicated
     # Adam moments follow their parameter; the step counters are replicated.
-    o_specs = shd.spec_tree(env["state_shardings"]["opt_state"])
+    o_specs = shd.spec_tree(env.state_shardings.opt_state)
     mu = [v for k, v in o_specs.items() if k.endswith("mu/blocks_0/attn/qkv/kernel")]
     assert mu == [P("fsdp", "tensor")]
     assert all(v == P() for k, v in o_specs.items() if k.endswith("count"))
 
 
-def test_sharded_run_matches_single_device(tmp_path):
-    cfg8 = tiny_config()
-    cfg8.mesh.data, cfg8.mesh.fsdp = 2, 4
-    out8 = train.train_and_evaluate(cfg8, str(tmp_path / "d2f4"))
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
     cfg1 = tiny_config()
     cfg1.mesh.num_devices = 1
-    out1 = train.train_and_evaluate(cfg1, str(tmp_path / "one"))
-    assert sorted(out8["losses"]) == [1, 2, 3]
+    return train.train_and_evaluate(cfg1, str(tmp_path_factory.mktemp("one")))
+
+
+@pytest.mark.parametrize("data,fsdp,tensor", [(2, 4, 1), (2, 2, 2)])
+def test_sharded_run_matches_single_device(tmp_path, single_device_run, data, fsdp, tensor):
+    """Losses, gradient norms (before clipping: digits clips at 1.0, and clipping plus Adam would hide a
+    gradient off by a constant factor), parameters and EMA equal the single-device run's."""
+    cfg8 = tiny_config()
+    cfg8.mesh.data, cfg8.mesh.fsdp, cfg8.mesh.tensor = data, fsdp, tensor
+    out8, out1 = train.train_and_evaluate(cfg8, str(tmp_path / "run")), single_device_run
+    assert sorted(out8.losses) == [1, 2, 3]
     for s in (1, 2, 3):
-        assert abs(out8["losses"][s] - out1["losses"][s]) <= TOL * abs(out1["losses"][s]), s
-    p8, p1 = _flat(out8["state"]["params"]), _flat(out1["state"]["params"])
+        for k in ("loss", "grad_norm", "mse", "vb"):
+            want = out1.metrics[s][k]
+            assert abs(out8.metrics[s][k] - want) <= TOL * abs(want), (s, k, out8.metrics[s][k], want)
+    assert out1.metrics[1]["grad_norm"] > 1.0  # the clip really acts, so the check above is needed
+    p8, p1 = _flat(out8.state.params), _flat(out1.state.params)
     worst = max(rel_err(p8[k], p1[k]) for k in p1)
     assert worst < TOL, worst
-    e8, e1 = _flat(out8["state"]["ema_params"]), _flat(out1["state"]["ema_params"])
+    e8, e1 = _flat(out8.state.ema_params), _flat(out1.state.ema_params)
     assert max(rel_err(e8[k], e1[k]) for k in e1) < TOL
-    # The parameters really are sharded: fsdp splits the big kernels into 4 shards over 8 devices.
-    qkv = out8["state"]["params"]["blocks_0"]["attn"]["qkv"]["kernel"]  # (32, 96)
-    assert qkv.sharding.spec == P(None, "fsdp")
-    assert {s.data.shape for s in qkv.addressable_shards} == {(32, 24)}
-    assert out8["state"]["opt_state"][1][0].mu["blocks_0"]["attn"]["qkv"]["kernel"].sharding.spec == P(None, "fsdp")
-    assert len(out1["state"]["params"]["blocks_0"]["attn"]["qkv"]["kernel"].sharding.device_set) == 1
+    o8, o1 = _flat(out8.state.opt_state), _flat(out1.state.opt_state)
+    assert max(rel_err(o8[k], o1[k]) for k in o1 if np.abs(o1[k]).max() > 0) < 1e-4  # Adam's nu: squares
+    # The parameters really are sharded over the mesh (fsdp, and tensor on the qkv output axis).
+    qkv = out8.state.params["blocks_0"]["attn"]["qkv"]["kernel"]  # (32, 96)
+    assert len({s.index for s in qkv.addressable_shards}) == fsdp * tensor
+    assert len(out1.state.params["blocks_0"]["attn"]["qkv"]["kernel"].sharding.device_set) == 1
+
+
+def test_ema_update_is_the_formula(tmp_path):
+    """One step from a state whose EMA differs from the params: ema' = d * ema + (1 - d) * params'."""
+    import optax
+
+    c = tiny_config(global_batch_size=8)
+    c.mesh.num_devices = 1
+    env = train.setup(c)
+    params = init_params(env.model, jax.random.PRNGKey(0))
+    ema = jax.tree_util.tree_map(lambda p: p + 0.1, params)
+    tx = optax.sgd(0.5)
+    st = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, ema_params=ema,
+                    opt_state=tx.init(params))
+    batch = {k: jax.numpy.asarray(v) for k, v in train.make_source(c).batch(0).items()}
+    step = make_train_step(make_loss_fn(env.model, env.diffusion, c.latent_scale), tx, build.lr_schedule(c), 0.9)
+    new, _ = jax.jit(step)(st, batch, jax.random.PRNGKey(1), None)
+    got, p_new, e_old = _flat(new.ema_params), _flat(new.params), _flat(ema)
+    assert max(rel_err(got[k], 0.9 * e_old[k] + 0.1 * p_new[k]) for k in got) < 1e-6
+    assert max(np.abs(p_new[k] - _flat(params)[k]).max() for k in p_new) > 1e-3  # the params did move
 
 
 def test_checkpoint_from_8_devices_restores_on_1_and_4(tmp_path):
@@ -72,16 +103,16 @@ def test_checkpoint_from_8_devices_restores_on_1_and_4(tmp_path):
     ref = tiny_config(num_steps=4)  # the uninterrupted continuation on the original 8-device mesh
     ref.mesh.data, ref.mesh.fsdp = 2, 4
     ref_out = train.train_and_evaluate(ref, str(tmp_path / "w8"))
-    assert sorted(ref_out["losses"]) == [3, 4]  # it resumed at step 2
+    assert sorted(ref_out.losses) == [3, 4]  # it resumed at step 2
     for n, fsdp in ((1, 1), (4, 2)):
         c = tiny_config(num_steps=4)
         c.mesh.num_devices, c.mesh.fsdp = n, fsdp
         out = train.train_and_evaluate(c, str(tmp_path / f"w{n}"))
-        assert sorted(out["losses"]) == [3, 4], n
-        assert len(out["state"]["params"]["blocks_0"]["attn"]["qkv"]["kernel"].sharding.device_set) == n
+        assert sorted(out.losses) == [3, 4], n
+        assert len(out.state.params["blocks_0"]["attn"]["qkv"]["kernel"].sharding.device_set) == n
         for s in (3, 4):
-            assert abs(out["losses"][s] - ref_out["losses"][s]) <= TOL * abs(ref_out["losses"][s]), (n, s)
-        pa, pb = _flat(out["state"]["params"]), _flat(ref_out["state"]["params"])
+            assert abs(out.losses[s] - ref_out.losses[s]) <= TOL * abs(ref_out.losses[s]), (n, s)
+        pa, pb = _flat(out.state.params), _flat(ref_out.state.params)
         assert max(rel_err(pa[k], pb[k]) for k in pb) < TOL, n
 
 
@@ -90,8 +121,8 @@ def test_options_bf16_remat_accum_clip(tmp_path):
     c.model.dtype, c.model.remat, c.optim.grad_clip = "bfloat16", True, 0.5
     c.mesh.fsdp = 2
     out = train.train_and_evaluate(c, str(tmp_path / "opts"))
-    assert all(np.isfinite(v) for v in out["losses"].values())
-    assert out["state"]["params"]["blocks_0"]["attn"]["qkv"]["kernel"].dtype == np.float32  # params stay f32
+    assert all(np.isfinite(v) for v in out.losses.values())
+    assert out.state.params["blocks_0"]["attn"]["qkv"]["kernel"].dtype == np.float32  # params stay f32
 
 
 def test_grad_accumulation_is_the_mean_of_micro_batch_gradients():
@@ -103,22 +134,23 @@ def test_grad_accumulation_is_the_mean_of_micro_batch_gradients():
 
     c = tiny_config(global_batch_size=8, grad_accum_steps=2)
     c.mesh.num_devices = 1
-    env = train.setup(c, "/nonexistent")
-    model, tx = env["model"], optax.sgd(1.0)
-    params = model.init(jax.random.PRNGKey(0), *train._dummy_inputs(model))["params"]
-    st = {"step": jax.numpy.zeros((), jax.numpy.int32), "params": params, "ema_params": params,
-          "opt_state": tx.init(params)}
+    env = train.setup(c)
+    model, tx = env.model, optax.sgd(1.0)
+    params = init_params(model, jax.random.PRNGKey(0))
+    st = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, ema_params=params,
+                    opt_state=tx.init(params))
     batch = {k: jax.numpy.asarray(v) for k, v in train.make_source(c).batch(0).items()}
-    step = train.make_train_step(c, model, tx, env["diffusion"])
+    loss_fn = make_loss_fn(model, env.diffusion, c.latent_scale)
+    step = make_train_step(loss_fn, tx, build.lr_schedule(c), c.ema_decay, c.grad_accum_steps)
     new, m = jax.jit(step)(st, batch, jax.random.PRNGKey(3), None)
     key = jax.random.fold_in(jax.random.PRNGKey(3), 0)  # the step-0 rng
     grads, losses = [], []
     for i in range(2):
-        (loss, _), g = jax.value_and_grad(step.loss_fn, has_aux=True)(
+        (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(
             params, {k: v[i::2] for k, v in batch.items()}, jax.random.fold_in(key, i), None)
         grads.append(g)
         losses.append(float(loss))
     want = _flat(jax.tree_util.tree_map(lambda a, b: -(a + b) / 2, *grads))
-    got = _flat(jax.tree_util.tree_map(lambda a, b: a - b, new["params"], params))
+    got = _flat(jax.tree_util.tree_map(lambda a, b: a - b, new.params, params))
     assert max(rel_err(got[k], want[k]) for k in want) < TOL
     assert abs(float(m["loss"]) - np.mean(losses)) < 1e-6

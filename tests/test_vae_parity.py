@@ -11,13 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
-from convert import ConversionError
-from convert.vae_weights import flax_path, infer_config, read_state_dict, torch_to_flax_vae
-from dit_jax.vae import LATENT_SCALE, AutoencoderKL, decode_latents, encode_to_latents, load_vae
+import diffusers
+import torch
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+from conftest import nchw, nhwc, rel_err
+from convert.vae_weights import load_vae
+from dit_jax import vae as vae_module
+from dit_jax.utils.safetensors_io import WeightsFileError
+from dit_jax.vae import LATENT_SCALE, AutoencoderKL, decode_latents, encode_to_latents
+from dit_jax.vae_weights import flax_path, infer_config, read_state_dict
+from dit_jax.vae_weights import state_dict_to_params as torch_to_flax_vae
 
 TOL = 1e-4
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
@@ -41,18 +44,10 @@ def make_torch_vae(cfg, seed=0):
     return m
 
 
-def nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def nhwc(t):
-    return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
 def torch_reference(m, images, latents):
     with torch.no_grad():
-        dist = m.encode(nchw(images)).latent_dist
-        dec = m.decode(nchw(latents)).sample
+        dist = m.encode(torch.from_numpy(nchw(images))).latent_dist
+        dec = m.decode(torch.from_numpy(nchw(latents))).sample
     return nhwc(dist.mean), nhwc(dist.logvar), nhwc(dec)
 
 
@@ -124,6 +119,30 @@ def test_latent_helpers(tiny_pair):
     np.testing.assert_allclose(decode_latents(vae, params, latents), direct, rtol=1e-5, atol=1e-5)
 
 
+def test_group_norm_eps_is_visible(tiny_pair, monkeypatch):
+    """Low-amplitude images and latents: the first GroupNorms see a small variance, so their eps shows.
+
+    With ordinary inputs a GroupNorm eps of 1e-5 instead of 1e-6 moves the encoder outputs by ~5e-5, inside TOL.
+    """
+    m, cfg = tiny_pair
+    vae, params = AutoencoderKL(**cfg), torch_to_flax_vae(m.state_dict(), cfg)
+    images, latents = inputs(1, 16, np.random.default_rng(2))
+    images, latents = 0.03 * images, 0.03 * latents
+    ref = torch_reference(m, images, latents)
+
+    def errors():  # fresh jits: GROUP_NORM_EPS is read when tracing
+        mean, logvar = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=AutoencoderKL.encode))(params, images)
+        dec = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=AutoencoderKL.decode))(params, latents)
+        return {k: rel_err(np.asarray(a), b) for k, a, b in zip(("mean", "logvar", "decode"), (mean, logvar, dec), ref)}
+
+    good = errors()
+    monkeypatch.setattr(vae_module, "GROUP_NORM_EPS", 1e-5)
+    wrong = errors()
+    print("low-amplitude VAE parity rel_err:", good, "with GroupNorm eps 1e-5:", wrong)
+    assert all(e <= TOL for e in good.values()), good
+    assert all(e > 10 * TOL for e in wrong.values()), f"a wrong GroupNorm eps is not visible: {wrong}"
+
+
 def test_bfloat16_compute_close_to_float32(tiny_pair):
     m, cfg = tiny_pair
     params = torch_to_flax_vae(m.state_dict(), cfg)
@@ -193,28 +212,28 @@ def test_bad_keys_and_shapes_name_the_key(tiny_pair, tmp_path):
     state = {k: v.numpy() for k, v in m.state_dict().items()}
 
     extra = dict(state, **{"encoder.bogus.weight": np.zeros(3, np.float32)})
-    with pytest.raises(ConversionError, match=r"encoder\.bogus\.weight"):
+    with pytest.raises(WeightsFileError, match=r"encoder\.bogus\.weight"):
         torch_to_flax_vae(extra, cfg)
 
     missing = {k: v for k, v in state.items() if k != "decoder.up_blocks.1.resnets.0.conv2.bias"}
-    with pytest.raises(ConversionError, match=r"decoder\.up_blocks_1\.resnets_0\.conv2\.bias"):
+    with pytest.raises(WeightsFileError, match=r"decoder\.up_blocks_1\.resnets_0\.conv2\.bias"):
         torch_to_flax_vae(missing, cfg)
 
     wrong = dict(state)
     wrong["decoder.conv_in.weight"] = np.zeros((64, 4, 3, 1), np.float32)
-    with pytest.raises(ConversionError, match=r"decoder\.conv_in\.weight: shape \(3, 1, 4, 64\)"):
+    with pytest.raises(WeightsFileError, match=r"decoder\.conv_in\.weight: shape \(3, 1, 4, 64\)"):
         torch_to_flax_vae(wrong, cfg)
 
-    with pytest.raises(ConversionError, match="does not match|not filled"):
+    with pytest.raises(WeightsFileError, match="does not match|not filled"):
         torch_to_flax_vae(state, dict(cfg, block_out_channels=(32, 64, 64)))
 
     m.save_pretrained(tmp_path / "vae")
     cfg_file = tmp_path / "vae" / "config.json"
     raw = json.loads(cfg_file.read_text())
     cfg_file.write_text(json.dumps(dict(raw, latent_channels=8)))
-    with pytest.raises(ConversionError, match="latent_channels=8"):
+    with pytest.raises(WeightsFileError, match="latent_channels=8"):
         load_vae(str(tmp_path / "vae"))
-    with pytest.raises(ConversionError, match="does not exist"):
+    with pytest.raises(WeightsFileError, match="does not exist"):
         load_vae(str(tmp_path / "nowhere"))
 
 
@@ -228,5 +247,5 @@ def test_key_rule():
 def test_read_state_dict_rejects_unknown_format(tmp_path):
     p = tmp_path / "w.npz"
     p.write_bytes(b"x")
-    with pytest.raises(ConversionError, match="unknown VAE weights format"):
+    with pytest.raises(WeightsFileError, match="unknown VAE weights format"):
         read_state_dict(str(p))

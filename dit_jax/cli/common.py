@@ -1,0 +1,96 @@
+"""What every command line shares: one-line errors and exit codes, console logging, output checks.
+
+Exit codes of every dit-jax command: 0 success; 1 an error in the input, the data, a file or the config (one
+line on stderr naming it; `--debug` shows the traceback); 2 a command-line usage error (argparse/absl);
+130 interrupted with Ctrl-C (SIGINT).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from typing import Callable, Optional, Sequence
+
+from dit_jax.utils.errors import ConfigError, DitJaxError
+from dit_jax.utils.platforms import skip_absent_tpu
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXPECTED_ERRORS = (DitJaxError, OSError)  # a missing/unwritable file is the user's to fix, not a bug
+
+
+def log_line(msg: str) -> None:
+    """A progress line on stderr (stdout stays free for results)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def one_line(e: BaseException) -> str:
+    """The message of an error on one line (multi-line messages are joined)."""
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def run_command(prog: str, fn: Callable[[], object], argv: Optional[Sequence[str]] = None,
+                on_interrupt: Optional[Callable[[], str]] = None) -> int:
+    """Run `fn()`; map expected errors to one line + exit 1, Ctrl-C to exit 130. Returns the exit code:
+    fn's own when it returns an int (e.g. 1: a compile-only check that does not fit), else 0.
+
+    `on_interrupt()` may say what was kept (e.g. the last checkpoint). With `--debug` in argv the traceback
+    of an error is printed too.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    skip_absent_tpu()  # before JAX starts: libtpu without a TPU chip would only cost seconds and noise
+    try:
+        rc = fn()
+    except KeyboardInterrupt:
+        extra = on_interrupt() if on_interrupt is not None else ""
+        print(f"{prog}: interrupted" + (f"; {extra}" if extra else ""), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except EXPECTED_ERRORS as e:
+        if "--debug" in argv:
+            traceback.print_exc()
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    return rc if isinstance(rc, int) and not isinstance(rc, bool) else EXIT_OK
+
+
+def setup_console_logging(verbose: bool = True) -> None:
+    """Our progress lines at INFO on stderr ("HH:MM:SS message"); library chatter stays quiet."""
+    ours = logging.getLogger("dit_jax")
+    if not ours.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        ours.addHandler(h)
+        ours.propagate = False
+    ours.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def check_writable_file(path: str, flag: str) -> None:
+    """Before any work: `path` must not be a directory and its folder must exist (or be creatable) and be writable."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path}: is a directory; give a file name")
+    check_writable_dir(os.path.dirname(os.path.abspath(path)), flag, path)
+
+
+def check_writable_dir(folder: str, flag: str, shown: Optional[str] = None) -> None:
+    """Before any work: `folder` (or its nearest existing parent, if it will be created) must be writable."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"{flag} {shown or folder}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {shown or folder}: folder {probe} is not writable")
+
+
+def check_range(value, name: str, low=None, high=None, kind: str = "") -> None:
+    """A numeric flag or config field within [low, high] (either end optional); the error states the range."""
+    bad = (low is not None and value < low) or (high is not None and value > high)
+    if bad:
+        if low is not None and high is not None:
+            want = f"between {low} and {high}"
+        elif low is not None:
+            want = f">= {low}"
+        else:
+            want = f"<= {high}"
+        raise ConfigError(f"{name}={value}: must be {want}{kind}")

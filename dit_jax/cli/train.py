@@ -1,0 +1,169 @@
+"""dit-jax-train: flags -> train.train_and_evaluate(config, workdir).
+
+    dit-jax-train --config configs/digits.py --workdir runs/digits [--config.optim.lr=2e-4 ...]
+    dit-jax-train --config configs/default.py:B/2 --workdir gs://bucket/run --export-torch dit.pt
+    dit-jax-train --config configs/default.py --workdir /tmp/check --compile-only --topology v5e:16x16
+
+Multi-host: on TPU pods, SLURM and Open MPI `jax.distributed.initialize()` finds the cluster itself
+(--distributed=auto); elsewhere pass --coordinator_address HOST:PORT --num_processes N --process_id I on
+every process (or the env variables DIT_COORDINATOR_ADDRESS, DIT_NUM_PROCESSES, DIT_PROCESS_ID).
+--compile-only compiles the training step for a TPU pod on this machine (docs/tpu.md) and exits 0 when it fits,
+1 when it does not. SIGTERM (a preempted spot VM) saves a checkpoint at a step all processes agree on and
+exits 0. Exit codes: 0 trained (or nothing left to train), 1 an error (one line on stderr; --debug for the
+traceback), 2 a usage error, 130 interrupted (the newest checkpoint is kept; rerun to resume).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+import jax
+from absl import flags
+from absl import logging as absl_logging
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+import convert
+from convert import vae_weights, writers
+from convert.inception_weights import inception_params
+from dit_jax import build, checkpoint as ckpt_lib, compile_report, topology
+from dit_jax.cli.common import EXIT_USAGE, check_writable_file, run_command, setup_console_logging
+from dit_jax.utils.errors import ConfigError
+from dit_jax.pretrained import model_config
+from dit_jax.train import train_and_evaluate
+from dit_jax.utils import cpu_malloc
+
+PROG = "dit-jax-train"
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config() (PATH[:VARIANT])",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "checkpoints, logs, TensorBoard events and sample grids go here")
+flags.DEFINE_string("export-torch", None, "write the final EMA weights as a release-format PyTorch .pt here")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "jax.distributed.initialize(): auto = when a cluster (TPU pod, SLURM, MPI) or the "
+                  "coordinator flags are detected, on = always, off = never")
+flags.DEFINE_string("coordinator_address", os.environ.get("DIT_COORDINATOR_ADDRESS"),
+                    "HOST:PORT of process 0 (GPU clusters without SLURM/MPI)")
+flags.DEFINE_integer("num_processes", int(os.environ.get("DIT_NUM_PROCESSES", "0")) or None, "number of processes")
+flags.DEFINE_integer("process_id", int(os.environ["DIT_PROCESS_ID"]) if "DIT_PROCESS_ID" in os.environ else None,
+                     "this process's index, 0..num_processes-1")
+flags.DEFINE_string("cpu_collectives", "gloo", "CPU cross-process collectives when distributed (gloo | mpi)")
+flags.DEFINE_bool("debug", False, "print the traceback of an error")
+flags.DEFINE_bool("compile-only", False, "compile the training step for --topology and report the memory per chip "
+                  "(writes WORKDIR/compile_report.json; exit 1 when it does not fit); trains nothing")
+flags.DEFINE_string("topology", None, "with --compile-only: a TPU slice like v5e:16x16, v4:4x4x8, v5p:4x4x4, v6e:16x16")
+
+_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+
+
+def init_distributed(mode: str, coordinator_address, num_processes, process_id, cpu_collectives: str) -> None:
+    """Must run before anything touches a JAX device."""
+    explicit = coordinator_address is not None
+    if mode == "off" or (mode == "auto" and not explicit and not any(k in os.environ for k in _CLUSTER_ENV)):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    if explicit:
+        if num_processes is None or process_id is None:
+            raise ConfigError("--coordinator_address needs --num_processes and --process_id")
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    else:
+        jax.distributed.initialize()
+
+
+def parse_flags(argv: Sequence[str]) -> Optional[str]:
+    """absl parsing; returns a one-line usage error (a bad flag, an unknown config field) or None."""
+    try:
+        rest = FLAGS(list(argv))
+    except flags.Error as e:
+        return f"{e} (pass --help for usage)"
+    except (AttributeError, KeyError, ValueError, TypeError) as e:  # ml_collections: an override that does not fit
+        msg = " ".join(str(e.args[0] if e.args else e).replace("\\n", " ").split()).replace("\\", "").replace("'", "")
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        named = [a for a in overrides if a.rsplit(".", 1)[-1] in msg.replace(":", " ").split()]
+        bad = " ".join(named or overrides)
+        what = "unknown config field" if isinstance(e, (AttributeError, KeyError)) else "bad config value"
+        return f"{what} in {bad}: {msg}"
+    if len(rest) > 1:
+        return f"unexpected arguments: {rest[1:]}"
+    return None
+
+
+def export_torch(path: str, result) -> None:
+    """EMA weights -> release-format state_dict .pt (loads into the release DiT with strict=True)."""
+    host = (multihost_utils.process_allgather(result.state.ema_params, tiled=True) if jax.process_count() > 1
+            else jax.device_get(result.state.ema_params))
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        state = convert.flax_to_torch(host, model_config(result.model), as_numpy=True)
+        writers.write_pt(state, path, overwrite=True)
+        logging.getLogger("dit_jax.train").info("exported EMA weights to %s", path)
+
+
+def step_bytes(config) -> int:
+    """Estimated temporaries of one training step (0 when the model config is invalid: reported later)."""
+    try:
+        d = build.model_dims(config.model)
+    except ConfigError:
+        return 0
+    tokens = (config.model.input_size // d["patch_size"]) ** 2
+    return cpu_malloc.training_step_bytes(d["depth"], d["hidden_size"], d["num_heads"], tokens,
+                                          int(config.global_batch_size))
+
+
+def compile_only(config, workdir: str) -> int:
+    """The pod check: report on stdout and in WORKDIR/compile_report.json; 0 when it fits, else 1."""
+    if not FLAGS.topology:
+        raise ConfigError("--compile-only needs --topology (e.g. --topology v5e:16x16)")
+    jax.config.update("jax_platforms", "cpu")  # compile only: never initialise an accelerator here
+    report = compile_report.compile_for_topology(config, topology.tpu_topology(FLAGS.topology))
+    print(compile_report.format_report(report), flush=True)
+    print(f"report: {compile_report.write_report(report, workdir)}", flush=True)
+    return 0 if report["fits"] else 1
+
+
+def train(config, workdir: str) -> int:
+    if FLAGS["compile-only"].value or FLAGS.topology:
+        if not FLAGS["compile-only"].value:
+            raise ConfigError("--topology is for --compile-only")
+        return compile_only(config, workdir)
+    export = FLAGS["export-torch"].value
+    if export:
+        check_writable_file(export, "--export-torch")
+    cpu_malloc.configure(step_bytes(config), verbose=True)  # before JAX creates its CPU client
+    init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                     FLAGS.cpu_collectives)
+    result = train_and_evaluate(config, workdir, load_vae=vae_weights.load_vae, load_inception=inception_params)
+    if export and result.preempted is None:
+        export_torch(export, result)
+    return 0
+
+
+def interrupted_note(workdir: str) -> str:
+    step = ckpt_lib.latest_saved_step(workdir)
+    return (f"the last checkpoint is step {step} in {ckpt_lib.checkpoint_dir(workdir)}; rerun the same command "
+            f"to resume" if step is not None else "no checkpoint was written")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__.strip() + "\n\nflags:\n" + FLAGS.module_help(sys.modules[__name__]))
+        return 0
+    error = parse_flags(argv)
+    if error is None and (FLAGS.config is None or FLAGS.workdir is None):
+        error = "--config and --workdir are required (pass --help for usage)"
+    if error is not None:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if not FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/absl chatter only from WARNING up
+    setup_console_logging()
+    return run_command(PROG, lambda: train(FLAGS.config, FLAGS.workdir), argv[1:],
+                       on_interrupt=lambda: interrupted_note(FLAGS.workdir))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

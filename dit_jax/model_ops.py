@@ -1,0 +1,176 @@
+"""The DiT's numerical kernels, kept apart from the Flax modules of dit_jax/model.py: the fixed sin-cos tables,
+the timestep features exact to float64 rounding, dots summed over short slices on CPU, LayerNorm and
+adaLN modulation in float32, and the head-major attention with its hand-written backward.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fixed embeddings (computed in float64 NumPy then cast to float32, exactly like the release)
+# ----------------------------------------------------------------------------------------------------
+def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    """(M,) positions -> (M, embed_dim): [sin(pos * omega), cos(pos * omega)]."""
+    assert embed_dim % 2 == 0, f"embed_dim must be even, got {embed_dim}"
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega  # (D/2,)
+    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)  # (M, D/2)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """(grid_size**2, embed_dim) table; token order is row-major (h, w).
+
+    The release builds `meshgrid(grid_w, grid_h)`, so the first half of the channels encodes the w
+    (column) coordinate and the second half the h (row) coordinate.
+    """
+    assert embed_dim % 2 == 0, f"embed_dim must be even, got {embed_dim}"
+    coords = np.arange(grid_size, dtype=np.float32)
+    w_coord, h_coord = np.meshgrid(coords, coords)  # both (G, G), indexed [h, w]
+    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, w_coord)
+    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, h_coord)
+    return np.concatenate([emb_w, emb_h], axis=1).astype(np.float32)  # (G*G, D)
+
+
+def _split_frequencies(half: int, max_period: float, freq_shift: float):
+    """The float64 sinusoid frequencies as two float32 arrays hi + lo, each (half,).
+
+    hi keeps 12 significant bits, so t * hi is exact in float32 for integer t < 2**12; lo is the rest
+    (|lo| < 2**-12 hi), small enough that t * lo's rounding no longer matters.
+    """
+    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / (half - freq_shift))
+    hi = (freqs.astype(np.float32).view(np.uint32) & np.uint32(0xFFFFF000)).view(np.float32)
+    lo = (freqs - hi.astype(np.float64)).astype(np.float32)
+    return hi, lo
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> jax.Array:
+    """(N,) timesteps (may be fractional) -> (N, dim) float32 `cat([cos, sin])` features.
+
+    `freq_shift` 0 is the release; diffusers' DiT port divides by (half - 1), i.e. freq_shift 1.
+
+    The release rounds each argument t * freq to float32: up to 3e-5 off at t ~ 1000, which is what its
+    float32 output loses at large t against a float64 evaluation (DiT-L/2, 2 blocks: 1.5e-5 at t=999 against
+    1.5e-6 at t < 10; see benchmarks/precision.py). Here the argument is hi + lo with t * hi exact, and
+    cos(a + b) = cos a cos b - sin a sin b (sin likewise): within 1e-7 of float64 at every integer t, and
+    half the release's error for fractional t. Four sin/cos on (N, half) instead of two: free.
+    """
+    half = dim // 2
+    hi, lo = _split_frequencies(half, max_period, freq_shift)  # (half,) float32 constants each
+    t = t.astype(jnp.float32)[:, None]
+    a_hi, a_lo = t * jnp.asarray(hi)[None], t * jnp.asarray(lo)[None]  # (N, half); a_hi exact for integer t
+    cos_hi, sin_hi, cos_lo, sin_lo = jnp.cos(a_hi), jnp.sin(a_hi), jnp.cos(a_lo), jnp.sin(a_lo)
+    emb = jnp.concatenate([cos_hi * cos_lo - sin_hi * sin_lo, sin_hi * cos_lo + cos_hi * sin_lo], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+# Longest stretch of a contraction that XLA:CPU's float32 dot accumulates in one go in
+# `chunked_dot_general`. Its Eigen kernel sums each output over up to ~2048 products in one float32
+# accumulator, so its rounding error grows like sqrt(K): at K=1024, 1.5e-6 relative against 5e-7 for MKL,
+# which the release runs on (issue 13). Slices of <= 256 products, added in float32, match MKL.
+DOT_CHUNK = 256
+
+
+def chunked_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                        preferred_element_type=None) -> jax.Array:
+    """`lax.dot_general` for x (..., K) @ W (K, F) that, on CPU, sums dots over <= DOT_CHUNK-long slices of K.
+
+    Used (as `nn.Dense(dot_general=...)`) for the conditioning path, whose dots have only N rows so the
+    slicing costs nothing measurable, and for the per-token dots only with `DiT(precise_cpu_dots=True)`
+    (~8% more CPU time in the forward). Other platforms get the plain dot: their kernels accumulate
+    differently, and their programs stay unchanged. Partial sums are float32 whatever the operand dtype.
+    """
+    (lhs_contract, rhs_contract), batch = dimension_numbers
+    k = lhs.shape[-1]
+    n_chunks = -(-k // DOT_CHUNK)
+    plain = functools.partial(jax.lax.dot_general, dimension_numbers=dimension_numbers, precision=precision,
+                              preferred_element_type=preferred_element_type)
+    if n_chunks == 1 or tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,) or batch != ((), ()):
+        return plain(lhs, rhs)
+    out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+
+    def chunked(lhs, rhs):
+        bounds = [i * k // n_chunks for i in range(n_chunks + 1)]
+        parts = [jax.lax.dot_general(lhs[..., a:b], rhs[a:b], dimension_numbers, precision,
+                                     preferred_element_type=jnp.float32) for a, b in zip(bounds, bounds[1:])]
+        return sum(parts[1:], parts[0]).astype(out_dtype)  # (..., F)
+
+    return jax.lax.platform_dependent(lhs, rhs, cpu=chunked, default=plain)
+
+
+def token_dot_general(precise: bool):
+    """The `dot_general` of a per-token nn.Dense: chunked on CPU when asked (None: flax's plain dot)."""
+    return chunked_dot_general if precise else None
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """x (N, T, D) float32, shift/scale (N, D) float32."""
+    return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without affine parameters, always in float32."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------
+def _swap_last(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array):
+    """-> (out (N, H, T, Dh), unnormalised probabilities e (N, H, T, S) float32, row sums l (N, H, T, 1))."""
+    scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    logits = jnp.matmul(q * scale, _swap_last(k), preferred_element_type=jnp.float32)  # (N, H, T, S)
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    l = jnp.sum(e, axis=-1, keepdims=True)  # (N, H, T, 1)
+    # Normalise after the value product: a (T, Dh) division instead of a (T, S) one (same maths; on CPU the
+    # forward is ~2x faster than softmax-then-matmul, faster than PyTorch's SDPA on the same shapes).
+    out = jnp.matmul(e.astype(v.dtype), v, preferred_element_type=jnp.float32) / l
+    return out.astype(v.dtype), e, l
+
+
+@jax.custom_vjp
+def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention on head-major (N, H, T, Dh) q/k/v -> (N, H, T, Dh); logits and softmax in float32.
+
+    The same maths as `jax.nn.dot_product_attention`'s XLA path, written as plain batched matmuls over
+    (N, H) (which XLA's CPU dot kernels run ~1.5x faster than the (N, T, H, Dh) einsums) with a hand-written
+    backward pass: dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(Dh), dK = dS^T Q / sqrt(Dh).
+    Gradients equal autodiff of the plain softmax formula (tests/test_attention.py).
+    """
+    return _attention_forward(q, k, v)[0]
+
+
+def _attention_fwd_rule(q, k, v):
+    out, e, l = _attention_forward(q, k, v)
+    return out, (q, k, v, out, (e / l).astype(v.dtype))  # keeps the probabilities P (N, H, T, S)
+
+
+def _attention_bwd_rule(res, g):
+    q, k, v, out, p = res  # g: (N, H, T, Dh)
+    f32 = jnp.float32
+    scale = q.shape[-1] ** -0.5
+    dv = jnp.matmul(_swap_last(p), g.astype(p.dtype), preferred_element_type=f32)  # (N, H, S, Dh)
+    dp = jnp.matmul(g, _swap_last(v), preferred_element_type=f32)  # (N, H, T, S)
+    delta = jnp.sum(g.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # (N, H, T, 1)
+    ds = (p.astype(f32) * (dp - delta) * scale).astype(q.dtype)  # gradient of the scaled logits
+    dq = jnp.matmul(ds, k, preferred_element_type=f32)  # (N, H, T, Dh)
+    dk = jnp.matmul(_swap_last(ds), q, preferred_element_type=f32)  # (N, H, S, Dh)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+head_major_attention.defvjp(_attention_fwd_rule, _attention_bwd_rule)

@@ -1,0 +1,68 @@
+"""float32 precision of dit_jax against a float64 evaluation, next to the release's own float32 (issue 13).
+
+The float64 evaluation is benchmarks.precision.forward64: the DiT maths in NumPy float64 from the release
+state_dict (float64 sinusoid frequencies and arguments too). Error = max|out - out64| / max|out64| per
+example, one t per example, release weights drawn from N(0, 0.05), 2 blocks. The full table for the 12
+sizes: `python -m benchmarks.precision [--latent 64]`.
+"""
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from benchmarks.precision import measure, timestep_features64, timestep_features_release32
+from dit_jax.model_ops import timestep_embedding
+
+SMALL_T = (0, 1, 3, 5, 10)
+LARGE_T = (500, 750, 977, 999)
+RATIO = 1.5  # dit_jax's error may be at most this multiple of the release's
+
+
+def test_timestep_features_float64_exact_at_every_t():
+    t = np.arange(1000)
+    ours = np.asarray(jax.jit(lambda t: timestep_embedding(t, 256))(jnp.asarray(t, jnp.float32)), np.float64)
+    exact = timestep_features64(t)
+    # The release's float32 features are 5.6e-5 off at t ~ 1000 (its float32 t * freq); ours stay ~1e-7.
+    assert np.abs(timestep_features_release32(t) - exact).max() > 5e-5
+    assert np.abs(ours - exact).max() < 2e-7
+    # Fractional t (t * hi is no longer exact): still no worse than the release.
+    tf = np.random.RandomState(0).uniform(0, 1000, 500).astype(np.float32)
+    ours = np.asarray(timestep_embedding(jnp.asarray(tf), 256), np.float64)
+    exact = timestep_features64(tf)
+    assert np.abs(ours - exact).max() <= np.abs(timestep_features_release32(tf) - exact).max()
+
+
+@pytest.mark.parametrize("name", ["DiT-S/2", "DiT-B/4"])
+def test_no_precision_lost_at_large_t(name):
+    """Default model: large t costs no precision (the release loses 5-10x there; dit_jax did too)."""
+    r = measure(name, 32, SMALL_T + LARGE_T)
+    small, large = r["jax"][: len(SMALL_T)], r["jax"][len(SMALL_T):]
+    print(f"\n{name}: release {r['release']}\n dit_jax {r['jax']}")
+    assert large.max() <= RATIO * small.max(), f"{name}: error {large.max():.2e} at large t vs {small.max():.2e}"
+    assert np.all(large <= RATIO * r["release"][len(SMALL_T):])
+
+
+def _check_every_t(name, latent, ts):
+    r = measure(name, latent, ts, variants={"precise": {"precise_cpu_dots": True}})
+    ratio = r["precise"] / r["release"]
+    print(f"\n{name} latent {latent}: ratio dit_jax(precise_cpu_dots) / release per t {np.round(ratio, 2)}")
+    assert ratio.max() <= RATIO, f"{name} latent {latent}: t={ts[ratio.argmax()]} ratio {ratio.max():.2f}"
+
+
+@pytest.mark.parametrize("name", ["DiT-S/2", "DiT-B/4"])
+def test_as_exact_as_release_at_every_t(name):
+    """With precise_cpu_dots (CPU dots summed like MKL's), no further from float64 than the release."""
+    _check_every_t(name, 32, SMALL_T + LARGE_T)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["DiT-S/8", "DiT-S/4", "DiT-B/8", "DiT-B/2", "DiT-L/8", "DiT-L/4", "DiT-L/2",
+                                  "DiT-XL/8", "DiT-XL/4", "DiT-XL/2"])
+def test_as_exact_as_release_at_every_t_all_sizes(name):
+    _check_every_t(name, 32, (0, 3, 5, 10, 977, 999))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["DiT-S/2", "DiT-XL/2"])
+def test_as_exact_as_release_at_every_t_512px(name):
+    _check_every_t(name, 64, (3, 5, 977, 999))
