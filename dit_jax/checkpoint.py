@@ -91,8 +91,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, state_co
         try:
             meta = read_meta(manager, step)
         except Exception as e:  # noqa: BLE001  (orbax raises many types for a missing/corrupt meta)
-            _move_aside(manager, step, f"its meta cannot be read: {_first_line(e)}")
-            damaged.append(step)
+            damaged.append((step, f"its meta cannot be read: {_first_line(e)}"))
+            _move_aside(manager, step, damaged[-1][1])
             continue
         diff = config_differences(meta.get("state_config", {}), state_config)
         if diff:
@@ -103,23 +103,24 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, state_co
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001  (corrupt files: orbax/tensorstore raise many types)
-            _move_aside(manager, step, f"it cannot be restored: {_first_line(e)}")
-            damaged.append(step)
+            damaged.append((step, f"it cannot be restored: {_first_line(e)}"))
+            _move_aside(manager, step, damaged[-1][1])
             continue
         bad = mismatches(meta.get("checksums", {}), tree_fingerprints(restored["state"])) if "checksums" in meta \
             else []
         if bad:
-            _move_aside(manager, step, f"checksums of {len(bad)} arrays differ, e.g. {bad[0]}")
-            damaged.append(step)
+            damaged.append((step, f"checksums of {len(bad)} arrays differ, e.g. {bad[0]}"))
+            _move_aside(manager, step, damaged[-1][1])
             continue
         if int(meta.get("step", -1)) != step:
             raise CheckpointError(f"checkpoint {where}/{step}: meta says step {meta.get('step')}")
         if damaged:
-            log.warning("resuming from step %d: newer checkpoints %s were damaged", step, damaged)
+            log.warning("resuming from step %d: newer checkpoints %s were damaged", step, [d for d, _ in damaged])
         return step, restored["state"], meta
     if damaged:
-        raise CheckpointError(f"every checkpoint in {where} is damaged (steps {damaged}, moved to "
-                              f"{DAMAGED_PREFIX}*); set config.checkpoint.resume=False or use a new --workdir")
+        first, why = damaged[0]
+        raise CheckpointError(f"every checkpoint in {where} is damaged (newest: step {first}: {why}; moved to "
+                              f"{DAMAGED_PREFIX}{first}-*); set config.checkpoint.resume=False or use a new --workdir")
     return None
 
 

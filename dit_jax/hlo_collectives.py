@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
+
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",
                "collective-broadcast", "ragged-all-to-all")

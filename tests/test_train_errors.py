@@ -63,8 +63,10 @@ def test_corrupt_checkpoint(tmp_path, monkeypatch):
             with open(path, "wb") as f:
                 f.write(b"not a checkpoint")
     _no_compute(monkeypatch)
-    with pytest.raises(CheckpointError, match=r"checkpoints/1 could not be restored"):
+    with pytest.raises(CheckpointError, match=r"every checkpoint in .*/checkpoints is damaged \(newest: step 1: it "
+                                              r"cannot be restored"):
         train.train_and_evaluate(tiny_config(num_steps=2, **{"mesh.num_devices": 1}), wd)
+    assert [n for n in os.listdir(os.path.join(wd, "checkpoints")) if n.startswith("damaged-1-")]  # kept aside
 
 
 @pytest.mark.parametrize("log_every,first_nan_step", [
