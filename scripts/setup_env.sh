@@ -13,8 +13,10 @@ fi
 "$venv/bin/python" -m pip install --quiet -e "$here[test,tpu]"
 # The FID Inception parity reference: pytorch-fid and torchvision (for its pure-Python inception module only).
 # --no-deps, pinned: resolving their torch requirement could replace the CPU torch with a CUDA build, and
-# torchvision must be the release built for this torch. Neither is a dependency of dit_jax; the tests load
-# them through convert/reference/pytorch_fid.py without running torchvision's package __init__ (whose C ops do not
-# load beside the CPU torch wheel).
-"$venv/bin/python" -m pip install --quiet --no-deps "pytorch-fid==0.3.0" "torchvision==0.28.0"
+# torchvision must be the release built for this torch. Neither is a dependency of dit_jax. torchvision's
+# files go outside the import path (installed as a package, diffusers would import it, and its C ops do not
+# load beside the CPU torch wheel); the tests load its pure-Python inception module through
+# convert/reference/pytorch_fid.py.
+"$venv/bin/python" -m pip install --quiet --no-deps "pytorch-fid==0.3.0"
+"$venv/bin/python" -m pip install --quiet --no-deps --upgrade --target "$venv/share/torchvision-files" "torchvision==0.28.0"
 echo "environment ready: $venv"

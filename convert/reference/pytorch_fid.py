@@ -3,9 +3,11 @@
 torchvision's PyPI wheel fails to register its C operators next to the CPU torch wheel, so `import torchvision`
 raises. pytorch-fid needs only the pure-Python `torchvision.models.inception` module, so this helper puts
 stand-in package modules for `torchvision`, `torchvision.models` and `torchvision.transforms` into
-sys.modules: each has the installed folder as its `__path__` (so its submodules load from the real files) but
-none of their `__init__.py` runs. Both packages are installed with `pip install --no-deps` by the FID test
-step of scripts/setup_env.sh, so pip never resolves torchvision's torch pin to a CUDA build.
+sys.modules: each has torchvision's folder as its `__path__` (so its submodules load from the real files) but
+none of their `__init__.py` runs. scripts/setup_env.sh installs pytorch-fid with `pip install --no-deps`, and
+torchvision's files with `--no-deps --target <venv>/share/torchvision-files`, outside the import path:
+installed as a package, diffusers would import it (and fail the same way), and pip never resolves
+torchvision's torch pin to a CUDA build.
 
     fid = load_pytorch_fid()          # -> the pytorch_fid.inception module (ImportError when not installed)
     fid_score = load_fid_score()      # -> pytorch_fid.fid_score (calculate_frechet_distance)
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import types
 from importlib.metadata import PackageNotFoundError, version as dist_version
@@ -38,14 +41,19 @@ def _install_stubs() -> None:
     if isinstance(sys.modules.get("torchvision"), types.ModuleType) and getattr(
             sys.modules["torchvision"], "_dit_jax_stub", False):
         return
-    spec = importlib.util.find_spec("torchvision")  # locates the folder; does not run __init__
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("torchvision is not installed (scripts/setup_env.sh installs it with --no-deps)")
-    root = list(spec.submodule_search_locations)[0]
+    files = os.path.join(sys.prefix, "share", "torchvision-files")
+    root = os.path.join(files, "torchvision")
+    if not os.path.isdir(root):
+        spec = importlib.util.find_spec("torchvision")  # an installed package: locates the folder, runs nothing
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(f"torchvision's files are not in {files} (scripts/setup_env.sh puts them there)")
+        root = list(spec.submodule_search_locations)[0]
     try:
         version = dist_version("torchvision")
     except PackageNotFoundError:  # only used for pytorch-fid's version check
-        version = "0.0"
+        version = next((d[len("torchvision-"):].split("-")[0] for d in os.listdir(files)
+                        if d.startswith("torchvision-") and d.endswith(".dist-info")), "0.0") \
+            if os.path.isdir(files) else "0.0"
     for name in _STUBS:
         mod = types.ModuleType(name)
         sub = name.split(".")[1:]
