@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any, Dict, List, Tuple
 
@@ -144,17 +145,14 @@ def compile_for_topology(config, topo: topo_lib.Topology, workdir: str = "") -> 
                                    env.abstract_state, st_sh)
     batch = abstract_batch(config, model, kind, mesh)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=shd.replicated(mesh))
-    t0, c0 = time.time(), time.process_time()
-    with mesh:
-        compiled = step.lower(state, batch, rng, vae_params).compile()
-    compile_seconds, compile_cpu_seconds = time.time() - t0, time.process_time() - c0
-    mem = compiled.memory_analysis()
-    xla = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
-           for k in ("argument", "output", "alias", "temp", "generated_code")}
-    total = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"] + xla["generated_code"]
     acct = state_accounting(env.abstract_state, st_sh, topo.chips)
     batch_bytes = sum(shd.shard_bytes(x, x.sharding) for x in batch.values())
     vae_bytes = sum(shd.shard_bytes(x, x.sharding) for x in jax.tree_util.tree_leaves(vae_params)) if vae else 0
+    compiled, refusal, seconds = compile_step(step, (state, batch, rng, vae_params), mesh)
+    xla = xla_bytes(compiled, refusal, acct["per_chip"]["total"] + batch_bytes + vae_bytes)
+    total = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"] + xla["generated_code"]
+    if refusal is not None:
+        notes.append(f"the TPU compiler refused the program: {refusal['message']}")
     budget = (1 - mesh_plan.HEADROOM) * topo.hbm_bytes
     fits = total <= budget
     flops = training_flops(config, model, vae, vae_params)
@@ -177,13 +175,60 @@ def compile_for_topology(config, topo: topo_lib.Topology, workdir: str = "") -> 
         "fits": fits, "headroom": mesh_plan.HEADROOM, "budget_bytes_per_chip": int(budget),
         "replicated_state_fraction": acct["replicated_fraction"],
         "largest_replicated": acct["largest_replicated"],
-        "collectives": collectives(compiled.as_text()),
-        "compile_seconds": round(compile_seconds, 2), "compile_cpu_seconds": round(compile_cpu_seconds, 2),
+        "compiled": compiled is not None,
+        "collectives": collectives(compiled.as_text()) if compiled is not None else {},
+        "compile_seconds": round(seconds[0], 2), "compile_cpu_seconds": round(seconds[1], 2),
         "flops": flops, "notes": notes,
     }
     if not fits:
         report["suggestions"] = suggestions(config, report, env)
     return report
+
+
+_SIZE = r"([0-9.]+)\s*([KMGT]i?B?)"
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def compiler_oom(error: BaseException):
+    """{'temp_bytes', 'message'} when `error` is libtpu's out-of-HBM refusal, else None.
+
+    libtpu does not return a program whose temporaries exceed HBM; its message carries the size, e.g.
+    "RESOURCE_EXHAUSTED: ... the total memory required for HLO temporaries (22.08G) exceeds available HBM".
+    """
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+        return None
+    line = next((ln.strip() for ln in text.splitlines() if "memory" in ln.lower()), text.strip())[:300]
+    m = re.search(r"temporaries\s*\(" + _SIZE, text) or re.search(r"[Uu]sed\s+" + _SIZE, text)
+    if m is None:
+        return None
+    return {"temp_bytes": int(float(m.group(1)) * _UNITS[m.group(2)[0]]), "message": line}
+
+
+def compile_step(step, args, mesh):
+    """-> (compiled or None, the compiler's out-of-HBM refusal or None, (wall s, CPU s))."""
+    t0, c0 = time.time(), time.process_time()
+    compiled, refusal = None, None
+    with mesh:
+        lowered = step.lower(*args)
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # libtpu refuses a program whose temporaries exceed HBM: that is the answer
+            refusal = compiler_oom(e)
+            if refusal is None:
+                raise
+    return compiled, refusal, (time.time() - t0, time.process_time() - c0)
+
+
+def xla_bytes(compiled, refusal, argument_bytes: int) -> Dict[str, int]:
+    """XLA's memory analysis per chip; for a refused program, the arguments as the shardings give them
+    (`argument_bytes`) and the temporaries from the compiler's message."""
+    if compiled is None:
+        return {"argument": argument_bytes, "output": 0, "alias": 0, "temp": refusal["temp_bytes"],
+                "generated_code": 0}
+    mem = compiled.memory_analysis()
+    return {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
+            for k in ("argument", "output", "alias", "temp", "generated_code")}
 
 
 def suggestions(config, report: Dict[str, Any], env) -> List[str]:
@@ -228,8 +273,9 @@ def format_report(r: Dict[str, Any]) -> str:
         + f", temporaries {g(r['temp_bytes_per_chip'])}, total {g(r['total_bytes_per_chip'])} of "
           f"{g(r['hbm_bytes_per_chip'])} HBM",
         f"replicated state {100 * r['replicated_state_fraction']:.3f}% of {g(r['state_bytes_total']['total'])}; "
-        f"collectives per step: " + ", ".join(f"{k} {v['count_per_step']}x ({g(v['bytes_per_step'])})"
-                                              for k, v in sorted(r["collectives"].items())),
+        + ("collectives per step: " + ", ".join(f"{k} {v['count_per_step']}x ({g(v['bytes_per_step'])})"
+                                                for k, v in sorted(r["collectives"].items()))
+           if r["compiled"] else "no program (refused by the compiler), so no collectives"),
         f"{r['flops']['train_flops_per_chip'] / 1e12:.1f} TFLOP per chip per step "
         f"(>= {r['flops']['seconds_per_step_at_peak'] * 1e3:.0f} ms at peak); lowered and compiled in "
         f"{r['compile_seconds']:.1f} s ({r['compile_cpu_seconds']:.0f} CPU s)",

@@ -185,6 +185,17 @@ def test_s2_does_not_fit_v5e_2x2_exits_1_with_numbers(tmp_path):
     assert not rep["fits"] and rep["total_bytes_per_chip"] > 0.9 * rep["hbm_bytes_per_chip"]
     assert rep["hbm_bytes_per_chip"] == 16 * GIB and rep["chips"] == 4 and rep["hosts"] == 1
     assert rep["suggestions"]
+    # libtpu refuses to return a program that does not fit; the temporaries then come from its message.
+    assert not rep["compiled"] and rep["temp_bytes_per_chip"] > 16 * GIB, rep["notes"]
+
+
+def test_compiler_oom_message_parsed():
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+           "(22.08G) exceeds available HBM (15.75G).")
+    got = compile_report.compiler_oom(RuntimeError(msg))
+    assert got["temp_bytes"] == int(22.08 * GIB) and "22.08G" in got["message"]
+    assert compile_report.compiler_oom(RuntimeError("INVALID_ARGUMENT: bad sharding")) is None
+    assert compile_report.compiler_oom(RuntimeError("RESOURCE_EXHAUSTED: no size here")) is None
 
 
 S2_BIG_BATCH = 512  # DiT-S/2 float32 without remat: ~20 GiB per chip on 4 chips

@@ -13,7 +13,12 @@ from dit_jax.model import init_params
 from dit_jax.train_state import TrainState
 from dit_jax.train_step import make_loss_fn, make_train_step
 
-TOL = 1e-5  # float32 sums in another order (sharded reductions) differ by ~1e-7 relative
+TOL = 1e-5  # losses and norms: float32 sums in another order (sharded reductions) differ by ~1e-7 relative
+# Parameters and EMA after 3 Adam steps: Adam divides each gradient by its own RMS, so an entry whose gradient
+# is a sum of cancelling terms carries the reduction-order difference into the update almost undamped. Seen
+# 1.06e-5 worst (one small tensor) on the CI machine, 6e-6 here; a gradient off by a constant factor on one
+# shard or a missing all-reduce gives 1e-3 or more.
+PARAM_TOL = 5e-5
 
 
 def _flat(tree):
@@ -62,9 +67,9 @@ def test_sharded_run_matches_single_device(tmp_path, single_device_run, data, fs
             assert abs(out8.metrics[s][k] - want) <= TOL * abs(want), (s, k, out8.metrics[s][k], want)
     p8, p1 = _flat(out8.state.params), _flat(out1.state.params)
     worst = max(rel_err(p8[k], p1[k]) for k in p1)
-    assert worst < TOL, worst
+    assert worst < PARAM_TOL, worst
     e8, e1 = _flat(out8.state.ema_params), _flat(out1.state.ema_params)
-    assert max(rel_err(e8[k], e1[k]) for k in e1) < TOL
+    assert max(rel_err(e8[k], e1[k]) for k in e1) < PARAM_TOL
     o8, o1 = _flat(out8.state.opt_state), _flat(out1.state.opt_state)
     assert max(rel_err(o8[k], o1[k]) for k in o1 if np.abs(o1[k]).max() > 0) < 1e-4  # Adam's nu: squares
     # The parameters really are sharded over the mesh (fsdp, and tensor on the qkv output axis).
@@ -112,7 +117,7 @@ def test_checkpoint_from_8_devices_restores_on_1_and_4(tmp_path):
         for s in (3, 4):
             assert abs(out.losses[s] - ref_out.losses[s]) <= TOL * abs(ref_out.losses[s]), (n, s)
         pa, pb = _flat(out.state.params), _flat(ref_out.state.params)
-        assert max(rel_err(pa[k], pb[k]) for k in pb) < TOL, n
+        assert max(rel_err(pa[k], pb[k]) for k in pb) < PARAM_TOL, n
 
 
 def test_options_bf16_remat_accum_clip(tmp_path):
@@ -151,5 +156,5 @@ def test_grad_accumulation_is_the_mean_of_micro_batch_gradients():
         losses.append(float(loss))
     want = _flat(jax.tree_util.tree_map(lambda a, b: -(a + b) / 2, *grads))
     got = _flat(jax.tree_util.tree_map(lambda a, b: a - b, new.params, params))
-    assert max(rel_err(got[k], want[k]) for k in want) < TOL
+    assert max(rel_err(got[k], want[k]) for k in want) < PARAM_TOL
     assert abs(float(m["loss"]) - np.mean(losses)) < 1e-6
