@@ -11,10 +11,16 @@ True on every process at the same step (the largest step any process has reached
 them take part in the same checkpoint. Every process must call `reached` after every step, with the same
 steps. With one process a Python SIGTERM handler sets a flag that `reached` reports at the next step.
 A rerun of the same command resumes from that checkpoint (train.py), like any other resume.
+
+Ctrl-C (SIGINT) is also taken at a step boundary: the first one sets `interrupted`, the loop raises
+KeyboardInterrupt after the step (its cleanup waits for a checkpoint write in progress), and the default
+handler is back, so a second Ctrl-C stops at once. A KeyboardInterrupt raised anywhere inside a step could
+land in orbax's asynchronous save and leave its cleanup waiting forever.
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import jax
@@ -30,16 +36,26 @@ class Watcher:
         self.multi = jax.process_count() > 1
         self._flag = threading.Event()
         self._previous = None
+        self._previous_int = None
+        self.interrupted = False
         self.enabled = True
+        try:
+            self._previous_int = signal.signal(signal.SIGINT, self._on_sigint)
+        except ValueError:  # not the main thread: leave the signals alone
+            self.enabled = False
+            return
         if self.multi:
             return  # JAX's preemption sync manager handles SIGTERM (a Python handler would replace it)
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        except ValueError:  # not the main thread: leave SIGTERM alone
-            self.enabled = False
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame) -> None:
         self._flag.set()
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.interrupted = True
+        signal.signal(signal.SIGINT, self._previous_int)  # a second Ctrl-C stops at once
+        self._previous_int = None
+        os.write(2, b"interrupted: stopping after this step (Ctrl-C again to stop now)\n")
 
     def reached(self, step: int) -> bool:
         if not self.enabled:
@@ -54,9 +70,10 @@ class Watcher:
         return self._flag.is_set()
 
     def close(self) -> None:
-        if self._previous is not None:
-            try:
-                signal.signal(signal.SIGTERM, self._previous)
-            except ValueError:
-                pass
-            self._previous = None
+        for sig, attr in ((signal.SIGTERM, "_previous"), (signal.SIGINT, "_previous_int")):
+            if getattr(self, attr) is not None:
+                try:
+                    signal.signal(sig, getattr(self, attr))
+                except ValueError:
+                    pass
+                setattr(self, attr, None)

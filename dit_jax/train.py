@@ -269,6 +269,8 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
             loop.after_step(done, state, metrics, preempted=preempted is not None)
             if preempted is not None:
                 break
+            if watcher.interrupted:  # Ctrl-C, taken here rather than inside a step or a checkpoint write
+                raise KeyboardInterrupt
             if sampler is not None and (done % int(config.sample.every_steps) == 0 or done == config.num_steps):
                 write_samples(config, s.model, sampler, decode, state.ema_params, done, workdir, writer)
             if evaluator is not None and (done % every_eval == 0 or done == config.num_steps):

@@ -8,6 +8,7 @@ only by luck. Prints "killing during the save of step N (TMPNAME)" on stderr fir
 import os
 import signal
 import sys
+import time
 
 from dit_jax import checkpoint as ckpt_lib
 from dit_jax.cli import train as train_cli
@@ -22,7 +23,9 @@ def main():
         calls[0] += 1
         if calls[0] == kill_at:
             folder = ckpt_lib.checkpoint_dir(args[args.index("--workdir") + 1])
-            tmp = [n for n in os.listdir(folder) if ".orbax-checkpoint-tmp" in n]
+            deadline, tmp = time.time() + 2.0, []
+            while not tmp and time.time() < deadline:  # wait for the temporary folder if orbax makes it later
+                tmp = [n for n in os.listdir(folder) if ".orbax-checkpoint-tmp" in n]
             print(f"killing during the save of step {step} ({tmp[0] if tmp else 'no temporary folder'})",
                   file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)

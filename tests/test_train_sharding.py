@@ -74,7 +74,7 @@ def test_sharded_run_matches_single_device(tmp_path, single_device_run, data, fs
     assert max(rel_err(o8[k], o1[k]) for k in o1 if np.abs(o1[k]).max() > 0) < 1e-4  # Adam's nu: squares
     # The parameters really are sharded over the mesh (fsdp, and tensor on the qkv output axis).
     qkv = out8.state.params["blocks_0"]["attn"]["qkv"]["kernel"]  # (32, 96)
-    assert len({s.index for s in qkv.addressable_shards}) == fsdp * tensor
+    assert len({str(s.index) for s in qkv.addressable_shards}) == fsdp * tensor  # slices: unhashable before 3.12
     assert len(out1.state.params["blocks_0"]["attn"]["qkv"]["kernel"].sharding.device_set) == 1
 
 
