@@ -36,7 +36,7 @@ setup(
         "data": data,
         "torch": torch_side,
         "tpu": tpu,
-        "test": data + torch_side + ["pytest", "pytest-timeout"],
+        "test": data + torch_side + ["pytest", "pytest-timeout", "pytest-xdist"],
     },
     entry_points={
         "console_scripts": [

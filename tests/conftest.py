@@ -261,6 +261,13 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Modules with slow tests first (order inside a module kept): with pytest-xdist (`-n 2 --dist loadfile`,
+    scripts/test.sh) the long modules then overlap instead of leaving one worker alone at the end."""
+    slow_modules = {it.module.__name__ for it in items if it.get_closest_marker("slow") and hasattr(it, "module")}
+    items.sort(key=lambda it: getattr(getattr(it, "module", None), "__name__", "") not in slow_modules)
+
+
 def pytest_unconfigure(config):
     if _OWN_CACHE and not hasattr(config, "workerinput"):  # the controller made it; xdist workers share it
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

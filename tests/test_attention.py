@@ -69,6 +69,7 @@ def _tiny_model(**kw):
     return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=5, **kw)
 
 
+@pytest.mark.slow
 def test_model_default_equals_dot_product_attention_path():
     """attention_impl None (head-major) vs "xla" (jax.nn.dot_product_attention): same outputs and gradients."""
     model = _tiny_model()

@@ -54,6 +54,7 @@ def ckpt(tmp_path_factory):
 # ----------------------------------------------------------------------------------------------------
 # Success exits 0 (dit-jax-sample and -sample-many used to exit 1 after writing their output)
 # ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sample_and_sample_many_exit_0(ckpt, tmp_path):
     r = run("dit-jax-sample", "--ckpt", ckpt, *SAMPLE, "--out", tmp_path / "g.png")
     assert r.returncode == 0 and (tmp_path / "g.png").exists(), r.stderr[-2000:]

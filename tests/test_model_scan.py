@@ -28,6 +28,7 @@ def _nonzero_params(model):
     return jax.tree_util.tree_unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", [False, True])
 def test_scan_matches_unrolled(remat):
     scan, unrolled = _tiny(remat=remat, scan_blocks=True), _tiny(remat=remat, scan_blocks=False)

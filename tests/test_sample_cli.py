@@ -58,6 +58,7 @@ def test_png_grid_with_tiny_vae(ckpt, tiny_vae_dir, tmp_path):
     assert not any(n.endswith(".tmp") for n in os.listdir(tmp_path))
 
 
+@pytest.mark.slow
 def test_latents_match_direct_loop_and_do_not_depend_on_batch_size(ckpt, tmp_path):
     runs = {}
     for bs in ("3", "2"):

@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 import torch
 
 import convert
@@ -14,6 +15,7 @@ from dit_jax.cli.train import export_torch
 from dit_jax.pretrained import model_config
 
 
+@pytest.mark.slow
 def test_export_of_sharded_perturbed_ema_is_exact(tmp_path):
     c = tiny_config(num_steps=1)
     c.model.depth = 2

@@ -53,6 +53,7 @@ def single_device_run(tmp_path_factory):
     return train.train_and_evaluate(cfg1, str(tmp_path_factory.mktemp("one")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data,fsdp,tensor", [(2, 4, 1), (2, 2, 2)])
 def test_sharded_run_matches_single_device(tmp_path, single_device_run, data, fsdp, tensor):
     """Losses, gradient norms (before clipping: digits clips at 1.0, and clipping plus Adam would hide a
@@ -78,6 +79,7 @@ def test_sharded_run_matches_single_device(tmp_path, single_device_run, data, fs
     assert len(out1.state.params["blocks_0"]["attn"]["qkv"]["kernel"].sharding.device_set) == 1
 
 
+@pytest.mark.slow
 def test_ema_update_is_the_formula(tmp_path):
     """One step from a state whose EMA differs from the params: ema' = d * ema + (1 - d) * params'."""
     import optax
@@ -98,6 +100,7 @@ def test_ema_update_is_the_formula(tmp_path):
     assert max(np.abs(p_new[k] - _flat(params)[k]).max() for k in p_new) > 1e-3  # the params did move
 
 
+@pytest.mark.slow
 def test_checkpoint_from_8_devices_restores_on_1_and_4(tmp_path):
     base = tiny_config(num_steps=2)
     base.mesh.data, base.mesh.fsdp = 2, 4
@@ -120,6 +123,7 @@ def test_checkpoint_from_8_devices_restores_on_1_and_4(tmp_path):
         assert max(rel_err(pa[k], pb[k]) for k in pb) < PARAM_TOL, n
 
 
+@pytest.mark.slow
 def test_options_bf16_remat_accum_clip(tmp_path):
     c = tiny_config(num_steps=2, grad_accum_steps=2)
     c.model.dtype, c.model.remat, c.optim.grad_clip = "bfloat16", True, 0.5
@@ -129,6 +133,7 @@ def test_options_bf16_remat_accum_clip(tmp_path):
     assert out.state.params["blocks_0"]["attn"]["qkv"]["kernel"].dtype == np.float32  # params stay f32
 
 
+@pytest.mark.slow
 def test_grad_accumulation_is_the_mean_of_micro_batch_gradients():
     """accum=2 applies, by hand, the mean of the gradients of rows 0::2 and 1::2 with their own rngs.
 
