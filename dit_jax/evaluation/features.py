@@ -82,10 +82,19 @@ class FeatureExtractor:
         self.params = jax.device_put(params, replicated)
         self._fn = _compiled(tuple(devices), jnp.dtype(dtype).name, bool(fuse))
 
-    def _run_chunk(self, local: np.ndarray) -> Dict[str, np.ndarray]:
-        """One chunk: this host's (local_batch, H, W, 3) -> every host's outputs, (global_batch, D) each."""
-        x = jax.make_array_from_process_local_data(self.batched, local, (self.global_batch,) + local.shape[1:])
+    def _run_chunk(self, local: np.ndarray, global_rows: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """One chunk: this host's (local rows, H, W, 3) -> every host's outputs, (global_rows, D) each."""
+        rows = global_rows or self.global_batch
+        x = jax.make_array_from_process_local_data(self.batched, local, (rows,) + local.shape[1:])
         return {k: np.asarray(v) for k, v in self._fn(self.params, x).items()}
+
+    def _short_chunk_rows(self, rest: int) -> Optional[int]:
+        """Rows for a last chunk of `rest` < global_batch images with one process: the next multiple of the
+        device count, so 4 images do not run the network on a whole chunk of padding (another compile, once
+        per size). None with several processes: every host's slice keeps the full-chunk layout."""
+        if jax.process_count() > 1 or rest >= self.global_batch:
+            return None
+        return -(-rest // len(self.local)) * len(self.local)
 
     def extract(self, source: Any, progress: bool = True, desc: str = "Inception features") -> Dict[str, np.ndarray]:
         """Features of every image of `source` (an ImageSource or a uint8 array), in order, on every host."""
@@ -99,15 +108,17 @@ class FeatureExtractor:
             bar = tqdm(total=n, desc=desc, unit="img", file=sys.stderr)
         try:
             for c0 in range(0, n, self.global_batch):
+                short = self._short_chunk_rows(n - c0)
                 start = min(c0 + self.host_offset, n)  # this host's slice of the chunk
                 stop = min(start + self.local_batch, n)
                 images = source.read(start, stop) if stop > start else None
                 if images is None:  # a host past the end still takes part in the collective call
                     images = np.zeros((0,) + self._image_shape(source), np.uint8)
-                if len(images) < self.local_batch:
-                    pad = np.zeros((self.local_batch - len(images),) + images.shape[1:], images.dtype)
+                rows = short or self.local_batch
+                if len(images) < rows:
+                    pad = np.zeros((rows - len(images),) + images.shape[1:], images.dtype)
                     images = np.concatenate([images, pad])
-                feats = self._run_chunk(images)
+                feats = self._run_chunk(images, short)
                 keep = min(self.global_batch, n - c0)
                 for k in OUTPUTS:
                     out[k].append(feats[k][:keep])
