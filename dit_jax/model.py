@@ -234,7 +234,7 @@ class DiT(nn.Module):
     mlp_norm_eps: float = 1e-6  # diffusers: config.norm_eps (1e-5)
     # On CPU, sum every per-token dot (qkv, proj, fc1, fc2, final linear) over <= 256-long slices of its
     # contraction, as MKL does for the release: float32 errors at the release's level at every t (XLA:CPU's
-    # single long accumulation gives 1.3-2.8x the release's error at small t), for ~8% more CPU time in the
+    # single long accumulation gives 1.3-2.8x the release's error at small t), for 8-14% more CPU time in the
     # forward. No effect on other platforms. The conditioning dots (N rows) are always summed so: free.
     precise_cpu_dots: bool = False
 
