@@ -41,12 +41,14 @@ class Watcher:
         self.enabled = True
         try:
             self._previous_int = signal.signal(signal.SIGINT, self._on_sigint)
-        except ValueError:  # not the main thread: leave the signals alone
-            self.enabled = False
-            return
+        except ValueError:  # not the main thread: Ctrl-C stays Python's own
+            pass
         if self.multi:
             return  # JAX's preemption sync manager handles SIGTERM (a Python handler would replace it)
-        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        except ValueError:  # not the main thread: leave SIGTERM alone
+            self.enabled = False
 
     def _on_sigterm(self, signum, frame) -> None:
         self._flag.set()
