@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax.utils import xla_cpu
+
 
 def timed(fn: Callable[[], object], sync: Callable[[object], None], warmup: int, iters: int) -> float:
     """Median seconds per call of fn() after `warmup` calls; `sync` blocks until the result is ready."""
@@ -95,7 +97,7 @@ def make_jax_train_step(model, diffusion, lr: float = 1e-4, ema_decay: float = 0
 
         return jnp.mean(diffusion.training_losses(model_fn, x, t, noise=noise)["loss"])
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    @functools.partial(xla_cpu.jit, donate_argnums=(0, 1, 2))  # compiled as dit_jax's train step is
     def step(params, opt_state, ema, x, y, t, noise, rng):
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y, t, noise, rng)
         updates, opt_state = tx.update(grads, opt_state, params)

@@ -9,7 +9,8 @@ Both sides start from the same uint8 NHWC batch in host memory and end with pool
 which also computes the spatial features and logits). Calls alternate between the variants (A B A B ...)
 so that load from other processes hits all alike; the median wall time per batch is reported.
 JAX variants: fused (the 1x1 convolutions of a block as one, the default) or unfused (one per PyTorch
-layer), float32 or bf16 compute (-bf16), NHWC or NCHW activations (-nchw). pytorch-fid is loaded through convert.reference.pytorch_fid (torchvision's
+layer), float32 or bf16 compute (-bf16), NHWC or NCHW activations (-nchw), compiled as FeatureExtractor
+compiles it (XLA:CPU's Eigen kernels, dit_jax.utils.xla_cpu) or with XLA's default YNNPACK fusions (-ynn). pytorch-fid is loaded through convert.reference.pytorch_fid (torchvision's
 package init is not run); with --skip-torch, or when it is not installed, only JAX is timed.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ def parse(argv=None):
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--batch", default="16", help="comma-separated batch sizes (images per call)")
     ap.add_argument("--variants", default="fused",
-                    help="comma-separated; each is fused|unfused, optionally -bf16 and/or -nchw (e.g. unfused-nchw)")
+                    help="comma-separated; each is fused|unfused, optionally -bf16, -nchw, -ynn (e.g. fused-ynn)")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -46,13 +47,18 @@ def parse(argv=None):
 
 
 def jax_variant(name: str, params):
-    from dit_jax.evaluation.inception import inception_forward
+    from dit_jax.evaluation.inception import inception_forward, with_fused_heads
+    from dit_jax.utils import xla_cpu
 
     tokens = name.split("-")
     fuse = "unfused" not in tokens
     dtype = jnp.bfloat16 if "bf16" in tokens else jnp.float32
     layout = "NCHW" if "nchw" in tokens else "NHWC"
-    fn = jax.jit(lambda p, x: inception_forward(p, x, dtype=dtype, fuse=fuse, layout=layout)["pool"])
+    # as FeatureExtractor runs it: XLA:CPU's Eigen kernels (dit_jax.utils.xla_cpu), or -ynn: XLA's default
+    options = None if "ynn" in tokens else xla_cpu.compiler_options()
+    fn = jax.jit(lambda p, x: inception_forward(p, x, dtype=dtype, fuse=fuse, layout=layout)["pool"],
+                 compiler_options=options)
+    params = with_fused_heads(params) if fuse else params
     return lambda images: np.asarray(fn(params, images))
 
 

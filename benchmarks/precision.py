@@ -132,20 +132,27 @@ def rel_err_per_example(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
 def measure(name: str, latent: int, ts: Sequence[int], depth: int = 2, batch: int = 50, seed: int = 0,
             f32_emb_reference: bool = False, variants: Dict[str, dict] = None) -> Dict[str, np.ndarray]:
     """Per-t errors for one size: {"t", "release", one entry per dit_jax variant (name -> DiT overrides,
-    default {"jax": {}})[, the same with suffix "_f32emb"]}. `batch` caps the examples per call (memory)."""
+    default {"jax": {}}; the override "xla_defaults": True compiles with XLA's default options instead of
+    dit_jax's)[, the same with suffix "_f32emb"]}. `batch` caps the examples per call (memory)."""
     import jax
     import torch
 
     import convert
     from dit_jax.model import DiT
 
+    from dit_jax.utils import xla_cpu
+
     variants = {"jax": {}} if variants is None else variants
     tm = release_model(name, latent, depth=depth, seed=seed)
     params, cfg = convert.torch_to_flax(tm.state_dict())
     fwds = {}
     for v, overrides in variants.items():
+        overrides = dict(overrides)
+        # dit_jax's own programs are compiled with xla_cpu.compiler_options(); "xla_defaults" is a user's
+        # plain jax.jit (on jaxlib >= 0.9 XLA:CPU's YNNPACK dots)
+        options = None if overrides.pop("xla_defaults", False) else xla_cpu.compiler_options()
         jm = DiT(**{**cfg, **overrides})
-        fwds[v] = jax.jit(lambda p, x, t, y, jm=jm: jm.apply({"params": p}, x, t, y))
+        fwds[v] = jax.jit(lambda p, x, t, y, jm=jm: jm.apply({"params": p}, x, t, y), compiler_options=options)
     sd64 = {k: v.double().numpy() for k, v in tm.state_dict().items()}
     x1 = np.random.RandomState(seed + 1).randn(1, 4, latent, latent).astype(np.float32)  # (1, C, H, W)
     ts = np.asarray(ts)
@@ -177,12 +184,19 @@ def parse(argv=None):
     ap.add_argument("--f32-emb", action="store_true",
                     help="also the errors against a float64 evaluation fed the release's float32 embedding")
     ap.add_argument("--markdown", action="store_true", help="finish with a markdown table (sizes x t)")
+    ap.add_argument("--precise-both", action="store_true",
+                    help="also precise_cpu_dots=True compiled as dit_jax compiles it (column precise_dit)")
     args = ap.parse_args(argv)
     args.t = list(range(1000)) if args.t == ["all"] else [int(t) for t in args.t]
     return args
 
 
-VARIANTS = {"jax": {}, "precise": {"precise_cpu_dots": True}}
+# dit_jax: DiT as dit_jax's programs compile it (dit_jax.utils.xla_cpu: XLA:CPU's Eigen dots);
+# ynn: the same model under a user's plain jax.jit (XLA's default YNNPACK dots on jaxlib >= 0.9);
+# precise: DiT(precise_cpu_dots=True) under a plain jax.jit.
+VARIANTS = {"jax": {}, "ynn": {"xla_defaults": True}, "precise": {"precise_cpu_dots": True, "xla_defaults": True}}
+# --precise-both: also DiT(precise_cpu_dots=True) as dit_jax compiles it
+PRECISE_DIT = {"precise_dit": {"precise_cpu_dots": True}}
 
 
 def _size_order(name: str):
@@ -199,27 +213,30 @@ def main(argv=None) -> Dict[str, Dict[str, np.ndarray]]:
     out = {}
     print(f"max|out - out64| / max|out64| against float64 NumPy; latent {args.latent} ({args.latent * 8} px), "
           f"depth {args.depth}, weights N(0, 0.05), one example per t.\n"
-          f"dit_jax: default DiT; precise: DiT(precise_cpu_dots=True). ratio = dit_jax / release (goal <= 1.5)")
+          f"dit_jax: DiT as dit_jax compiles it; ynn: under a plain jax.jit (XLA's YNNPACK dots); precise: "
+          f"DiT(precise_cpu_dots=True) under a plain jax.jit. ratio = variant / release (goal <= 1.5)")
+    variants = {**VARIANTS, **(PRECISE_DIT if args.precise_both else {})}
+    names = list(variants)
     for name in sorted(args.models, key=_size_order):
-        r = measure(name, args.latent, args.t, depth=args.depth, f32_emb_reference=args.f32_emb, variants=VARIANTS)
+        r = measure(name, args.latent, args.t, depth=args.depth, f32_emb_reference=args.f32_emb, variants=variants)
         out[name] = r
-        ratio, ratio_p = r["jax"] / r["release"], r["precise"] / r["release"]
-        print(f"{name:9s} worst over t: release {r['release'].max():.2e}  dit_jax {r['jax'].max():.2e}  precise "
-              f"{r['precise'].max():.2e} | max ratio dit_jax {ratio.max():.2f} (t={r['t'][ratio.argmax()]}), "
-              f"precise {ratio_p.max():.2f} (t={r['t'][ratio_p.argmax()]})")
+        ratios = {v: r[v] / r["release"] for v in names}
+        print(f"{name:9s} worst over t: release {r['release'].max():.2e}  " +
+              "  ".join(f"{v} {r[v].max():.2e}" for v in names) + " | max ratio " +
+              ", ".join(f"{v} {ratios[v].max():.2f} (t={r['t'][ratios[v].argmax()]})" for v in names))
         if len(args.t) <= 20:
             for i, t in enumerate(r["t"]):
-                line = (f"    t={t:3d}  release {r['release'][i]:.2e}  dit_jax {r['jax'][i]:.2e} ({ratio[i]:.2f}x)  "
-                        f"precise {r['precise'][i]:.2e} ({ratio_p[i]:.2f}x)")
+                line = f"    t={t:3d}  release {r['release'][i]:.2e}  " + "  ".join(
+                    f"{v} {r[v][i]:.2e} ({ratios[v][i]:.2f}x)" for v in names)
                 if args.f32_emb:
-                    line += (f"  | f32-emb ref: release {r['release_f32emb'][i]:.2e} dit_jax "
-                             f"{r['jax_f32emb'][i]:.2e} precise {r['precise_f32emb'][i]:.2e}")
+                    line += "  | f32-emb ref: release {:.2e} ".format(r["release_f32emb"][i]) + " ".join(
+                        f"{v} {r[v + '_f32emb'][i]:.2e}" for v in names)
                 print(line)
     if args.markdown:
-        print(f"\n{args.latent * 8} px: release / dit_jax / dit_jax precise_cpu_dots\n")
+        print(f"\n{args.latent * 8} px: release / " + " / ".join(names) + "\n")
         print("| size | " + " | ".join(f"t={t}" for t in args.t) + " |\n|---|" + "---|" * len(args.t))
         for name, r in out.items():
-            print(f"| {name} | " + " | ".join(f"{r['release'][i]:.2e} / {r['jax'][i]:.2e} / {r['precise'][i]:.2e}"
+            print(f"| {name} | " + " | ".join(" / ".join(f"{r[k][i]:.2e}" for k in ["release", *names])
                                                for i in range(len(args.t))) + " |")
     return out
 

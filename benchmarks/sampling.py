@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import make_pair
-from dit_jax.utils import cpu_malloc
+from dit_jax.utils import cpu_malloc, xla_cpu
 from dit_jax.cli.sample_args import batch_chunk_arg
 
 
@@ -57,7 +57,7 @@ def jax_loop(args, model, params, noise, labels, sampler: str) -> dict:
     x_T = jnp.asarray(noise.transpose(0, 2, 3, 1))  # (N, H, W, C)
     y = jnp.asarray(labels, jnp.int32)
 
-    @jax.jit
+    @xla_cpu.jit  # compiled as dit_jax's samplers are
     def loop(params, x_T, y, rng):
         fn = dit_model_fn(model, params, y, cfg_scale=args.cfg_scale, batch_chunk=args.model_batch_chunk)
         if kind == "ddim":

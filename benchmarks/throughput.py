@@ -6,6 +6,8 @@
     python -m benchmarks.throughput --memory              # also peak memory of each side (separate processes)
     python -m benchmarks.throughput --unrolled            # JAX blocks unrolled (before the lax.scan fix)
     python -m benchmarks.throughput --precise-cpu-dots    # JAX with DiT(precise_cpu_dots=True)
+    DIT_JAX_CPU_YNNPACK=1 python -m benchmarks.throughput # JAX compiled with XLA's defaults (YNNPACK), see
+                                                          # dit_jax/utils/xla_cpu.py
 
 The training step is the release's: diffusion loss (MSE + VB, learned sigma), backward, AdamW, EMA update.
 JAX runs it twice: with train=True (label dropout) and as a user's step with train=False; both differentiate
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 
 from benchmarks.common import (batch_inputs, jax_sync, make_jax_train_step, make_pair, make_torch_train_step,
                                timed_interleaved, torch_sync_fn)
-from dit_jax.utils import cpu_malloc
+from dit_jax.utils import cpu_malloc, xla_cpu
 
 
 def parse(argv=None):
@@ -44,7 +46,7 @@ def parse(argv=None):
     ap.add_argument("--unrolled", action="store_true",
                     help="JAX blocks as a Python loop (DiT(scan_blocks=False), the state before the scan fix)")
     ap.add_argument("--precise-cpu-dots", action="store_true",
-                    help="JAX model with DiT(precise_cpu_dots=True): CPU dots summed over <= 256-long slices")
+                    help="JAX model with DiT(precise_cpu_dots=True): CPU dots summed over <= 128-long slices")
     ap.add_argument("--memory", action="store_true", help="measure peak memory of each side in a subprocess")
     ap.add_argument("--only", choices=["jax", "torch"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="print one JSON line with the results")
@@ -70,7 +72,7 @@ def jax_callables(args, model, params, inputs):
     noise = jnp.asarray(inputs["noise"].transpose(0, 2, 3, 1))
     y, t = jnp.asarray(inputs["y"], jnp.int32), jnp.asarray(inputs["t"], jnp.int32)
     fwd_model = model.clone(scan_blocks=False)  # the samplers' forward
-    fwd = jax.jit(lambda p, x, t, y: fwd_model.apply({"params": p}, x, t, y))
+    fwd = xla_cpu.jit(lambda p, x, t, y: fwd_model.apply({"params": p}, x, t, y))  # as dit_jax compiles it
     rng = jax.random.PRNGKey(0)
 
     def stepper(train: bool):

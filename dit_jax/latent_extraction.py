@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from dit_jax.data import latents as dl
 from dit_jax.data.source import SkipCorrupt
 from dit_jax.utils.errors import ConfigError, DataError
+from dit_jax.utils import xla_cpu
 from dit_jax.utils.images import to_model_range
 from dit_jax.vae import AutoencoderKL
 
@@ -58,7 +59,8 @@ def make_encoder(vae, batch_size: int, devices=None):
         return (jnp.stack([mean[:b], mean[b:]], axis=1),  # (B, 2, h, w, 4)
                 jnp.stack([std[:b], std[b:]], axis=1))
 
-    fn = jax.jit(encode, in_shardings=(replicated, batch_sharding), out_shardings=(batch_sharding, batch_sharding))
+    fn = jax.jit(encode, in_shardings=(replicated, batch_sharding), out_shardings=(batch_sharding, batch_sharding),
+                 compiler_options=xla_cpu.compiler_options(mesh.devices.flat[0].platform))
     _ENCODERS[key] = fn, replicated
     return fn, replicated
 

@@ -232,10 +232,12 @@ class DiT(nn.Module):
     # them when it reads a diffusers model so its outputs are reproduced exactly.
     timestep_freq_shift: float = 0.0  # diffusers: 1
     mlp_norm_eps: float = 1e-6  # diffusers: config.norm_eps (1e-5)
-    # On CPU, sum every per-token dot (qkv, proj, fc1, fc2, final linear) over <= 256-long slices of its
-    # contraction, as MKL does for the release: float32 errors at the release's level at every t (XLA:CPU's
-    # single long accumulation gives 1.3-2.8x the release's error at small t), for 8-14% more CPU time in the
-    # forward. No effect on other platforms. The conditioning dots (N rows) are always summed so: free.
+    # On CPU, sum every per-token dot (qkv, proj, fc1, fc2, final linear) over <= 128-long slices of its
+    # contraction, as MKL does for the release. Needed only under a plain `jax.jit` on jaxlib >= 0.9, whose
+    # default YNNPACK dots sum in one long float32 accumulation (1.6-2.4x the release's error at small t);
+    # dit_jax's own programs compile with dit_jax.utils.xla_cpu.compiler_options() (XLA's Eigen dots, within
+    # 1.5x of the release without this), which a user can pass to their jit instead. Costs 8-14% CPU time
+    # in the forward; no effect on other platforms. The conditioning dots (N rows) are always summed so: free.
     precise_cpu_dots: bool = False
 
     @property

@@ -31,6 +31,7 @@ from dit_jax.train_samples import SampleDecoder, VaeLoader, make_sampler, write_
 from dit_jax.train_state import TrainState, abstract_state, init_state, state_shardings, with_shardings
 from dit_jax.topology import device_hbm_bytes
 from dit_jax.train_step import make_loss_fn, make_train_step
+from dit_jax.utils import xla_cpu
 from dit_jax.utils.metric_writer import MetricWriter
 from dit_jax.vae_weights import load_vae as load_vae_safetensors
 
@@ -108,7 +109,8 @@ def jit_train_step(config, s: TrainSetup, vae=None):
                            int(config.grad_accum_steps))
     rep = shd.replicated(s.mesh)
     return jax.jit(step, in_shardings=(s.state_shardings, shd.batch_sharding(s.mesh), rep, rep),
-                   out_shardings=(s.state_shardings, rep), donate_argnums=(0,))
+                   out_shardings=(s.state_shardings, rep), donate_argnums=(0,),
+                   compiler_options=xla_cpu.compiler_options(s.mesh.devices.flat[0].platform))
 
 
 # ====================================================================================================

@@ -18,6 +18,7 @@ from dit_jax import build, sharding as shd
 from dit_jax.guidance import dit_model_fn
 from dit_jax.model import DiT
 from dit_jax.utils.images import make_grid, to_uint8
+from dit_jax.utils import xla_cpu
 from dit_jax.utils.metric_writer import MetricWriter
 from dit_jax.vae import decode_latents
 
@@ -35,7 +36,8 @@ def make_sampler(config, model: DiT, mesh: Mesh, respacing: Optional[str] = None
     gc = config.sample.guidance_channels
     scale = float(config.sample.cfg_scale if cfg_scale is None else cfg_scale)
 
-    @functools.partial(jax.jit, out_shardings=shd.replicated(mesh))
+    @functools.partial(jax.jit, out_shardings=shd.replicated(mesh),
+                       compiler_options=xla_cpu.compiler_options(mesh.devices.flat[0].platform))
     def run(params, labels, noise):
         # batch_chunk 0: the batch may be sharded over the mesh
         fn = dit_model_fn(model, params, labels, scale, gc, batch_chunk=0)

@@ -15,13 +15,14 @@ No torch/diffusers import here: the GPU box has neither.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from dit_jax.utils import xla_cpu
 
 Dtype = Any
 
@@ -273,14 +274,14 @@ def sample_latent(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Arr
     return mean + jnp.exp(0.5 * logvar) * eps
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@xla_cpu.static_jit(static_argnums=0)
 def _encode_scaled(vae: AutoencoderKL, params, images, rng):
     mean, logvar = vae.apply({"params": params}, images, method=AutoencoderKL.encode)
     z = mean if rng is None else sample_latent(rng, mean, logvar)
     return z * vae.scaling_factor
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@xla_cpu.static_jit(static_argnums=0)
 def _decode_scaled(vae: AutoencoderKL, params, latents):
     return vae.apply({"params": params}, latents / vae.scaling_factor, method=AutoencoderKL.decode)
 

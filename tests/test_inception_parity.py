@@ -72,3 +72,39 @@ def test_init_matches_converted_tree(params):
     init = jax.eval_shape(lambda: InceptionV3().init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3), jnp.uint8)))
     shapes = jax.tree_util.tree_map(lambda a: a.shape, init["params"])
     assert shapes == jax.tree_util.tree_map(lambda a: a.shape, params)
+
+
+def test_feature_extractor_parity(ref, params):
+    """As dit-jax-eval runs it: FeatureExtractor (head kernels fused once, dit_jax's XLA:CPU options)."""
+    from dit_jax.evaluation.features import FeatureExtractor
+
+    images = _images(256, n=3)
+    want = ref(images)
+    got = FeatureExtractor(params, per_device_batch=4)(images)
+    assert rel_err(got["pool"], want["pool"]) <= TOL
+    assert rel_err(got["spatial"], want["spatial"]) <= TOL
+    assert rel_err(got["logits_unbiased"], want["logits"] - np.asarray(params["fc"]["bias"])) <= TOL
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_pools_match_reduce_window(layout):
+    """The slice-based pools against lax.reduce_window: max exactly, the padding-excluded average to 1e-6."""
+    from dit_jax.evaluation.inception import _avg_pool_excl, _max_pool
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 11, 5)), jnp.float32)  # odd sizes
+    if layout == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    sp = (1, 2) if layout == "NHWC" else (2, 3)
+
+    def window(k, s, pad):
+        dims, strides, pads = [1] * 4, [1] * 4, [(0, 0)] * 4
+        for a in sp:
+            dims[a], strides[a], pads[a] = k, s, (pad, pad)
+        return dims, strides, pads
+
+    for stride, same in [(2, False), (1, True), (1, False)]:
+        want = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, *window(3, stride, 1 if same else 0))
+        np.testing.assert_array_equal(_max_pool(x, stride, same, layout), want)
+    sums = jax.lax.reduce_window(x, 0.0, jax.lax.add, *window(3, 1, 1))
+    counts = jax.lax.reduce_window(jnp.ones_like(x), 0.0, jax.lax.add, *window(3, 1, 1))
+    np.testing.assert_allclose(_avg_pool_excl(x, layout), sums / counts, rtol=0, atol=1e-6)

@@ -42,16 +42,26 @@ def test_no_precision_lost_at_large_t(name):
     assert np.all(large <= RATIO * r["release"][len(SMALL_T):])
 
 
+# DiT(precise_cpu_dots=True) is as exact as the release on CPU however it is compiled: under a user's plain
+# jax.jit (XLA's default YNNPACK dots on jaxlib >= 0.9, which alone sum in one long float32 accumulation and
+# give up to 2.8x the release's error) and as dit_jax's own programs compile it (dit_jax.utils.xla_cpu).
+# The default model as dit_jax compiles it (XLA's Eigen dots) stays within DEFAULT_RATIO: measured 0.9-1.74x,
+# the exact figure moving with how many examples share the call (the dots' blocking).
+EXACT_VARIANTS = {"precise": {"precise_cpu_dots": True, "xla_defaults": True}, "precise_dit": {"precise_cpu_dots": True}}
+DEFAULT_RATIO = 2.0
+
+
 def _check_every_t(name, latent, ts):
-    r = measure(name, latent, ts, variants={"precise": {"precise_cpu_dots": True}})
-    ratio = r["precise"] / r["release"]
-    print(f"\n{name} latent {latent}: ratio dit_jax(precise_cpu_dots) / release per t {np.round(ratio, 2)}")
-    assert ratio.max() <= RATIO, f"{name} latent {latent}: t={ts[ratio.argmax()]} ratio {ratio.max():.2f}"
+    r = measure(name, latent, ts, variants={**EXACT_VARIANTS, "jax": {}})
+    for v, bound in [*((v, RATIO) for v in EXACT_VARIANTS), ("jax", DEFAULT_RATIO)]:
+        ratio = r[v] / r["release"]
+        print(f"\n{name} latent {latent}: ratio {v} / release per t {np.round(ratio, 2)}")
+        assert ratio.max() <= bound, f"{name} latent {latent} {v}: t={ts[ratio.argmax()]} ratio {ratio.max():.2f}"
 
 
 @pytest.mark.parametrize("name", ["DiT-S/2", "DiT-B/4"])
 def test_as_exact_as_release_at_every_t(name):
-    """With precise_cpu_dots (CPU dots summed like MKL's), no further from float64 than the release."""
+    """With precise_cpu_dots no further from float64 than the release (x1.5), however compiled."""
     _check_every_t(name, 32, SMALL_T + LARGE_T)
 
 

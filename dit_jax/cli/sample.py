@@ -23,6 +23,7 @@ from dit_jax.cli.common import check_range, check_writable_file, log_line, run_c
 from dit_jax.utils.errors import ConfigError
 from dit_jax.sampling import RELEASE_CLASS_LABELS, image_keys, images_fn, latents_fn
 from dit_jax.utils.atomic import atomic_path
+from dit_jax.utils import xla_cpu
 from dit_jax.utils.images import make_grid, save_png
 
 PROG = "dit-jax-sample"
@@ -68,10 +69,10 @@ def sample(args) -> str:
     batch = args.batch_size or n
 
     diffusion = sample_args.make_diffusion(args, model)
-    run = jax.jit(latents_fn(model, diffusion, args.sampler, args.cfg_scale, args.eta,
+    run = xla_cpu.jit(latents_fn(model, diffusion, args.sampler, args.cfg_scale, args.eta,
                              sample_args.guidance_channels(args), progress=not args.no_progress,
                              batch_chunk=args.model_batch_chunk))
-    decode = jax.jit(images_fn(vae))
+    decode = xla_cpu.jit(images_fn(vae))
     log_line(f"sampling {n} images of {size}px: {diffusion.num_timesteps} {args.sampler.upper()} steps, "
              f"cfg-scale {args.cfg_scale}, {args.dtype}, batch {batch}, device {jax.devices()[0].platform}")
     t0 = time.time()

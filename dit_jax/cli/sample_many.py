@@ -36,6 +36,7 @@ from dit_jax.cli.common import check_range, check_writable_dir, check_writable_f
 from dit_jax.utils.errors import ConfigError
 from dit_jax.sampling import image_keys, image_labels, images_fn, latents_fn
 from dit_jax.utils.atomic import atomic_path
+from dit_jax.utils import xla_cpu
 from dit_jax.utils.images import save_png
 
 PROG = "dit-jax-sample-many"
@@ -172,7 +173,8 @@ def sample_many(args) -> Optional[str]:
 
     # shard_map: every device runs the same single-device program on its slice
     step = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P("data"), P("data")),
-                                 out_specs=P("data")))
+                                 out_specs=P("data")),
+                   compiler_options=xla_cpu.compiler_options(mesh.devices.flat[0].platform))
     replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     params = jax.device_put(params, replicated)
     vae_params = jax.device_put(vae_params, replicated) if vae_params is not None else None

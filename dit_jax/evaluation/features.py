@@ -23,7 +23,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from dit_jax.evaluation.inception import inception_forward
+from dit_jax.evaluation.inception import inception_forward, with_fused_heads
+from dit_jax.utils import xla_cpu
 
 OUTPUTS = ("pool", "spatial", "logits_unbiased")
 
@@ -57,7 +58,8 @@ def _compiled(devices: tuple, dtype_name: str, fuse: bool):
     def run(p, x):
         return {k: v for k, v in inception_forward(p, x, jnp.dtype(dtype_name), fuse).items() if k in OUTPUTS}
 
-    return jax.jit(run, in_shardings=(replicated, batched), out_shardings=replicated)
+    return jax.jit(run, in_shardings=(replicated, batched), out_shardings=replicated,
+                   compiler_options=xla_cpu.compiler_options(devices[0].platform))
 
 
 class FeatureExtractor:
@@ -79,7 +81,7 @@ class FeatureExtractor:
             raise ValueError("this host's devices are not contiguous in the device list; pass `devices` ordered "
                              "by process")
         self.host_offset = rows[0]
-        self.params = jax.device_put(params, replicated)
+        self.params = jax.device_put(with_fused_heads(params) if fuse else params, replicated)
         self._fn = _compiled(tuple(devices), jnp.dtype(dtype).name, bool(fuse))
 
     def _run_chunk(self, local: np.ndarray, global_rows: Optional[int] = None) -> Dict[str, np.ndarray]:

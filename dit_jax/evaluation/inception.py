@@ -162,25 +162,62 @@ def _conv(x, p, spec: Conv, dtype, precision, layout: str = "NHWC"):
     return y + (b if layout == "NHWC" else b[:, None, None])
 
 
-def _window(layout: str, k: int, s: int, pad: int):
-    if layout == "NHWC":
-        return (1, k, k, 1), (1, s, s, 1), ((0, 0), (pad, pad), (pad, pad), (0, 0))
-    return (1, 1, k, k), (1, 1, s, s), ((0, 0), (0, 0), (pad, pad), (pad, pad))
+def _shifted(x, axis: int, stride: int, out: int):
+    """The three taps of a 3-wide window along `axis`: x[o*stride + i] for i = 0, 1, 2, each (.., out, ..)."""
+    return [jax.lax.slice_in_dim(x, i, i + stride * (out - 1) + 1, stride, axis) for i in range(3)]
 
 
 def _max_pool(x, stride: int, same: bool, layout: str = "NHWC"):
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, *_window(layout, 3, stride, 1 if same else 0))
+    """3x3 max pool, padding 1 (`same`) or none. Written as maxima of strided slices, rows then columns: on
+    XLA:CPU 2-4x faster than reduce_window (e.g. 8 vs 30 ms for (16, 147, 147, 64)), same values."""
+    h_ax, w_ax = (1, 2) if layout == "NHWC" else (2, 3)
+    if same:
+        pad = [(0, 0)] * 4
+        pad[h_ax] = pad[w_ax] = (1, 1)
+        x = jnp.pad(x, pad, constant_values=-jnp.inf)
+    for ax in (h_ax, w_ax):
+        a, b, c = _shifted(x, ax, stride, (x.shape[ax] - 3) // stride + 1)
+        x = jnp.maximum(jnp.maximum(a, b), c)
+    return x
 
 
 def _avg_pool_excl(x, layout: str = "NHWC"):
-    """3x3 stride-1 average, zero padding of 1 not counted (TF's SAME average pool)."""
-    s = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, *_window(layout, 3, 1, 1))
+    """3x3 stride-1 average, zero padding of 1 not counted (TF's SAME average pool). Summed rows then
+    columns from slices (2x faster than reduce_window on XLA:CPU; sums in another order, ~1 ulp)."""
+    h_ax, w_ax = (1, 2) if layout == "NHWC" else (2, 3)
+    pad = [(0, 0)] * 4
+    pad[h_ax] = pad[w_ax] = (1, 1)
+    s = jnp.pad(x, pad)
+    for ax in (h_ax, w_ax):
+        a, b, c = _shifted(s, ax, 1, s.shape[ax] - 2)
+        s = a + b + c
     h, w = x.shape[1:3] if layout == "NHWC" else x.shape[2:4]
     rows = np.minimum(np.arange(h) + 1, h - 1) - np.maximum(np.arange(h) - 1, 0) + 1
     cols = np.minimum(np.arange(w) + 1, w - 1) - np.maximum(np.arange(w) - 1, 0) + 1
     inv = (1.0 / np.outer(rows, cols)).astype(np.float32)
     inv = inv[None, :, :, None] if layout == "NHWC" else inv[None, None]
     return s * jnp.asarray(inv, x.dtype)
+
+
+FUSED = "fused_heads"  # a block's entry added by `with_fused_heads`: its 1x1 head kernels concatenated
+
+
+def fused_heads(block_params: Dict[str, Any], kind: str) -> Dict[str, Any]:
+    """{"kernel": (1, 1, in, sum of outs), "bias": (sum,)}: the block's HEADS 1x1 convolutions as one."""
+    heads = HEADS[kind]
+    return {"kernel": jnp.concatenate([block_params[h]["kernel"] for h in heads], axis=-1),
+            "bias": jnp.concatenate([block_params[h]["bias"] for h in heads], axis=-1)}
+
+
+def with_fused_heads(params: Dict[str, Any]) -> Dict[str, Any]:
+    """The parameter tree plus each block's fused head kernel (FUSED), computed once instead of in every call
+    of `inception_forward(fuse=True)` (~20 ms of copies per batch on the CPU). The extra entries are ignored
+    with fuse=False and are not part of InceptionV3's own tree."""
+    out = dict(params)
+    for name, kind, _ in BLOCKS:
+        if len(HEADS[kind]) > 1:
+            out[name] = {**params[name], FUSED: fused_heads(params[name], kind)}
+    return out
 
 
 def _block(x, params, kind: str, convs: List[Conv], dtype, precision, fuse: bool, taps: Dict[str, Any],
@@ -195,8 +232,7 @@ def _block(x, params, kind: str, convs: List[Conv], dtype, precision, fuse: bool
     pool_kind = {"A": "avg", "C": "avg", "E_avg": "avg", "E_max": "max", "B": None, "D": None}[kind]
     heads = HEADS[kind]
     if fuse and len(heads) > 1:  # one convolution for every 1x1 that reads x; pool after the pool branch's 1x1
-        fused = {"kernel": jnp.concatenate([params[h]["kernel"] for h in heads], axis=-1),
-                 "bias": jnp.concatenate([params[h]["bias"] for h in heads], axis=-1)}
+        fused = params[FUSED] if FUSED in params else fused_heads(params, kind)
         y = _conv(x, fused, ("fused", 0, 0, (1, 1), 1, False), dtype, precision, layout)
         sizes = [spec[h][2] for h in heads]
         parts = jnp.split(y, np.cumsum(sizes)[:-1], axis=ch)
