@@ -236,7 +236,7 @@ class DiT(nn.Module):
     # contraction, as MKL does for the release. Needed only under a plain `jax.jit` on jaxlib >= 0.9, whose
     # default YNNPACK dots sum in one long float32 accumulation (1.6-2.4x the release's error at small t);
     # dit_jax's own programs compile with dit_jax.utils.xla_cpu.compiler_options() (XLA's Eigen dots, within
-    # 1.5x of the release without this), which a user can pass to their jit instead. Costs 8-14% CPU time
+    # 1.5x of the release without this), which a user can pass to their jit instead. Costs 8-17% time
     # in the forward; no effect on other platforms. The conditioning dots (N rows) are always summed so: free.
     precise_cpu_dots: bool = False
 

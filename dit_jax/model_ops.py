@@ -86,7 +86,7 @@ def chunked_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, preci
 
     Used (as `nn.Dense(dot_general=...)`) for the conditioning path, whose dots have only N rows so the
     slicing costs nothing measurable, and for the per-token dots only with `DiT(precise_cpu_dots=True)`
-    (~8% more CPU time in the forward). Other platforms get the plain dot: their kernels accumulate
+    (8-17% more time in the forward). Other platforms get the plain dot: their kernels accumulate
     differently, and their programs stay unchanged. Partial sums are float32 whatever the operand dtype.
     """
     (lhs_contract, rhs_contract), batch = dimension_numbers
