@@ -79,9 +79,6 @@ class jit:
     def lower(self, *args, **kwargs):
         return self._top_level().lower(*args, **kwargs)
 
-    def __get__(self, obj, objtype=None):  # usable as a method decorator too
-        return self if obj is None else functools.partial(self, obj)
-
 
 def static_jit(**kwargs):
     """Decorator form: `@static_jit(static_argnums=0)` is `jit(fun, static_argnums=0)`."""
