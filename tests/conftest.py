@@ -3,6 +3,7 @@ several test files use. Tests import the helpers with `from conftest import ...`
 path); nothing else here is imported across test files.
 """
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -219,6 +220,37 @@ def tiny_vae(size: int = 16):
                                              method=AutoencoderKL.encode))["params"]
     r = np.random.default_rng(0)
     return vae, jax.tree.map(lambda s: (r.standard_normal(s.shape) * 0.3).astype(np.float32), shapes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cloud storage: a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py)
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """One emulator per test process; its variables are set in os.environ (clients and child processes)."""
+    from gcs_emulator import GcsEmulator
+
+    emu = GcsEmulator()
+    saved = {k: os.environ.get(k) for k in emu.env}
+    os.environ.update(emu.env)
+    yield emu
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    emu.stop()
+
+
+@pytest.fixture
+def gcs_dir(gcs_emulator, request):
+    """A fresh gs:// folder for one test: gs://bkt/<test name>-<random>."""
+    import uuid
+
+    from gcs_emulator import BUCKET
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:60]
+    return f"gs://{BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
 
 
 # ----------------------------------------------------------------------------------------------------
