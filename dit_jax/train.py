@@ -63,7 +63,7 @@ class TrainResult:
     metrics: Dict[int, Dict[str, float]]  # step -> loss terms, grad_norm, lr, ... (logged and saved steps)
     model: DiT
     mesh: Mesh
-    preempted: Optional[int] = None  # the step saved after a SIGTERM (the run stopped there), else None
+    preempted: Optional[int] = None  # the step saved after a SIGTERM on any process (the run stopped there)
 
 
 def setup(config, devices=None, process_count: Optional[int] = None) -> TrainSetup:
@@ -196,13 +196,13 @@ class _Loop:
             self.losses[self.pending[0]] = m["loss"]
             self.pending = None
 
-    def after_step(self, done: int, state: TrainState, metrics, preempted: bool = False) -> None:
+    def after_step(self, done: int, state: TrainState, metrics, stopping: bool = False) -> None:
         c = self.config
         self.read_pending()
         every = int(c.checkpoint.every_steps)
         is_last = done == int(c.num_steps)
         log_now = done % int(c.log_every_steps) == 0 or is_last
-        save_now = (every > 0 and done % every == 0) or is_last or preempted
+        save_now = (every > 0 and done % every == 0) or is_last or stopping
         if not (log_now or save_now):
             self.pending = (done, metrics)
             return
@@ -217,10 +217,18 @@ class _Loop:
                 self.writer.scalars(done, m)
             self.t_last, self.s_last = time.time(), done
         if save_now:
-            meta = {"step": done, "seed": int(c.seed), "data_position": done, "num_processes": jax.process_count(),
-                    "mesh": shd.logical_shape(self.s.mesh), "state_config": self.state_config}
-            ckpt_lib.save(self.manager, done, state.to_dict(), meta)
-            self.last_good = done
+            self.save(done, state)
+
+    def save(self, done: int, state: TrainState) -> None:
+        """Checkpoint step `done` (every process calls it; nothing happens when it is saved already)."""
+        if self.last_good == done:
+            return
+        self.read_pending()
+        meta = {"step": done, "seed": int(self.config.seed), "data_position": done,
+                "num_processes": jax.process_count(), "mesh": shd.logical_shape(self.s.mesh),
+                "state_config": self.state_config}
+        ckpt_lib.save(self.manager, done, state.to_dict(), meta)
+        self.last_good = done
 
 
 def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safetensors,
@@ -240,8 +248,12 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
         build.check_batch(first, s.model, s.local_batch)
     is_main = jax.process_index() == 0
     manager = ckpt_lib.make_manager(workdir, config.checkpoint.keep, config.checkpoint.async_save)
-    writer = watcher = preempted = None
+    writer = watcher = None
+    stopped: Optional[Tuple[str, int]] = None  # (preemption.PREEMPTED or INTERRUPTED, the step saved)
     try:
+        # From here on SIGTERM or Ctrl-C on any process stops every process at the same check, saved (a
+        # process leaving on its own would leave the others waiting in a collective).
+        watcher = preemption.Watcher()
         init_rng, step_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
         start_step, state, resumed = restore_or_init(config, s, manager, init_rng)
         if start_step != probe and start_step < config.num_steps:  # a damaged newest checkpoint was set aside
@@ -257,7 +269,6 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
         every_eval = int(config.eval.every_steps)
         evaluator = Evaluator(config, s.model, s.mesh, load_vae, load_inception) if every_eval else None
         loop = _Loop(config, workdir, s, manager, writer, start_step, resumed)
-        watcher = preemption.Watcher()  # SIGTERM anywhere -> every process saves at one agreed step and stops
         t_start = time.time()
         for step in range(start_step, int(config.num_steps)):
             local = first if step == start_step else source.batch(step)
@@ -266,20 +277,24 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
             with s.mesh:
                 state, metrics = p_step(state, batch, step_rng, vae_params)
             done = step + 1
-            if watcher.reached(done):
-                preempted = done
-            loop.after_step(done, state, metrics, preempted=preempted is not None)
-            if preempted is not None:
+            reason = watcher.check()  # the same answer on every process
+            loop.after_step(done, state, metrics, stopping=reason is not None)
+            if reason is not None:
+                stopped = (reason, done)
                 break
-            if watcher.interrupted:  # Ctrl-C, taken here rather than inside a step or a checkpoint write
-                raise KeyboardInterrupt
-            if sampler is not None and (done % int(config.sample.every_steps) == 0 or done == config.num_steps):
-                write_samples(config, s.model, sampler, decode, state.ema_params, done, workdir, writer)
-            if evaluator is not None and (done % every_eval == 0 or done == config.num_steps):
-                scores = evaluator(state.ema_params)
-                loop.metrics.setdefault(done, {}).update(scores)
-                if writer:
-                    writer.scalars(done, scores)
+            try:  # sample grids and evaluations stop between their batches (watcher.raise_if_stopping)
+                if sampler is not None and (done % int(config.sample.every_steps) == 0 or done == config.num_steps):
+                    write_samples(config, s.model, sampler, decode, state.ema_params, done, workdir, writer,
+                                  between=watcher.raise_if_stopping)
+                if evaluator is not None and (done % every_eval == 0 or done == config.num_steps):
+                    scores = evaluator(state.ema_params, between=watcher.raise_if_stopping)
+                    loop.metrics.setdefault(done, {}).update(scores)
+                    if writer:
+                        writer.scalars(done, scores)
+            except preemption.Stop as e:
+                loop.save(done, state)
+                stopped = (e.reason, done)
+                break
     finally:
         if watcher is not None:
             watcher.close()
@@ -288,6 +303,10 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
         source.close()
         if writer:
             writer.close()
+    if stopped is not None and stopped[0] == preemption.INTERRUPTED:
+        log.info("interrupted (Ctrl-C): saved step %d in %s", stopped[1], ckpt_lib.checkpoint_dir(workdir))
+        raise KeyboardInterrupt  # after the save above is complete; dit-jax-train exits 130
+    preempted = stopped[1] if stopped is not None else None
     if preempted is not None:
         log.info("preempted (SIGTERM): saved step %d in %s; rerun the same command to resume", preempted,
                  ckpt_lib.checkpoint_dir(workdir))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import jax
 import numpy as np
@@ -87,23 +87,33 @@ class Evaluator:
             self.extractor = FeatureExtractor(load_inception(e.inception), per_device_batch=self.batch)
             self.vae = load_vae(config.data.vae)
 
-    def samples(self, ema_params) -> np.ndarray:
-        """x_0 of all num_samples, in batches of eval.batch_size (the last one padded to the same shape)."""
+    def samples(self, ema_params, between: Optional[Callable[[], None]] = None) -> np.ndarray:
+        """x_0 of all num_samples, in batches of eval.batch_size (the last one padded to the same shape);
+        `between()` runs before each batch and may raise to stop."""
         out = []
         for start in range(0, self.n, self.batch):
+            if between is not None:
+                between()
             idx = np.arange(start, start + self.batch) % self.n
             out.append(self.sample(ema_params, self.labels[idx], self.noise[idx])[: self.n - start])
         return np.concatenate(out)
 
-    def __call__(self, ema_params) -> Dict[str, float]:
+    def __call__(self, ema_params, between: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+        """Scores of `ema_params`. `between()` runs between batches (sampling, decoding) and may raise to
+        stop the evaluation there (the train loop's preemption.Watcher.raise_if_stopping)."""
         t0 = time.time()
-        x0 = self.samples(ema_params)  # (N, S, S, C)
+        between = between or (lambda: None)
+        x0 = self.samples(ema_params, between)  # (N, S, S, C)
+        between()
         if self.kind == "digits":
             out = {f"eval/{k}": v for k, v in self.scorer.score(x0, self.labels).items()}
         else:
             vae, vae_params = self.vae
-            images = np.concatenate([np.asarray(to_uint8(decode_latents(vae, vae_params, jax.numpy.asarray(z))))
-                                     for z in np.array_split(x0, max(1, len(x0) // self.batch))])
+            images = []
+            for z in np.array_split(x0, max(1, len(x0) // self.batch)):
+                images.append(np.asarray(to_uint8(decode_latents(vae, vae_params, jax.numpy.asarray(z)))))
+                between()
+            images = np.concatenate(images)
             feats = self.extractor.extract(images, progress=False, desc="eval")
             st = stats_of(feats)
             ref = self.reference

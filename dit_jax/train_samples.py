@@ -85,10 +85,20 @@ class SampleDecoder:
 
 
 def write_samples(config, model: DiT, sampler: Sampler, decode: SampleDecoder, ema_params, step: int,
-                  workdir: str, writer: Optional[MetricWriter]) -> np.ndarray:
-    """EMA sample grid (rows = config.sample.classes) -> workdir/samples/step_<step>.png and TensorBoard."""
+                  workdir: str, writer: Optional[MetricWriter],
+                  between: Optional[Callable[[], None]] = None) -> np.ndarray:
+    """EMA sample grid (rows = config.sample.classes) -> workdir/samples/step_<step>.png and TensorBoard.
+
+    Sampled in calls of at most config.eval.batch_size samples; `between()` runs before each call and may
+    raise to stop (the train loop's preemption.Watcher.raise_if_stopping: a stop does not wait for the grid)."""
     labels, noise = grid_labels_noise(config, model)
-    images = decode(sampler(ema_params, labels, noise))  # (N, H, W, C) in [-1, 1]
+    chunk = max(1, int(config.eval.batch_size))
+    parts = []
+    for start in range(0, len(labels), chunk):
+        if between is not None:
+            between()
+        parts.append(sampler(ema_params, labels[start:start + chunk], noise[start:start + chunk]))
+    images = decode(np.concatenate(parts))  # (N, H, W, C) in [-1, 1]
     if writer is not None:
         rows = len(config.sample.classes)
         # grey separators: samples are often black at the edges, so black lines would merge the cells

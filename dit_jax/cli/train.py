@@ -8,9 +8,11 @@ Multi-host: on TPU pods, SLURM and Open MPI `jax.distributed.initialize()` finds
 (--distributed=auto); elsewhere pass --coordinator_address HOST:PORT --num_processes N --process_id I on
 every process (or the env variables DIT_COORDINATOR_ADDRESS, DIT_NUM_PROCESSES, DIT_PROCESS_ID).
 --compile-only compiles the training step for a TPU pod on this machine (docs/tpu.md) and exits 0 when it fits,
-1 when it does not. SIGTERM (a preempted spot VM) saves a checkpoint at a step all processes agree on and
-exits 0. Exit codes: 0 trained (or nothing left to train), 1 an error (one line on stderr; --debug for the
-traceback), 2 a usage error, 130 interrupted (the newest checkpoint is kept; rerun to resume).
+1 when it does not. SIGTERM (a preempted spot VM) or Ctrl-C on any process stops every process at the same
+step, saved. Exit codes: 0 trained (or nothing left to train), 1 an error (one line on stderr; --debug for the
+traceback), 2 a usage error, 75 preempted (EX_TEMPFAIL of sysexits.h, "try again": a restart loop reruns the
+same command while it exits 75 and stops on anything else), 130 interrupted with Ctrl-C (the step it stopped
+at is saved; rerun to resume).
 """
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ from dit_jax.train import train_and_evaluate
 from dit_jax.utils import cpu_malloc
 
 PROG = "dit-jax-train"
+# A run stopped by SIGTERM on any process: saved, rerun it to resume. Not 0, so that a restart loop can tell
+# "preempted" from "finished"; 75 is sysexits.h's EX_TEMPFAIL ("a temporary failure; try again").
+EXIT_PREEMPTED = 75
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config() (PATH[:VARIANT])",
                                 lock_config=True)
@@ -136,7 +141,9 @@ def train(config, workdir: str) -> int:
     init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                      FLAGS.cpu_collectives)
     result = train_and_evaluate(config, workdir, load_vae=vae_weights.load_vae, load_inception=inception_params)
-    if export and result.preempted is None:
+    if result.preempted is not None:
+        return EXIT_PREEMPTED
+    if export:
         export_torch(export, result)
     return 0
 
