@@ -7,7 +7,7 @@
     dit-jax-eval --tfds imagenet2012 --split validation --image-size 256 --save-stats in256_val.npz
 
 REF and SAMPLES are ADM .npz batches (arr_0 uint8 NHWC, optionally mu/sigma/mu_s/sigma_s) or folders of
-images. The FID Inception weights are pytorch-fid's pt_inception-2015-12-05 file, downloaded once into the
+images; every path (inputs, --save-stats, --json, --inception) may be local or a bucket URL (gs://...). The FID Inception weights are pytorch-fid's pt_inception-2015-12-05 file, downloaded once into the
 cache and converted (or --inception PATH). Features are computed on every local device (and every host with
 --distributed). Exit codes: 0 done, 1 an error (one line on stderr; --debug for the traceback), 2 a usage
 error, 130 interrupted.
