@@ -48,6 +48,7 @@ def main():
     argv = [train_cli.PROG, "--config", os.path.join(ROOT, "configs", "digits.py"), "--workdir", workdir,
             *TINY_FLAGS, "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.checkpoint.every_steps=0",
             f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={nproc}", f"--process_id={pid}", *flags]
+    sys.argv = argv  # ml_collections finds the --config.* overrides in sys.argv
     return train_cli.main(argv)
 
 

@@ -4,6 +4,7 @@ a SIGTERM during an evaluation or a sample grid stops it between its batches."""
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 
@@ -11,26 +12,55 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, env_without_xla_flags, rel_err, run_processes, tiny_config
+from conftest import ROOT, env_without_xla_flags, free_port, rel_err, tiny_config
 from dit_jax import checkpoint as ckpt_lib, train, train_eval
-from dit_jax.cli.train import EXIT_PREEMPTED
-from dit_jax.utils import paths
+from faulty_gcs_proxy import proxied
 
 STEPS = 12
+EXIT_PREEMPTED = 75  # the documented status of a preempted run (docs/training.md)
+
+
+@pytest.fixture
+def bucket(gcs_emulator, gcs_dir):
+    """A fresh gs:// folder, reached through tests/faulty_gcs_proxy.py (why: see there)."""
+    with proxied(gcs_emulator):
+        yield gcs_dir
 
 
 def run_two(workdir, tmp_path, sleep_s=0.0, flags=(), on_start=None, env=None):
-    """tests/preemption_worker.py as 2 processes, started in an empty folder -> [(returncode, output)]."""
+    """tests/preemption_worker.py as 2 processes, started in an empty folder -> [(returncode, output)].
+
+    Output goes to files (tmp_path/out.I): a pipe nobody reads while `on_start` waits would fill up and
+    stop that process in the middle of the run, and the other one with it at the next collective."""
     progress = str(tmp_path / "progress")
     cwd = tmp_path / "cwd"
-    cwd.mkdir(exist_ok=True)
+    cwd.mkdir(parents=True, exist_ok=True)
     env = env_without_xla_flags(PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), **(env or {}))
-
-    def cmd(port, i):
-        return [sys.executable, "-m", "tests.preemption_worker", str(port), str(i), "2", workdir, str(sleep_s),
-                progress, *flags]
-
-    return run_processes(cmd, 2, timeout=400, env=env, on_start=on_start, cwd=str(cwd))
+    for attempt in range(3):
+        port = free_port()
+        logs = [open(tmp_path / f"out.{i}", "w+") for i in range(2)]
+        procs = [subprocess.Popen([sys.executable, "-m", "tests.preemption_worker", str(port), str(i), "2", workdir,
+                                   str(sleep_s), progress, *flags], cwd=str(cwd), env=env, stdout=logs[i],
+                                  stderr=subprocess.STDOUT) for i in range(2)]
+        try:
+            if on_start is not None:
+                on_start(procs)
+            deadline = time.time() + 400
+            for p in procs:
+                p.wait(timeout=max(1.0, deadline - time.time()))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        outs = []
+        for f in logs:
+            f.seek(0)
+            outs.append(f.read())
+            f.close()
+        if not any("Address already in use" in out for out in outs):
+            break
+    return [(p.returncode, out) for p, out in zip(procs, outs)]
 
 
 def reached(tmp_path) -> int:
@@ -76,8 +106,8 @@ def assert_nothing_local(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_on_a_bucket_stops_both_saved_and_resumes_exactly(gcs_dir, tmp_path):
-    ref, run = f"{gcs_dir}/uninterrupted", f"{gcs_dir}/preempted"
+def test_sigterm_to_one_process_on_a_bucket_stops_both_saved_and_resumes_exactly(bucket, tmp_path):
+    ref, run = f"{bucket}/uninterrupted", f"{bucket}/preempted"
     for i, (rc, out) in enumerate(run_two(ref, tmp_path / "a", flags=[f"--config.num_steps={STEPS}"])):
         assert rc == 0, f"process {i} exited {rc}:\n{out[-3000:]}"
 
@@ -102,8 +132,8 @@ def test_sigterm_to_one_process_on_a_bucket_stops_both_saved_and_resumes_exactly
 
 
 @pytest.mark.slow
-def test_ctrl_c_to_one_process_stops_both_at_the_same_step_saved(gcs_dir, tmp_path):
-    run = f"{gcs_dir}/interrupted"
+def test_ctrl_c_to_one_process_stops_both_at_the_same_step_saved(bucket, tmp_path):
+    run = f"{bucket}/interrupted"
     results = run_two(run, tmp_path, sleep_s=0.5, flags=["--config.num_steps=1000"],
                       on_start=signal_a_few_steps_in(tmp_path, signal.SIGINT))
     for i, (rc, out) in enumerate(results):
