@@ -14,9 +14,9 @@ import time
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
-_PID = sys.argv[2]
-if os.environ.get(f"DIT_TEST_GCS_URL_{_PID}"):  # before any storage client reads the variables
-    os.environ["STORAGE_EMULATOR_HOST"] = os.environ["TENSORSTORE_GCS_HTTP_URL"] = os.environ[f"DIT_TEST_GCS_URL_{_PID}"]
+_OWN_URL = os.environ.get(f"DIT_TEST_GCS_URL_{sys.argv[2]}")
+if _OWN_URL:  # before any storage client reads the variables
+    os.environ["STORAGE_EMULATOR_HOST"] = os.environ["TENSORSTORE_GCS_HTTP_URL"] = _OWN_URL
 
 from dit_jax import train  # noqa: E402
 from dit_jax.cli import train as train_cli  # noqa: E402
