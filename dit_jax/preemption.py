@@ -2,23 +2,28 @@
 same point, where the loop saves a checkpoint.
 
     watcher = preemption.Watcher()       # before the loop
-    ...after every step, and between the batches of an evaluation or a sample grid:
-    reason = watcher.check()             # None, PREEMPTED or INTERRUPTED
+    reason = watcher.check(step)         # after every step: None, PREEMPTED or INTERRUPTED
+    watcher.raise_if_stopping()          # between the batches of an evaluation or a sample grid: raises Stop
     watcher.close()
 
-`check` is a collective decision: every process calls it at the same points in the same order, and the
-n-th call returns the same answer on every process. `raise_if_stopping` raises `Stop` instead (evaluation
-and sample grids call it between their batches, so a stop does not wait for them to finish).
+Both are collective decisions: every process calls them at the same points in the same order, and the
+n-th call returns the same answer on every process.
 
 Several processes (jax.distributed): JAX's preemption sync manager catches SIGTERM on whichever process
-gets it and tells the others through the coordination service; `reached_preemption_sync_point(n)` then
-returns True on every process at the same call n (the largest call count any process had reached, plus
-one). Ctrl-C takes the same path: the first SIGINT sets this process's `interrupted` flag and sends this
-process a SIGTERM. At the agreed call one all-gather of the processes' `interrupted` flags tells every
-process whether anyone pressed Ctrl-C (INTERRUPTED: all exit 130) or not (PREEMPTED). Between stops a
-check costs the sync manager's local test, no collective (benchmarks/stop_check_cost.py). Where the
-preemption service is off (jax_enable_preemption_service=False) Python handlers set both flags and every
-check all-gathers them instead (one small collective per check).
+gets it and tells the others through the coordination service; each process then reports the last value
+it passed to `reached_preemption_sync_point`, and the call that passes the largest reported value plus
+one returns True, on every process at the same call. `check(step)` passes the step (orbax's
+CheckpointManager.save passes the step it saves too, so the values must be step numbers);
+`raise_if_stopping` after step s passes s + 1. A notice that arrives during an evaluation after step s is
+normally agreed at s + 1, which the evaluation's next batch passes; when some process had already passed
+s + 1 it is agreed at s + 2, and every process stops after step s + 2 instead. Ctrl-C takes the same path:
+the first SIGINT sets this process's `interrupted` flag and sends this process a SIGTERM. At the agreed
+call one all-gather of the processes' `interrupted` flags tells every process whether anyone pressed
+Ctrl-C (INTERRUPTED: all exit 130) or not (PREEMPTED). Until then a check is the sync manager's local test
+(0.2 us; an all-gather of a flag at every step costs 1.5 ms: benchmarks/stop_check_cost.py, 2 processes on
+CPU, and waits for the step to finish). Where the preemption service is off (jax_enable_preemption_service
+=False; the first check finds out, on every process alike) Python handlers set both flags and every check
+all-gathers them instead.
 
 One process: Python handlers set the flags and the next check reports them. A second Ctrl-C stops at once
 (the default handler is back). A KeyboardInterrupt raised anywhere inside a step could land in orbax's
@@ -43,7 +48,7 @@ INTERRUPTED = "interrupted"  # Ctrl-C on some process
 
 
 class Stop(Exception):
-    """Raised by `Watcher.raise_if_stopping` on every process at the same point; `reason` as `check`."""
+    """Raised by `Watcher.raise_if_stopping` on every process at the same call; `reason` as `check`'s."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -51,29 +56,25 @@ class Stop(Exception):
 
 
 class Watcher:
-    """check() -> None, or the reason every process stops for, the same on all at the same call."""
+    """check(step) -> None, or the reason every process stops for, the same on all at the same call."""
 
     def __init__(self):
         self.multi = jax.process_count() > 1
-        self.calls = 0
+        self.step = 0  # the last step passed to `check`
         self.interrupted = False
         self._term = threading.Event()
         self._previous_term = None
         self._previous_int = None
         self.watching_sigterm = True
-        self.sync_manager = False  # several processes and JAX's preemption service: SIGTERM goes through it
-        if self.multi:
-            try:
-                multihost_utils.reached_preemption_sync_point(0)  # call 0: only tells whether the service runs
-                self.sync_manager = True
-            except RuntimeError as e:  # the same on every process: the service is on everywhere or nowhere
-                log.info("preemption: %s; stop requests are all-gathered at every check instead", e)
+        self.sync_manager = self.multi  # several processes: JAX's preemption service (until a check finds it off)
         try:
             self._previous_int = signal.signal(signal.SIGINT, self._on_sigint)
         except ValueError:  # not the main thread: Ctrl-C stays Python's own
             pass
-        if self.sync_manager:
-            return  # JAX's handler takes SIGTERM (a Python handler would replace it)
+        if not self.sync_manager:  # with it, JAX's handler takes SIGTERM (a Python handler would replace it)
+            self._watch_sigterm()
+
+    def _watch_sigterm(self) -> None:
         try:
             self._previous_term = signal.signal(signal.SIGTERM, self._on_sigterm)
         except ValueError:  # not the main thread: leave SIGTERM alone
@@ -90,25 +91,34 @@ class Watcher:
         if self.sync_manager:
             os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption notifier: every process stops at one call
 
-    def check(self) -> Optional[str]:
-        """None to go on; PREEMPTED or INTERRUPTED to stop (every process gets the same at this call)."""
-        self.calls += 1
+    def check(self, step: int) -> Optional[str]:
+        """After step `step` (every process, every step): None to go on, else PREEMPTED or INTERRUPTED."""
+        self.step = int(step)
+        return self._decide(self.step)
+
+    def raise_if_stopping(self) -> None:
+        """Between the batches of an evaluation or a sample grid after step `self.step`: raises Stop."""
+        reason = self._decide(self.step + 1)
+        if reason is not None:
+            raise Stop(reason)
+
+    def _decide(self, counter: int) -> Optional[str]:
         if self.sync_manager:
-            if not multihost_utils.reached_preemption_sync_point(self.calls):
-                return None
-            anyone = _gather_flags([self.interrupted])[:, 0].any()
-            return INTERRUPTED if anyone else PREEMPTED
+            try:
+                if not multihost_utils.reached_preemption_sync_point(counter):
+                    return None
+                anyone = _gather_flags([self.interrupted])[:, 0].any()
+                return INTERRUPTED if anyone else PREEMPTED
+            except RuntimeError as e:  # the service is off: the same on every process, at this same call
+                log.info("preemption: %s; stop requests are all-gathered at every check instead", e)
+                self.sync_manager = False
+                self._watch_sigterm()
         flags = [self.interrupted, self._term.is_set()]
         if self.multi:
             flags = _gather_flags(flags).any(axis=0)
         if flags[0]:
             return INTERRUPTED
         return PREEMPTED if flags[1] else None
-
-    def raise_if_stopping(self) -> None:
-        reason = self.check()
-        if reason is not None:
-            raise Stop(reason)
 
     def close(self) -> None:
         for sig, attr in ((signal.SIGTERM, "_previous_term"), (signal.SIGINT, "_previous_int")):

@@ -275,21 +275,25 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
             with s.mesh:
                 state, metrics = p_step(state, batch, step_rng, vae_params)
             done = step + 1
-            reason = watcher.check()  # the same answer on every process
+            reason = watcher.check(done)  # the same answer on every process
             loop.after_step(done, state, metrics, stopping=reason is not None)
             if reason is not None:
                 stopped = (reason, done)
                 break
+            inside = ""
             try:  # sample grids and evaluations stop between their batches (watcher.raise_if_stopping)
                 if sampler is not None and (done % int(config.sample.every_steps) == 0 or done == config.num_steps):
+                    inside = "sample grid"
                     write_samples(config, s.model, sampler, decode, state.ema_params, done, workdir, writer,
                                   between=watcher.raise_if_stopping)
                 if evaluator is not None and (done % every_eval == 0 or done == config.num_steps):
+                    inside = "evaluation"
                     scores = evaluator(state.ema_params, between=watcher.raise_if_stopping)
                     loop.metrics.setdefault(done, {}).update(scores)
                     if writer:
                         writer.scalars(done, scores)
             except preemption.Stop as e:
+                log.info("%s: stopping the %s of step %d", e.reason, inside, done)
                 loop.save(done, state)
                 stopped = (e.reason, done)
                 break

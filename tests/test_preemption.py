@@ -148,6 +148,24 @@ def test_ctrl_c_to_one_process_stops_both_at_the_same_step_saved(bucket, tmp_pat
     assert_nothing_local(tmp_path)
 
 
+@pytest.mark.slow
+def test_sigterm_during_evaluations_stops_both_processes_at_the_same_call(bucket, tmp_path):
+    """An evaluation after every step, 10 sampling calls each, so a SIGTERM mostly lands inside one: both
+    processes stop at the same step, inside the same evaluation or both at a step boundary."""
+    run = f"{bucket}/evaluating"
+    flags = ["--config.num_steps=1000", "--config.eval.every_steps=1", "--config.eval.num_samples=40",
+             "--config.eval.batch_size=4", "--config.eval.respacing=ddim2"]
+    results = run_two(run, tmp_path, sleep_s=0.0, flags=flags,
+                      on_start=signal_a_few_steps_in(tmp_path, signal.SIGTERM))
+    for i, (rc, out) in enumerate(results):
+        assert rc == EXIT_PREEMPTED, f"process {i} exited {rc}:\n{out[-3000:]}"
+    steps = {saved_step(out, r"preempted \(SIGTERM\)") for _, out in results}
+    assert len(steps) == 1, steps
+    inside = [re.findall(r"preempted: stopping the evaluation of step (\d+)", out) for _, out in results]
+    assert inside[0] == inside[1], inside
+    assert bucket_steps(run) == [steps.pop()]
+
+
 def test_sigterm_single_process_saves_and_stops(tmp_path, monkeypatch):
     """One process: the SIGTERM handler stops the loop at the next step, after saving it."""
     real = train.make_source
