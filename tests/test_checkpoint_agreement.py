@@ -144,3 +144,27 @@ def test_damage_seen_by_one_host_is_the_verdict_of_both(run, gcs_emulator, tmp_p
     assert re.search(r"is damaged \(it cannot be restored: .*\); process 0 moves it aside", results[1][1])
     moved = [n for n in names(run) if n.startswith("damaged-2-")]
     assert len(moved) == 1 and [n for n in names(run) if n.isdigit()] == ["1", "3"], names(run)  # every_steps=0
+
+
+@pytest.mark.parametrize("error,damage", [
+    (FileNotFoundError("gs://b/run/checkpoints/2/meta/metadata"), True),
+    (ValueError("NOT_FOUND: Error opening \"zarr\" driver: Metadata at \"params.w/.zarray\" does not exist"), True),
+    (ValueError("DATA_LOSS: Error reading \"params.w/0.0\": checksum mismatch"), True),
+    (ValueError("OUT_OF_RANGE: Requested byte range [0, 3811) is not valid for value of size 100"), True),
+    (ValueError("FAILED_PRECONDITION: Error reading: ZSTD_decompressStream() failed: Data corruption detected"), True),
+    (ValueError("UNAVAILABLE: Error reading gs://b/run/checkpoints/2/state/manifest.ocdbt: HTTP 503"), False),
+    (ValueError("DEADLINE_EXCEEDED: Error reading gs://b/run/checkpoints/2/state/d/ab12"), False),
+    (ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.00GiB"), False),
+    (ValueError("FAILED_PRECONDITION: Generation mismatch"), False),
+    (OSError("Forbidden: b/run/checkpoints/2/meta/metadata"), False),
+    (TimeoutError(), False),
+    (MemoryError(), False),
+    (RuntimeError("anything else"), False),
+])
+def test_what_counts_as_damage(error, damage):
+    """The rules of dit_jax/checkpoint.py: missing files and bytes that do not decode are damage; storage
+    errors, timeouts, out-of-memory and anything unknown are not (retried, then the run stops)."""
+    assert ckpt_lib.is_damage_evidence(error) is damage
+    wrapped = Exception("Encountered error while reading array index")
+    wrapped.__cause__ = error  # orbax wraps tensorstore's error
+    assert ckpt_lib.is_damage_evidence(wrapped) is damage

@@ -18,6 +18,7 @@ from faulty_gcs_proxy import proxied
 
 STEPS = 12
 EXIT_PREEMPTED = 75  # the documented status of a preempted run (docs/training.md)
+LOCAL = ("cwd", "home", "tmp")  # the workers' working folder, HOME and TMPDIR
 
 
 @pytest.fixture
@@ -33,9 +34,12 @@ def run_two(workdir, tmp_path, sleep_s=0.0, flags=(), on_start=None, env=None):
     Output goes to files (tmp_path/out.I): a pipe nobody reads while `on_start` waits would fill up and
     stop that process in the middle of the run, and the other one with it at the next collective."""
     progress = str(tmp_path / "progress")
-    cwd = tmp_path / "cwd"
-    cwd.mkdir(parents=True, exist_ok=True)
-    env = env_without_xla_flags(PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), **(env or {}))
+    local = {name: tmp_path / name for name in LOCAL}  # empty folders: the run must leave them empty
+    for d in local.values():
+        d.mkdir(parents=True, exist_ok=True)
+    cwd = local["cwd"]
+    env = env_without_xla_flags(PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+                                HOME=str(local["home"]), TMPDIR=str(local["tmp"]), **(env or {}))
     for attempt in range(3):
         port = free_port()
         logs = [open(tmp_path / f"out.{i}", "w+") for i in range(2)]
@@ -100,9 +104,10 @@ def final_state(workdir, step):
 
 
 def assert_nothing_local(tmp_path):
-    """The run wrote nothing to the local disk (it started in tmp_path/cwd; a bucket path mistaken for a
-    local one would appear there as gs:/...)."""
-    assert not os.listdir(tmp_path / "cwd"), os.listdir(tmp_path / "cwd")
+    """The run wrote nothing to the local disk: not in its working folder (a bucket path taken for a local
+    one would appear there as gs:/...), its home or its temporary folder."""
+    for name in LOCAL:
+        assert not os.listdir(tmp_path / name), (name, os.listdir(tmp_path / name))
 
 
 @pytest.mark.slow
