@@ -219,6 +219,8 @@ class _Loop:
                     "mesh": shd.logical_shape(self.s.mesh), "state_config": self.state_config}
             ckpt_lib.save(self.manager, done, state.to_dict(), meta)
             self.last_good = done
+            if self.writer:  # a bucket's metrics reach at least the newest checkpoint
+                self.writer.flush()
 
 
 def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safetensors,
@@ -279,13 +281,13 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
                 if writer:
                     writer.scalars(done, scores)
     finally:
+        if writer:  # first, before a cleanup step that may raise: on a bucket this uploads the held-back metrics
+            writer.close()
         if watcher is not None:
             watcher.close()
         manager.wait_until_finished()
         manager.close()
         source.close()
-        if writer:
-            writer.close()
     if preempted is not None:
         log.info("preempted (SIGTERM): saved step %d in %s; rerun the same command to resume", preempted,
                  ckpt_lib.checkpoint_dir(workdir))
