@@ -127,6 +127,25 @@ def test_convert_from_and_to_the_bucket(gcs_dir, tmp_path):
                                      p_bucket, p_local, p_bucket2))
 
 
+def test_sample_reads_and_writes_the_bucket(gcs_dir, tmp_path, capsys):
+    from dit_jax.cli import sample
+
+    write_bytes(f"{gcs_dir}/tiny.pt", tiny_pt_bytes(tmp_path / "tiny.pt"))
+    common = ["--vae", "none", "--class-labels", "1", "2", "--num-sampling-steps", "3", "--cfg-scale", "2",
+              "--no-progress"]
+    assert sample.main(["--ckpt", f"{gcs_dir}/tiny.pt", *common, "--out", f"{gcs_dir}/grid.png",
+                        "--save-latents", f"{gcs_dir}/z.npy"]) == 0
+    assert sample.main(["--ckpt", str(tmp_path / "tiny.pt"), *common, "--out", str(tmp_path / "grid.png"),
+                        "--save-latents", str(tmp_path / "z.npy")]) == 0
+    for name in ("grid.png", "z.npy"):
+        assert paths.as_path(f"{gcs_dir}/{name}").read_bytes() == (tmp_path / name).read_bytes(), name
+    capsys.readouterr()
+    assert sample.main(["--ckpt", f"{gcs_dir}/tiny.pt", *common, "--cache-dir", f"{gcs_dir}/cache"]) == 1
+    assert f"--cache-dir {gcs_dir}/cache: the download cache must be a local folder" in capsys.readouterr().err
+    assert sample.main(["--ckpt", f"{gcs_dir}/missing.pt", *common]) == 1
+    assert f"--ckpt {gcs_dir}/missing.pt: no such file or directory" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_convert_killed_mid_write_leaves_a_folder_that_is_refused(gcs_dir, tmp_path):
     """SIGKILL while `to-flax` writes a bucket folder: readers refuse what is left, a rerun asks for

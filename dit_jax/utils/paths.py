@@ -104,14 +104,14 @@ def write_object(dst: PathLike, data: bytes) -> None:
 
 
 def files_below(root: PathLike) -> List[epath.Path]:
-    """Every file below `root` (recursive, symbolic links to folders followed locally), sorted by path."""
+    """Every file below `root` (recursive, symbolic links to folders followed locally), sorted by path text."""
     root = as_path(root)
     if is_url(root):
         scheme = os.fspath(root).split("://", 1)[0] + "://"
         found = _fs(root).find(os.fspath(root))  # one paginated listing of the prefix, not one per folder
-        return sorted(epath.Path(scheme + p) for p in found)
+        return sorted((epath.Path(scheme + p) for p in found), key=os.fspath)
     out = []
     for dirpath, dirs, files in os.walk(os.fspath(root), followlinks=True):
         dirs.sort()
         out += [epath.Path(os.path.join(dirpath, f)) for f in files]
-    return sorted(out)
+    return sorted(out, key=os.fspath)
