@@ -19,9 +19,16 @@ def test_urls_stay_urls():
     assert paths.is_url("gs://b/run") and paths.is_url(paths.as_path("gs://b/run"))
 
 
-def test_unknown_scheme_is_named():
+def test_unknown_scheme_is_named(capsys):
     with pytest.raises(ValueError, match="unsupported URL scheme 'ftp'"):
         paths.as_path("ftp://host/x")
+    from dit_jax.cli import sample_many
+
+    # A command line: one line and exit 1 (a DitJaxError), before any weights are read.
+    assert sample_many.main(["--ckpt", "ftp://host/x.pt", "--out-dir", "ftp://host/out"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "dit-jax-sample-many: error: ftp://host/x.pt: unsupported URL scheme 'ftp'; use a local path or one of "
+        "gs://, s3://, az://, hf://")
 
 
 def test_files_and_orbax_on_the_emulator(gcs_dir):
