@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from tensorboard.compat.proto import event_pb2
@@ -127,8 +128,6 @@ def test_convert_from_and_to_the_bucket(gcs_dir, tmp_path):
     _, p_bucket = load_pretrained(f"{gcs_dir}/model")
     _, p_local = load_pretrained(tmp_path / "local_model")
     _, p_bucket2 = load_pretrained(f"{gcs_dir}/model2")
-    import jax
-
     assert jax.tree.all(jax.tree.map(lambda a, b, c: np.array_equal(a, b) and np.array_equal(a, c),
                                      p_bucket, p_local, p_bucket2))
 
