@@ -97,6 +97,7 @@ def same_state(a, b) -> bool:
     return sorted(a) == sorted(b) and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:diffusers' DiTTransformer2DModel divides")  # expected, tested elsewhere
 def test_convert_from_and_to_the_bucket(gcs_dir, tmp_path):
     import torch
