@@ -227,6 +227,8 @@ class _Loop:
                 "state_config": self.state_config}
         ckpt_lib.save(self.manager, done, state.to_dict(), meta)
         self.last_good = done
+        if self.writer:  # a bucket's metrics reach at least the newest checkpoint
+            self.writer.flush()
 
 
 def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safetensors,
@@ -298,13 +300,13 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
                 stopped = (e.reason, done)
                 break
     finally:
+        if writer:  # first, before a cleanup step that may raise: on a bucket this uploads the held-back metrics
+            writer.close()
         if watcher is not None:
             watcher.close()
         manager.wait_until_finished()
         manager.close()
         source.close()
-        if writer:
-            writer.close()
     if stopped is not None and stopped[0] == preemption.INTERRUPTED:
         log.info("interrupted (Ctrl-C): saved step %d in %s", stopped[1], ckpt_lib.checkpoint_dir(workdir))
         raise KeyboardInterrupt  # after the save above is complete; dit-jax-train exits 130

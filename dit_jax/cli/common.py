@@ -107,6 +107,13 @@ def check_writable_dir(folder: paths.PathLike, flag: str, shown: Optional[str] =
         raise ConfigError(f"{flag} {shown}: folder {probe} is not writable")
 
 
+def check_local_dir(folder: Optional[str], flag: str) -> None:
+    """A folder that must be on the local disk (the download cache): a bucket URL is refused up front."""
+    if folder and paths.is_url(folder):
+        raise ConfigError(f"{flag} {folder}: the download cache must be a local folder (downloads are resumed "
+                          f"and renamed in place there); put the weights in the bucket and pass their path instead")
+
+
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
     """--distributed and the coordinator flags of a multi-host run (TPU pods and SLURM/MPI need none)."""
     p.add_argument("--distributed", action="store_true",

@@ -9,7 +9,7 @@ from typing import Any, Optional, Tuple
 
 import convert
 from convert import vae_weights
-from dit_jax.cli.common import check_range, log_line
+from dit_jax.cli.common import check_local_dir, check_range, log_line
 from dit_jax.diffusion import GaussianDiffusion
 from dit_jax.diffusion_schedules import parse_respacing
 from dit_jax.utils.errors import ConfigError
@@ -81,6 +81,7 @@ def check_common_args(args) -> None:
         raise ConfigError(f"--vae {args.vae}: expected mse, ema, none or an existing path")
     if args.ckpt is not None and not paths.as_path(args.ckpt).exists():
         raise ConfigError(f"--ckpt {args.ckpt}: no such file or directory")
+    check_local_dir(args.cache_dir, "--cache-dir")
     if args.model is not None:
         try:
             parse_model_name(args.model)

@@ -100,12 +100,14 @@ class TensorBoardEvents:
     def __init__(self, folder: paths.Path, flush_secs: float, rotate_bytes: Optional[int]):
         self.folder, self.flush_secs, self.rotate_bytes = folder, flush_secs, rotate_bytes
         self.sink = None
+        self.started = 0.0  # the time in the current file's name
         self._open()
 
     def _open(self) -> None:
         if self.sink is not None:
             self.sink.close()
-        name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
+        self.started = max(time.time(), self.started + 1e-6)  # names sort in write order, never repeat
+        name = f"events.out.tfevents.{self.started:.6f}.{socket.gethostname()}.{os.getpid()}"
         path = self.folder / name
         self.sink = GrowingObject(path, self.flush_secs) if paths.is_url(path) else LocalAppend(path)
         self.records = RecordWriter(self.sink)

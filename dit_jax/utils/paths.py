@@ -28,6 +28,8 @@ import fsspec  # noqa: E402
 from etils import epath  # noqa: E402
 from etils.epath import backend as epath_backend  # noqa: E402
 
+from dit_jax.utils.errors import DitJaxError  # noqa: E402
+
 Path = epath.Path
 PathLike = Union[str, os.PathLike, epath.Path]
 
@@ -37,6 +39,10 @@ URL_SCHEMES = ("gs://", "s3://", "az://", "hf://")
 # Listings straight from the store (see the module docstring); fsspec applies these when it creates a filesystem.
 for _protocol in ("gs", "s3"):
     fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
+
+
+class PathError(DitJaxError, ValueError):
+    """A path that names no place dit_jax can read or write (an unknown URL scheme)."""
 
 
 def is_url(path: PathLike) -> bool:
@@ -51,7 +57,7 @@ def as_path(path: PathLike) -> epath.Path:
     text = os.fspath(path)
     if "://" in text and not is_url(text):
         scheme = text.split("://", 1)[0]
-        raise ValueError(f"{text}: unsupported URL scheme {scheme!r}; use a local path or one of "
+        raise PathError(f"{text}: unsupported URL scheme {scheme!r}; use a local path or one of "
                          f"{', '.join(URL_SCHEMES)}")
     return epath.Path(text) if is_url(text) else epath.Path(os.path.abspath(text))
 
@@ -104,14 +110,14 @@ def write_object(dst: PathLike, data: bytes) -> None:
 
 
 def files_below(root: PathLike) -> List[epath.Path]:
-    """Every file below `root` (recursive, symbolic links to folders followed locally), sorted by path."""
+    """Every file below `root` (recursive, symbolic links to folders followed locally), sorted by path text."""
     root = as_path(root)
     if is_url(root):
         scheme = os.fspath(root).split("://", 1)[0] + "://"
         found = _fs(root).find(os.fspath(root))  # one paginated listing of the prefix, not one per folder
-        return sorted(epath.Path(scheme + p) for p in found)
+        return sorted((epath.Path(scheme + p) for p in found), key=os.fspath)
     out = []
     for dirpath, dirs, files in os.walk(os.fspath(root), followlinks=True):
         dirs.sort()
         out += [epath.Path(os.path.join(dirpath, f)) for f in files]
-    return sorted(out)
+    return sorted(out, key=os.fspath)
