@@ -44,7 +44,7 @@ def abstract_batch(config, model, kind: str, mesh) -> Dict[str, jax.ShapeDtypeSt
     elif kind == "latent":
         out["latent_mean"], out["latent_std"] = f32((s, s, c)), f32((s, s, c))
     else:
-        out["image"] = f32((8 * s, 8 * s, 3))
+        out["image"] = jax.ShapeDtypeStruct((b, 8 * s, 8 * s, 3), jnp.uint8, sharding=sh)  # scaled in the step
     return out
 
 
