@@ -77,12 +77,8 @@ def make_source(cfg: Any, *, global_batch_size: int, process_index: int = 0, pro
         tfds = _tfds_module()
         builder = tfds.load_builder(_get(cfg, "tfds_name", "imagenet2012"), _get(cfg, "data_dir", ""),
                                     _get(cfg, "manual_dir", ""), process_count)
-        split = _get(cfg, "split", "train")
-        if tfds.file_format(builder) != "array_record":  # tfrecord: no random access, stream it
-            common.pop("prefetch")
-            return tfds.TfdsStreamSource(builder, split, int(_get(cfg, "image_size", 256)), random_flip=flip,
-                                         image_key_out=image_key, **common)
-        r = tfds.TfdsReader(builder, split, int(_get(cfg, "image_size", 256)))
+        tfds.require_random_access(builder, _get(cfg, "data_dir", ""))
+        r = tfds.TfdsReader(builder, _get(cfg, "split", "train"), int(_get(cfg, "image_size", 256)))
     elif name == "folder":
         r = FolderReader(_get(cfg, "folder", ""), int(_get(cfg, "image_size", 256)))
     else:
