@@ -9,6 +9,7 @@ random order, `--batch` examples per step (8 = global batch 256 over the 32 host
   npy-mmap     the previous reader: memory-mapped .npy shards, one example at a time (local only)
   arrayrecord  array_record's reader, one record per (example, flip), read(indices) (local files only)
   zarr3-ts     tensorstore zarr3, sharded, one inner chunk per (example, flip), vindex reads
+  folder-jpeg  the folder image source (decode + ADM crop to 256 px in threads, uint8 batches), local JPEGs
 With --emulator, latents-v2 and zarr3-ts also run against a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py).
 Local numbers are from the page cache (the files were just written). The emulator is a Python HTTP server
 that copies the whole object for every ranged GET, so it runs with small shards (--emulator-shard) and its
@@ -116,6 +117,28 @@ def time_zarr(root: str, lat: np.ndarray, batch: int, steps: int) -> float:
     return steps * batch / (time.perf_counter() - t)
 
 
+def time_folder_images(root: str, batch: int, steps: int, workers: int, prefetch: int) -> float:
+    """examples/s of the folder source on 500x375 JPEGs (ImageNet's typical size), 256 px crops, uint8 out."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:375, 0:500]
+    for c in range(4):
+        os.makedirs(os.path.join(root, "imgs", f"c{c}"), exist_ok=True)
+    for i in range(64):  # smooth colour fields plus noise: JPEG sizes like photos (~60-100 KB)
+        base = np.stack([np.sin(xx / (20 + i) + k) * np.cos(yy / (30 + k * i % 7 + 5)) for k in range(3)], -1)
+        img = np.clip(127 + 100 * base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(root, "imgs", f"c{i % 4}", f"{i}.jpg"), quality=90)
+    cfg = {"name": "folder", "folder": os.path.join(root, "imgs"), "image_size": 256, "num_workers": workers,
+           "prefetch": prefetch}
+    with make_source(cfg, global_batch_size=batch, seed=1) as src:
+        src.batch(0)
+        t = time.perf_counter()
+        for s in range(1, steps + 1):
+            src.batch(s)
+        return steps * batch / (time.perf_counter() - t)
+
+
 def attempt(fn, *a):
     try:
         return round(fn(*a))
@@ -142,6 +165,9 @@ def main(argv=None) -> int:
         results["npy-mmap local"] = attempt(time_npy_mmap, tmp, a.examples, a.batch, a.steps)
         results["arrayrecord local"] = attempt(time_arrayrecord, tmp, lat, a.batch, a.steps)
         results["zarr3-ts local"] = attempt(time_zarr, tmp, lat, a.batch, a.steps)
+        cores = os.cpu_count() or 1
+        results[f"folder-jpeg local workers={cores} prefetch=2"] = attempt(
+            time_folder_images, tmp, a.batch, max(10, a.steps // 10), cores, 2)
         if a.emulator:
             sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
             from gcs_emulator import BUCKET, GcsEmulator

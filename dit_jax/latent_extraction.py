@@ -90,6 +90,14 @@ def extract(reader, out_dir, vae, params, *, batch_size: int = 64, shard_size: i
     bar = tqdm(total=total, initial=total - sum(min(shard_size, n - s * shard_size) for s in todo),
                unit="img", desc=f"extract[{process_index}/{process_count}]", disable=not progress, file=sys.stderr)
     pool = cf.ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="dit-extract")
+    writer = cf.ThreadPoolExecutor(1, thread_name_prefix="dit-extract-write")  # shard s uploads while s+1 encodes
+    writing = None
+
+    def finish(s, rows, ys):
+        dl.write_shard(out_dir, s, rows, ys)
+        if on_shard is not None:
+            on_shard(s)
+
     try:
         for s in todo:
             dl.clear_shard(out_dir, s)  # what a killed run left of it
@@ -106,12 +114,15 @@ def extract(reader, out_dir, vae, params, *, batch_size: int = 64, shard_size: i
                 rows.append(np.stack([mean, std], axis=2)[:len(chunk)].astype(dtype))  # (b, 2, 2, h, w, 4)
                 ys.extend(ex["y"] for ex in chunk)
                 bar.update(len(chunk))
-            dl.write_shard(out_dir, s, np.concatenate(rows), np.asarray(ys, np.int32))
-            if on_shard is not None:
-                on_shard(s)
+            if writing is not None:
+                writing.result()  # one shard in flight: a write error stops the run here
+            writing = writer.submit(finish, s, np.concatenate(rows), np.asarray(ys, np.int32))
+        if writing is not None:
+            writing.result()
     finally:
         bar.close()
         pool.shutdown(wait=False, cancel_futures=True)
+        writer.shutdown(wait=True)  # an interrupted run still finishes (and marks) the shard being written
     if read.num_skipped:
         log.warning("%d unreadable images were replaced by the next readable one", read.num_skipped)
     return {"num_shards": num_shards, "written": len(todo), "already_done": len(mine) - len(todo),
