@@ -10,7 +10,6 @@ program and the analytic FLOPs of a step; the exit status is 0 when it fits, 1 w
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from typing import Any, Dict, List, Tuple
@@ -23,7 +22,8 @@ from dit_jax import mesh_plan, train
 from dit_jax import sharding as shd
 from dit_jax import topology as topo_lib
 from dit_jax.hlo_collectives import collectives
-from dit_jax.utils.atomic import atomic_path
+from dit_jax.utils import paths
+from dit_jax.utils.atomic import write_text
 from dit_jax.vae import AutoencoderKL
 
 GIB = 2**30
@@ -291,12 +291,11 @@ def format_report(r: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: Dict[str, Any], workdir: str) -> str:
-    """WORKDIR/compile_report.json, written atomically; -> its path."""
-    path = os.path.join(workdir, REPORT_NAME)
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(report, f, indent=1, default=_json_default)
-    return path
+def write_report(report: Dict[str, Any], workdir: paths.PathLike) -> str:
+    """WORKDIR/compile_report.json (a local folder or a bucket URL), written atomically; -> its path."""
+    path = paths.as_path(workdir) / REPORT_NAME
+    write_text(path, json.dumps(report, indent=1, default=_json_default))
+    return paths.display(path)
 
 
 def _json_default(x):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -31,7 +30,8 @@ from dit_jax.train_samples import SampleDecoder, VaeLoader, make_sampler, write_
 from dit_jax.train_state import TrainState, abstract_state, init_state, state_shardings, with_shardings
 from dit_jax.topology import device_hbm_bytes
 from dit_jax.train_step import make_loss_fn, make_train_step
-from dit_jax.utils import xla_cpu
+from dit_jax.utils import paths, xla_cpu
+from dit_jax.utils.atomic import write_text
 from dit_jax.utils.metric_writer import MetricWriter
 from dit_jax.vae_weights import load_vae as load_vae_safetensors
 
@@ -166,10 +166,8 @@ def load_step_vae(config, s: TrainSetup, load_vae: VaeLoader):
     return vae, jax.device_put(params, shd.replicated(s.mesh))
 
 
-def write_config(config, workdir: str, s: TrainSetup) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.txt"), "w") as f:
-        f.write(str(config))
+def write_config(config, workdir: paths.PathLike, s: TrainSetup) -> None:
+    write_text(paths.as_path(workdir) / "config.txt", str(config))
     log.info("mesh %s over %d devices (%d processes; %s); model %s with %.2fM parameters",
              shd.logical_shape(s.mesh), s.mesh.size, jax.process_count(), s.plan.reason,
              config.model.name or "(custom size)",
@@ -221,6 +219,8 @@ class _Loop:
                     "mesh": shd.logical_shape(self.s.mesh), "state_config": self.state_config}
             ckpt_lib.save(self.manager, done, state.to_dict(), meta)
             self.last_good = done
+            if self.writer:  # a bucket's metrics reach at least the newest checkpoint
+                self.writer.flush()
 
 
 def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safetensors,
@@ -230,7 +230,7 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
     `load_vae(config.data.vae) -> (AutoencoderKL, params)` loads the VAE for image batches and sample grids,
     `load_inception(config.eval.inception) -> params` the FID network (the command line passes loaders that
     also read PyTorch files)."""
-    workdir = os.path.abspath(workdir)
+    workdir = paths.display(workdir)  # absolute if local; a bucket URL as it is (gs://b/run)
     s = setup(config)
     source = make_source(config)  # validates the data before anything is written
     # The batch the run most likely starts with, checked against the model before anything is created.
@@ -281,18 +281,18 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
                 if writer:
                     writer.scalars(done, scores)
     finally:
+        if writer:  # first, before a cleanup step that may raise: on a bucket this uploads the held-back metrics
+            writer.close()
         if watcher is not None:
             watcher.close()
         manager.wait_until_finished()
         manager.close()
         source.close()
-        if writer:
-            writer.close()
     if preempted is not None:
         log.info("preempted (SIGTERM): saved step %d in %s; rerun the same command to resume", preempted,
                  ckpt_lib.checkpoint_dir(workdir))
     elif is_main and start_step < int(config.num_steps):
         log.info("finished step %d in %.1f min; checkpoints in %s, sample grids in %s", int(config.num_steps),
-                 (time.time() - t_start) / 60, ckpt_lib.checkpoint_dir(workdir), os.path.join(workdir, "samples"))
+                 (time.time() - t_start) / 60, ckpt_lib.checkpoint_dir(workdir), paths.as_path(workdir) / "samples")
     return TrainResult(state=state, losses=loop.losses, metrics=loop.metrics, model=s.model, mesh=s.mesh,
                        preempted=preempted)

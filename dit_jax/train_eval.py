@@ -12,7 +12,6 @@ The samples' noise comes from config.eval.seed, so successive evaluations differ
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Callable, Dict
 
@@ -28,6 +27,7 @@ from dit_jax.evaluation.features import FeatureExtractor
 from dit_jax.evaluation.weights import PTH_NAME, converted_cache_path, load_params
 from dit_jax.model import DiT
 from dit_jax.train_samples import VaeLoader, make_sampler
+from dit_jax.utils import paths
 from dit_jax.utils.errors import ConfigError
 from dit_jax.utils.images import to_uint8
 from dit_jax.vae import decode_latents
@@ -52,7 +52,7 @@ def check_eval_config(config) -> None:
         raise ConfigError(f"config.eval.kind='digits' scores digits samples; config.data.name={config.data.name!r} "
                           f"(use kind 'inception' with config.eval.reference_stats)")
     if e.kind == "inception":
-        if not e.reference_stats or not os.path.isfile(e.reference_stats):
+        if not e.reference_stats or not paths.is_file(e.reference_stats):
             raise ConfigError(f"config.eval.reference_stats={e.reference_stats!r}: no such file; write one with "
                               f"`dit-jax-eval --tfds imagenet2012 --split train --save-stats PATH` (or set "
                               f"config.eval.every_steps=0)")
@@ -62,7 +62,7 @@ def load_converted_inception(path) -> Dict[str, Any]:
     """The core's Inception loader: a converted .npz (default: the cached one). pytorch-fid's .pth needs torch
     to convert; `dit-jax-train` passes a loader that converts (and downloads) it once."""
     path = path or converted_cache_path()
-    if not os.path.isfile(path) or not path.endswith(".npz"):
+    if not paths.is_file(path) or not str(path).endswith(".npz"):
         raise ConfigError(f"config.eval.inception={path!r}: expected a converted Inception .npz; convert pytorch-fid's "
                           f"{PTH_NAME} once with `python -m convert.inception_weights` (dit-jax-train does it itself)")
     return load_params(path)

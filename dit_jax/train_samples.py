@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any, Callable, Optional, Tuple
 
 import jax
@@ -18,7 +17,7 @@ from dit_jax import build, sharding as shd
 from dit_jax.guidance import dit_model_fn
 from dit_jax.model import DiT
 from dit_jax.utils.images import make_grid, to_uint8
-from dit_jax.utils import xla_cpu
+from dit_jax.utils import paths, xla_cpu
 from dit_jax.utils.metric_writer import MetricWriter
 from dit_jax.vae import decode_latents
 
@@ -85,7 +84,7 @@ class SampleDecoder:
 
 
 def write_samples(config, model: DiT, sampler: Sampler, decode: SampleDecoder, ema_params, step: int,
-                  workdir: str, writer: Optional[MetricWriter]) -> np.ndarray:
+                  workdir: paths.PathLike, writer: Optional[MetricWriter]) -> np.ndarray:
     """EMA sample grid (rows = config.sample.classes) -> workdir/samples/step_<step>.png and TensorBoard."""
     labels, noise = grid_labels_noise(config, model)
     images = decode(sampler(ema_params, labels, noise))  # (N, H, W, C) in [-1, 1]
@@ -94,5 +93,5 @@ def write_samples(config, model: DiT, sampler: Sampler, decode: SampleDecoder, e
         # grey separators: samples are often black at the edges, so black lines would merge the cells
         grid = make_grid(to_uint8(images), nrow=-(-len(images) // rows), pad_value=128,
                          upscale=max(1, 64 // images.shape[1]))
-        writer.image(step, "samples/ema", grid, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+        writer.image(step, "samples/ema", grid, paths.as_path(workdir) / "samples" / f"step_{step:08d}.png")
     return images

@@ -159,6 +159,25 @@ def write_folder(root, rng, per_class=(5, 4, 3), size=(40, 30)):
     return root
 
 
+def tfrecords(data: bytes) -> list:
+    """The records of a TFRecord file's bytes ((uint64 length, crc, data, crc) each), checking both masked
+    crc32c (a TensorBoard event file is one)."""
+    import struct
+
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    out, pos = [], 0
+    while pos < len(data):
+        head = data[pos:pos + 8]
+        (n,) = struct.unpack("<Q", head)
+        assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == masked_crc32c(head)
+        record = data[pos + 12:pos + 12 + n]
+        assert len(record) == n and struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])[0] == masked_crc32c(record)
+        out.append(record)
+        pos += 16 + n
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # Processes on 127.0.0.1
 # ----------------------------------------------------------------------------------------------------

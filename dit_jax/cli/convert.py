@@ -4,9 +4,11 @@
     dit-jax-convert to-torch out/DiT-XL-2-256 DiT-XL-2-256x256.pt
     dit-jax-convert to-torch out/DiT-XL-2-256 out/dit-xl-diffusers --format diffusers
 
-Progress goes to stderr, the inferred configuration to stdout. Any error prints one line and exits 1 (the
+IN and OUT may be local paths or bucket URLs (gs://...). Progress goes to stderr, the inferred configuration
+to stdout. Any error prints one line and exits 1 (the
 traceback with --debug; 2 for a usage error, 130 on Ctrl-C); outputs are written atomically, so nothing is
-left at OUT after a failure.
+left at OUT after a failure (a folder on a bucket that a kill interrupted stays marked incomplete, and is
+refused until it is written again with --overwrite).
 """
 from __future__ import annotations
 

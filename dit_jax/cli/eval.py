@@ -7,7 +7,7 @@
     dit-jax-eval --tfds imagenet2012 --split validation --image-size 256 --save-stats in256_val.npz
 
 REF and SAMPLES are ADM .npz batches (arr_0 uint8 NHWC, optionally mu/sigma/mu_s/sigma_s) or folders of
-images. The FID Inception weights are pytorch-fid's pt_inception-2015-12-05 file, downloaded once into the
+images; every path (inputs, --save-stats, --json, --inception) may be local or a bucket URL (gs://...). The FID Inception weights are pytorch-fid's pt_inception-2015-12-05 file, downloaded once into the
 cache and converted (or --inception PATH). Features are computed on every local device (and every host with
 --distributed). Exit codes: 0 done, 1 an error (one line on stderr; --debug for the traceback), 2 a usage
 error, 130 interrupted.
@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from convert.inception_weights import inception_params
-from dit_jax.cli.common import check_range, check_writable_file, log_line, run_command
+from dit_jax.cli.common import check_local_dir, check_range, check_writable_file, log_line, run_command
 from dit_jax.data import image_reader
 from dit_jax.evaluation.batches import Batch, save_stats
 from dit_jax.evaluation.evaluate import compute_stats, evaluate, format_results
@@ -73,6 +73,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def check_args(args) -> None:
     check_range(args.batch_size, "--batch-size", 1)
     check_range(args.image_size, "--image-size", 8)
+    check_local_dir(args.cache_dir, "--cache-dir")
     dataset = args.folder is not None or args.tfds is not None
     if args.folder is not None and args.tfds is not None:
         raise ConfigError("give --folder or --tfds, not both")

@@ -33,7 +33,7 @@ from dit_jax.cli.common import EXIT_USAGE, check_writable_file, run_command, set
 from dit_jax.utils.errors import ConfigError
 from dit_jax.pretrained import model_config
 from dit_jax.train import train_and_evaluate
-from dit_jax.utils import cpu_malloc
+from dit_jax.utils import cpu_malloc, paths
 
 PROG = "dit-jax-train"
 FLAGS = flags.FLAGS
@@ -96,7 +96,7 @@ def export_torch(path: str, result) -> None:
     host = (multihost_utils.process_allgather(result.state.ema_params, tiled=True) if jax.process_count() > 1
             else jax.device_get(result.state.ema_params))
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        paths.as_path(path).parent.mkdir(parents=True, exist_ok=True)  # local folders; a bucket needs none
         state = convert.flax_to_torch(host, model_config(result.model), as_numpy=True)
         writers.write_pt(state, path, overwrite=True)
         logging.getLogger("dit_jax.train").info("exported EMA weights to %s", path)
