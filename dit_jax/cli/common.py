@@ -47,11 +47,17 @@ def run_command(prog: str, fn: Callable[[], object], argv: Optional[Sequence[str
         print(f"{prog}: interrupted" + (f"; {extra}" if extra else ""), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except EXPECTED_ERRORS as e:
-        if "--debug" in argv:
-            traceback.print_exc()
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
-        return EXIT_ERROR
+        return report_error(prog, e, argv)
     return rc if isinstance(rc, int) and not isinstance(rc, bool) else EXIT_OK
+
+
+def report_error(prog: str, e: BaseException, argv: Sequence[str]) -> int:
+    """An expected error as one line `PROG: error: ...` on stderr (the traceback first with --debug in argv);
+    returns the exit code 1. Call it from inside the `except` block."""
+    if "--debug" in argv:
+        traceback.print_exc()
+    print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+    return EXIT_ERROR
 
 
 def setup_console_logging(verbose: bool = True) -> None:
