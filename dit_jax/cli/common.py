@@ -6,11 +6,13 @@ line on stderr naming it; `--debug` shows the traceback); 2 a command-line usage
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import traceback
-from typing import Callable, Optional, Sequence
+import warnings
+from typing import Callable, Iterator, Optional, Sequence
 
 from dit_jax.utils.errors import ConfigError, DitJaxError
 from dit_jax.utils.platforms import skip_absent_tpu
@@ -58,6 +60,18 @@ def report_error(prog: str, e: BaseException, argv: Sequence[str]) -> int:
         traceback.print_exc()
     print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
     return EXIT_ERROR
+
+
+@contextlib.contextmanager
+def one_line_warnings(prog: str) -> Iterator[None]:
+    """Inside: a warning prints as one line `PROG: warning: ...` on stderr (Python's own format adds the file,
+    the line number and the source line of the warn call, which mean nothing to a user)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {one_line(message)}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def setup_console_logging(verbose: bool = True) -> None:
