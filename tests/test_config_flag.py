@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from dit_jax.cli.config_file import ConfigFileError, load_config
+
 BIN = os.path.dirname(sys.executable)
 TINY = ["--config.model.depth=1", "--config.model.hidden_size=32", "--config.model.num_heads=2",
         "--config.global_batch_size=16", "--config.sample.every_steps=0", "--config.eval.every_steps=0",
@@ -70,7 +72,19 @@ BROKEN = {  # name: (file text or None for no file, the --config value, what the
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))
-def test_a_broken_config_file_is_one_line(tmp_path, case):
+def test_a_broken_config_file_is_named(tmp_path, monkeypatch, case):
+    """The loader's message for every case (in this process: starting the command costs seconds each)."""
+    text, spec, needle = BROKEN[case]
+    if text is not None:
+        (tmp_path / "c.py").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigFileError) as e:
+        load_config(spec)
+    assert str(e.value).startswith("--config ") and needle in str(e.value) and "\n" not in str(e.value), e.value
+
+
+@pytest.mark.parametrize("case", ["missing", "syntax_error", "variant_not_taken", "bad_shipped_variant"])
+def test_the_command_prints_one_line_and_exits_1(tmp_path, case):
     text, spec, needle = BROKEN[case]
     if text is not None:
         (tmp_path / "c.py").write_text(text)
