@@ -13,7 +13,6 @@ Exit codes: 0 done, 1 an error (one line on stderr; --debug for the traceback), 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 from typing import Optional, Sequence
@@ -22,6 +21,7 @@ import jax
 
 from convert import vae_weights
 from dit_jax.cli.common import check_range, check_writable_dir, run_command
+from dit_jax.cli.config_file import load_config
 from dit_jax.data import image_reader
 from dit_jax.latent_extraction import extract
 from dit_jax.utils import paths
@@ -30,20 +30,19 @@ from dit_jax.utils.errors import ConfigError
 PROG = "dit-jax-extract-latents"
 
 
-def load_config_data(path: str) -> dict:
-    """config.data of an ml_collections config file (get_config()), as a dict."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config {path!r} does not exist")
-    spec = importlib.util.spec_from_file_location("_dit_jax_extract_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return dict(mod.get_config().data)
+def load_config_data(spec: str) -> dict:
+    """config.data of a training config (PATH[:VARIANT] or a shipped name, as dit-jax-train's --config)."""
+    config = load_config(spec)
+    if "data" not in config:
+        raise ConfigError(f"--config {spec}: the config has no data section (config.data)")
+    return dict(config.data)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     src = p.add_argument_group("data (a folder of class sub-folders, or a tfds data set)")
-    src.add_argument("--config", default="", help="training config file; its config.data gives the defaults")
+    src.add_argument("--config", default="", help="a training config (PATH[:VARIANT] or a shipped name such as "
+                                                  "default:XL/2,512); its config.data gives the defaults")
     src.add_argument("--folder", default=None, help="DIR/<class>/<image> (the release's ImageFolder input; a path or URL)")
     src.add_argument("--tfds", default=None, help="tfds data set name, e.g. imagenet2012")
     src.add_argument("--data-dir", "--data_dir", default=None, help="tfds data_dir")
