@@ -117,7 +117,7 @@ def _header_int(pattern, header: str) -> int:
     return int(m.group(1)) if m else 1
 
 
-def _split_instruction(line: str) -> Optional[Tuple[str, str, str, str]]:
+def split_instruction(line: str) -> Optional[Tuple[str, str, str, str]]:
     """'%x = SHAPE opcode(operands), attrs' -> (name, shape text, opcode, rest) or None."""
     m = _INSTR.match(line)
     if not m:
@@ -178,7 +178,7 @@ def run_counts(comps: Dict[str, List[str]], entry: Optional[str]) -> Tuple[Dict[
             return
         mult[name] = mult.get(name, 0) + k
         for line in comps[name]:
-            parts = _split_instruction(line)
+            parts = split_instruction(line)
             if parts is None:
                 continue
             _, _, op, rest = parts
@@ -215,7 +215,7 @@ def collectives(hlo_text: str) -> Dict[str, Dict[str, float]]:
         if not k or name in continued:  # not reached from the entry; or counted where it started
             continue
         for line in lines:
-            parts = _split_instruction(line)
+            parts = split_instruction(line)
             if parts is None:
                 continue
             _, shape, op, rest = parts

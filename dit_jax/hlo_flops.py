@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from dit_jax.hlo_collectives import _split_instruction, parse_computations, run_counts
+from dit_jax.hlo_collectives import parse_computations, run_counts, split_instruction
 
 _DIMS = re.compile(r"^\(?\s*[a-z]+\d*(?:e\d+m\d+\w*)?\[([\d,]*)\]")
 _OPERANDS = re.compile(r"%([\w.\-]+)")
@@ -93,7 +93,7 @@ def matmul_flops(hlo_text: str) -> int:
             continue
         shapes: Dict[str, Optional[List[int]]] = {}
         for line in lines:
-            parts = _split_instruction(line)
+            parts = split_instruction(line)
             if parts is None:
                 continue
             iname, shape, op, rest = parts
