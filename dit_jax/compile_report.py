@@ -24,7 +24,7 @@ import numpy as np
 from dit_jax import mesh_plan, state_split, train
 from dit_jax import sharding as shd
 from dit_jax import topology as topo_lib
-from dit_jax.hlo_collectives import MOVED_LABEL, collectives, moved_bytes_per_step
+from dit_jax.hlo_collectives import MOVED_LABEL, collectives, collectives_by_op, moved_bytes_per_step
 from dit_jax.hlo_flops import matmul_flops
 from dit_jax.utils.atomic import atomic_path
 from dit_jax.vae import AutoencoderKL
@@ -214,7 +214,7 @@ def compile_for_topology(config, topo: topo_lib.Topology, workdir: str = "") -> 
         "compiled": compiled is not None,
         "collectives": colls,
         "collective_bytes_moved_per_chip_per_step": moved_bytes_per_step(colls) if compiled is not None else None,
-        "collective_bytes_label": MOVED_LABEL,
+        "collective_bytes_label": MOVED_LABEL, "collectives_by_op": collectives_by_op(text) if text else [],
         "compile_seconds": round(seconds[0], 2), "compile_cpu_seconds": round(seconds[1], 2),
         "flops": flops, "step_time_lower_bound": step_time_lower_bound(flops, colls, topo), "notes": notes,
     }
@@ -317,6 +317,9 @@ def format_report(r: Dict[str, Any]) -> str:
                 + f"; {r['collective_bytes_label']}: {g(r['collective_bytes_moved_per_chip_per_step'])}"
                 + (" (" + ", ".join(f"{k} {g(v['moved_bytes_per_step'])}" for k, v in sorted(colls.items())) + ")"
                    if colls else ""))
+        top = r.get("collectives_by_op", [])[:3]
+        comm += ("; most moved: " + ", ".join(f"{o['kind']} {o['count_per_step']}x {o['op_name']} "
+                                               f"{g(o['moved_bytes_per_step'])}" for o in top)) if top else ""
     else:
         comm = "no program (refused by the compiler), so no collectives"
     fl, lb = r["flops"], r["step_time_lower_bound"]

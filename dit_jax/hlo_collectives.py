@@ -21,7 +21,7 @@ is one collective, counted at its start.
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -39,6 +39,10 @@ _CONDITION = re.compile(r"condition=%?([\w.\-]+)")
 _INT_CONST = re.compile(r"=\s*[su]32\[\]\S*\s+constant\((\d+)\)")
 _CALLEES = re.compile(r"(?:body|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLS = re.compile(r"\bcalls=%?([\w.\-]+)")
+_OP_NOISE = re.compile(r"jit\([^)]*\)/|(?:while/body|closed_call|cond/branch_\d+_fun|checkpoint|rematted_computation|"
+                       r"DiT\._scan_blocks)/")
 _PARTITIONS = re.compile(r"\bnum_partitions=(\d+)")
 _REPLICAS = re.compile(r"\breplica_count=(\d+)")
 # replica_groups, three spellings: explicit {{0,1},{2,3}}; iota [groups,size]<=[...]; a mesh and its axes
@@ -200,16 +204,19 @@ def run_counts(comps: Dict[str, List[str]], entry: Optional[str]) -> Tuple[Dict[
     return mult, continued
 
 
-def collectives(hlo_text: str) -> Dict[str, Dict[str, float]]:
-    """{kind: {count, count_per_step, result_bytes, result_bytes_per_step, moved_bytes_per_step,
-    group_sizes, group_size_unknown}} of a compiled program (see the module docstring; an async pair counts
-    once; a collective whose replica groups are not written in a known form is assumed to span every device
-    and counted in group_size_unknown)."""
+def _each(hlo_text: str) -> Iterator[Tuple[str, str, int, int, float, Optional[int]]]:
+    """(kind, op_name, runs per step, result bytes, bytes moved per run, group size or None) of every
+    collective reached from the entry computation (see the module docstring)."""
     comps, entry = parse_computations(hlo_text)
     header = hlo_text.split("\n", 1)[0]
     devices = _header_int(_PARTITIONS, header) * _header_int(_REPLICAS, header)
     mult, continued = run_counts(comps, entry)
-    out: Dict[str, Dict[str, float]] = {}
+    callers = {}  # fused computation -> the op_name of its fusion instruction (fused collectives carry none)
+    for lines in comps.values():
+        for line in lines:
+            c, on = _CALLS.search(line), _OP_NAME.search(line)
+            if c and on:
+                callers.setdefault(c.group(1), on.group(1))
     for name, lines in comps.items():
         k = mult.get(name, 0)
         if not k or name in continued:  # not reached from the entry; or counted where it started
@@ -223,25 +230,55 @@ def collectives(hlo_text: str) -> Dict[str, Dict[str, float]]:
             if kind not in COLLECTIVES or op.endswith("-done"):
                 continue
             n = group_size(rest, devices)
-            unknown = n is None and kind not in ("collective-permute", "collective-broadcast")
-            n = devices if unknown else (n or 1)  # unknown: at most every device
+            if n is None and kind not in ("collective-permute", "collective-broadcast"):
+                n_ring, n = devices, None  # unknown: at most every device
+            else:
+                n_ring = n or 1
             result = _result_bytes(shape, op)
-            moved = _RING[kind](n) * result if n > 1 or kind == "collective-permute" else 0.0
+            moved = _RING[kind](n_ring) * result if n_ring > 1 or kind == "collective-permute" else 0.0
             if kind == "all-reduce" and name.startswith("all-reduce-scatter"):  # libtpu's reduce-scatter
-                kind, result, moved = "reduce-scatter", result // n, (n - 1) / n * result
-            r = out.setdefault(kind, {"count": 0, "count_per_step": 0, "result_bytes": 0, "result_bytes_per_step": 0,
-                                      "moved_bytes_per_step": 0, "group_sizes": [], "group_size_unknown": 0})
-            r["group_size_unknown"] += unknown
-            r["count"] += 1
-            r["count_per_step"] += k
-            r["result_bytes"] += result
-            r["result_bytes_per_step"] += k * result
-            r["moved_bytes_per_step"] += k * moved
-            if n not in r["group_sizes"] and kind != "collective-permute" and not unknown:
-                r["group_sizes"] = sorted(r["group_sizes"] + [n])
+                kind, result, moved = "reduce-scatter", result // n_ring, (n_ring - 1) / n_ring * result
+            on = _OP_NAME.search(rest)
+            op_name = on.group(1) if on else callers.get(name, "")
+            yield kind, op_name, k, result, moved, (None if kind == "collective-permute" else n)
+
+
+def collectives(hlo_text: str) -> Dict[str, Dict[str, float]]:
+    """{kind: {count, count_per_step, result_bytes, result_bytes_per_step, moved_bytes_per_step,
+    group_sizes, group_size_unknown}} of a compiled program (see the module docstring; an async pair counts
+    once; a collective whose replica groups are not written in a known form is assumed to span every device
+    and counted in group_size_unknown)."""
+    out: Dict[str, Dict[str, float]] = {}
+    for kind, _, k, result, moved, n in _each(hlo_text):
+        r = out.setdefault(kind, {"count": 0, "count_per_step": 0, "result_bytes": 0, "result_bytes_per_step": 0,
+                                  "moved_bytes_per_step": 0, "group_sizes": [], "group_size_unknown": 0})
+        r["group_size_unknown"] += n is None and kind != "collective-permute"
+        r["count"] += 1
+        r["count_per_step"] += k
+        r["result_bytes"] += result
+        r["result_bytes_per_step"] += k * result
+        r["moved_bytes_per_step"] += k * moved
+        if n is not None and n not in r["group_sizes"]:
+            r["group_sizes"] = sorted(r["group_sizes"] + [n])
     for r in out.values():
         r["moved_bytes_per_step"] = int(round(r["moved_bytes_per_step"]))
     return out
+
+
+def collectives_by_op(hlo_text: str, top: int = 8) -> List[Dict[str, object]]:
+    """The collectives grouped by kind and the JAX operation they come from (XLA's op_name metadata, the
+    jit and loop wrappers dropped), the most bytes moved first: where a program's traffic comes from. XLA
+    combines small collectives of one kind into one (e.g. a block's gradient all-reduces), which then carries
+    the name of one of its parts."""
+    rows: Dict[Tuple[str, str], Dict[str, object]] = {}
+    for kind, op_name, k, result, moved, _ in _each(hlo_text):
+        op_name = _OP_NOISE.sub("", op_name)
+        r = rows.setdefault((kind, op_name), {"kind": kind, "op_name": op_name, "count_per_step": 0,
+                                              "moved_bytes_per_step": 0.0})
+        r["count_per_step"] += k
+        r["moved_bytes_per_step"] += k * moved
+    out = sorted(rows.values(), key=lambda r: -r["moved_bytes_per_step"])[:top]
+    return [dict(r, moved_bytes_per_step=int(round(r["moved_bytes_per_step"]))) for r in out]
 
 
 def moved_bytes_per_step(colls: Dict[str, Dict[str, float]]) -> int:

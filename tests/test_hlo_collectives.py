@@ -7,7 +7,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from conftest import tiny_config
 from dit_jax import compile_report, topology
-from dit_jax.hlo_collectives import collectives, group_size, moved_bytes_per_step
+from dit_jax.hlo_collectives import collectives, collectives_by_op, group_size, moved_bytes_per_step
 
 try:
     from jax import shard_map
@@ -85,6 +85,11 @@ def test_partitioner_reduce_scatter_fusion_on_tpu():
     assert got["all-gather"] == {"count": 1, "count_per_step": 1, "result_bytes_per_step": 512 * 1024 * F32,
                                  "moved_bytes_per_step": 3 * 128 * 1024 * F32, "group_sizes": [4]}
     assert set(got) == {"reduce-scatter", "all-gather"}
+    # Where the bytes come from: the fused reduce-scatter carries the name of its fusion (the h.T @ h matmul).
+    by_op = collectives_by_op(text)
+    assert [(o["kind"], o["moved_bytes_per_step"]) for o in by_op] == [("reduce-scatter", 7 * 128 * 1024 * F32),
+                                                                      ("all-gather", 3 * 128 * 1024 * F32)]
+    assert all("dot_general" in o["op_name"] and not o["op_name"].startswith("jit(") for o in by_op), by_op
 
 
 def test_data_parallel_step_all_reduces_every_gradient_once():
