@@ -61,3 +61,25 @@ def test_compile_time_tiny():
 
     res = compile_time.main(["--tiny", "--unrolled"])
     assert res["depth"] == 2 and res["forward_s"] > 0 and res["train_step_s"] > 0 and res["train_step_unrolled_s"] > 0
+
+
+def test_fsdp_split_table(capsys):
+    from benchmarks import fsdp_split
+
+    assert fsdp_split.main(["--models", "DiT-L/2", "--fsdp", "96", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "| 96 | **2.01** |" in out and "| 256 | 1.00 |" in out  # 96 = 32 x 3: no width of L/2 has a 3
+
+
+def test_pod_table_batch_per_chip_and_reprint(tmp_path, capsys):
+    from benchmarks import pod_table
+
+    out = tmp_path / "rows.jsonl"
+    args = ["--configs", "configs/digits.py", "--pods", "v5e:2x2", "--set", "model.depth=1", "--per-chip", "1", "4",
+            "--table", "batch", "--out", str(out)]
+    assert pod_table.main(args) == 0
+    first = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[1] for line in first[2:]] == ["4", "16"]  # global batch = per chip x 4 chips
+    assert pod_table.main(["--from", str(out), "--table", "pods"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert len(rows) == 2 and all("data-parallel by choice" in r and "| float32 | no | v5e:2x2 |" in r for r in rows)
