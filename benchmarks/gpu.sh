@@ -2,11 +2,12 @@
 # One prepared GPU check (about 6-8 minutes on an H100/H200): DiT-XL/2 256 px bf16 training, the product's step
 # (dit-jax-train's own: config -> train.setup -> train.jit_train_step) against compiled PyTorch, each at its
 # best batch, MFU against the card's rated peak; 250-step guided sampling, dit_jax's loop against the release's
-# loop in PyTorch; the XLA:GPU candidate options of dit_jax/utils/xla_gpu.py; FID Inception features of 50,000
-# images (bf16).
+# loop in PyTorch; the XLA:GPU candidate options of dit_jax/utils/xla_gpu.py; with INCEPTION=1 also FID
+# Inception features of 50,000 images (bf16, about a minute more).
 #   bash benchmarks/gpu.sh             # on the GPU machine
 #   bash benchmarks/gpu.sh --tiny      # the same script end to end on a CPU with a tiny model (its test)
-# Extra arguments go to benchmarks.gpu_bench (e.g. --batches 256 128). INCEPTION=0 skips the Inception part.
+# Extra arguments go to benchmarks.gpu_bench (e.g. --batches 256 128). Run it with a 600 s limit: every section
+# prints as it ends (and the JSON after training), so a cut-off run still reports what it measured.
 # Output: the console, plus $OUT/gpu_bench.log, gpu_bench.json (the last JSON line) and inception_speed.log.
 #
 # The GPU machine has no ml_collections (configs/ needs it); the script installs it from a wheel carried in
@@ -44,7 +45,7 @@ status=0
 grep '^{' "$log" | tail -n 1 > "$OUT_DIR/gpu_bench.json" || true
 
 # FID Inception feature extraction over 50,000 images, bf16 (JAX only: the GPU box has no pytorch-fid).
-if [ "${INCEPTION:-1}" != "0" ]; then
+if [ "${INCEPTION:-0}" = "1" ] || [ "${1:-}" = "--tiny" ]; then
   inc_args=(--skip-torch --batch 500 --images 50000 --variants fused-bf16)
   if [ "${1:-}" = "--tiny" ]; then inc_args=(--skip-torch --tiny --images 8 --variants fused); fi
   "$PY" -m benchmarks.inception_speed "${inc_args[@]}" 2>&1 | tee "$OUT_DIR/inception_speed.log" || status=$?

@@ -123,6 +123,12 @@ def jax_step(args, batch: int, remat: bool, params, compiler_options=None):
     return (step, compile_s), None
 
 
+def resolved_attention(model) -> str:
+    """The kernel the model's attention_impl stands for on this device (what "auto" chose)."""
+    tokens, head_dim = (model.input_size // model.patch_size) ** 2, model.hidden_size // model.num_heads
+    return attention.resolve(model.attention_impl, jax.devices()[0].platform, tokens, head_dim, model.dtype)
+
+
 def time_jax_step(args, step) -> float:
     return timed(step, jax_sync, 2, args.iters)
 
@@ -149,7 +155,7 @@ def jax_train(args, params, flops_per_image):
             ips = batch / s
             print(f"  JAX {label}: {ips:.1f} img/s, step {1e3 * s:.0f} ms, compile {compile_s:.1f} s")
             tried.append({"jax_train_batch": batch, "jax_train_remat": remat, "jax_train_ips": ips,
-                          "jax_train_compile_s": compile_s, "jax_attention": step.model.attention_impl,
+                          "jax_train_compile_s": compile_s, "jax_attention": resolved_attention(step.model),
                           "jax_train_tflops": ips * flops_per_image / 1e12})
             del step
             break
@@ -201,7 +207,7 @@ def xla_sweep(args, params, best) -> dict:
     if built is None:
         raise RuntimeError(f"the best configuration no longer fits: {why}")
     step = built[0]
-    calls = {"defaults": step}
+    calls = {"defaults": lambda compiled=step.compiled: step(compiled)}  # XLA's defaults (+ xla_gpu.OPTIONS)
     for name, opts in list(xla_gpu.CANDIDATES.items())[:1 if args.tiny else None]:
         try:
             compiled = step.compile(opts)
@@ -209,7 +215,6 @@ def xla_sweep(args, params, best) -> dict:
             print(f"  XLA option set {name}: does not compile ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
             continue
         calls[name] = lambda compiled=compiled: step(compiled)
-    calls["defaults"] = lambda compiled=step.compile(): step(compiled)
     times = timed_interleaved(calls, {name: jax_sync for name in calls}, 1, args.iters)
     base = batch / times["defaults"]["s"]
     out = {}

@@ -28,9 +28,12 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from jax._src import mesh as jax_mesh  # the mesh of a legacy `with mesh:` block has no public accessor
-from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
+
+try:  # the mesh of a legacy `with mesh:` block has no public accessor
+    from jax._src import mesh as jax_mesh
+except ImportError:  # a JAX that moved it: only jax.set_mesh meshes are seen
+    jax_mesh = None
 
 from dit_jax.model_ops import head_major_attention
 
@@ -63,10 +66,10 @@ def check_impl(impl: Optional[str]) -> str:
 # ----------------------------------------------------------------------------------------------------
 def context_mesh():
     """The concrete mesh of the enclosing `jax.set_mesh` / legacy `with mesh:` block, or None."""
-    for get in (jax_mesh.get_concrete_mesh, lambda: jax_mesh.thread_resources.env.physical_mesh):
+    for get in (lambda: jax_mesh.get_concrete_mesh(), lambda: jax_mesh.thread_resources.env.physical_mesh):
         try:
             mesh = get()
-        except AttributeError:  # an accessor this JAX version does not have
+        except AttributeError:  # an accessor this JAX version does not have (or no jax_mesh)
             continue
         if mesh is not None and not mesh.empty:
             return mesh
@@ -109,7 +112,7 @@ def resolve(impl: Optional[str], platform: str, seq_len: int, head_dim: int, dty
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: Optional[str] = "auto",
                           platform: Optional[str] = None) -> jax.Array:
     """Softmax attention, q/k/v (N, T, H, Dh) -> (N, T, H, Dh); `platform` default: computation_platform()."""
-    n, t, h, dh = q.shape
+    _, t, _, dh = q.shape
     name = check_impl(impl)
     if name == "auto":
         name = resolve(name, platform or computation_platform(), t, dh, q.dtype)
@@ -144,7 +147,14 @@ def pallas_interpret():
         _interpret = old
 
 
-def _splash_blocks(t: int) -> splash.BlockSizes:
+def _splash():
+    from jax.experimental.pallas.ops.tpu import splash_attention  # TPU kernels: loaded only by programs using them
+
+    return splash_attention
+
+
+def _splash_blocks(t: int):
+    splash = _splash()
     b = next(b for b in _SPLASH_BLOCKS if t % b == 0)
     return splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                              block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
@@ -153,6 +163,7 @@ def _splash_blocks(t: int) -> splash.BlockSizes:
 def _splash_heads_major(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """(n, h, T, Dh) each -> (n, h, T, Dh): the splash kernel per example (full, non-causal mask)."""
     _, h, t, dh = q.shape
+    splash = _splash()
     mask = splash.MultiHeadMask([splash.FullMask((t, t)) for _ in range(h)])
     kernel = splash.make_splash_mha(mask, block_sizes=_splash_blocks(t), head_shards=1, q_seq_shards=1,
                                     interpret=_interpret)

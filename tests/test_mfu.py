@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks.flops import measure, measure_model
 from conftest import tiny_config
-from dit_jax import build, mfu, topology, train
+from dit_jax import build, compile_report, mfu, topology, train
 from dit_jax.model import DiT_models
 
 
@@ -59,3 +59,14 @@ def test_training_logs_tflops_and_mfu_that_images_per_sec_and_the_flops_give(tmp
         tflops = r["images_per_sec"] * 6 * macs / 8 / 1e12  # 8 simulated devices
         assert r["tflops_per_device"] == pytest.approx(tflops, rel=1e-9)
         assert r["mfu"] == pytest.approx(tflops / 0.5, rel=1e-9)
+
+
+def test_compile_only_states_the_same_definition():
+    """--compile-only's MFU fields: the model FLOPs per chip per step and the step time an MFU means."""
+    model = DiT_models["DiT-XL/2"](input_size=32)
+    f = compile_report.mfu_fields(model, 256, 256, "TPU v5 lite")
+    per_chip = 6 * 118_640_000_000 * 256 / 256  # the paper's 118.64 GMACs per image (ours: within 0.1%)
+    assert f["mfu_flops_per_chip"] == pytest.approx(per_chip, rel=1e-3)
+    assert f["rated_peak_bf16_tflops"] == 197.0 and "cloud.google.com/tpu/docs/v5e" in f["rated_peak_source"]
+    assert f["seconds_per_step_at_mfu"]["0.50"] == pytest.approx(f["mfu_flops_per_chip"] / (0.5 * 197e12))
+    assert compile_report.mfu_fields(model, 256, 256, "cpu")["seconds_per_step_at_mfu"] == {}
