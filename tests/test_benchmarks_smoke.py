@@ -78,6 +78,7 @@ def test_compile_time_tiny():
     assert res["depth"] == 2 and res["forward_s"] > 0 and res["train_step_s"] > 0 and res["train_step_unrolled_s"] > 0
 
 
+@pytest.mark.slow
 def test_attention_tpu_tiny():
     from benchmarks import attention_tpu
 
