@@ -20,11 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax import mesh_plan, state_split, train
+from dit_jax import mesh_plan, mfu, state_split, train
 from dit_jax import sharding as shd
 from dit_jax import topology as topo_lib
 from dit_jax.hlo_collectives import MOVED_LABEL, collectives, collectives_by_op, moved_bytes_per_step
 from dit_jax.hlo_flops import matmul_flops
+from dit_jax.mfu import forward_macs
 from dit_jax.utils import paths
 from dit_jax.utils.atomic import write_text
 from dit_jax.vae import AutoencoderKL
@@ -94,18 +95,6 @@ def state_accounting(abstract_state, state_sh, chips: int) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 # FLOPs
 # ----------------------------------------------------------------------------------------------------
-def forward_macs(model) -> Dict[str, int]:
-    """Multiply-adds of one forward pass of one example (the DiT paper's "Gflops"), split blocks / other."""
-    p, d, depth = model.patch_size, model.hidden_size, model.depth
-    t = (model.input_size // p) ** 2
-    mlp = int(d * model.mlp_ratio)
-    block = d * 6 * d + t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * mlp
-    other = (t * p * p * model.in_channels * d  # patch embedding
-             + 256 * d + d * d  # timestep MLP
-             + d * 2 * d + t * d * p * p * model.out_channels)  # final layer
-    return {"blocks": depth * block, "other": other, "total": depth * block + other}
-
-
 def training_flops(config, model, vae=None, vae_params=None) -> Dict[str, float]:
     """Analytic FLOPs (2 per multiply-add) of one optimizer step: forward + backward (2x forward) + the
     rematerialised block forwards, for the global batch; plus the VAE encoder for image batches."""
@@ -155,6 +144,20 @@ def step_time_lower_bound(flops: Dict[str, Any], colls: Dict[str, Any], topo) ->
                      "bandwidth (no overlap loss, no contention)"}
 
 
+def mfu_fields(model, global_batch: int, chips: int, device_kind: str) -> Dict[str, Any]:
+    """MFU as training logs it (dit_jax.mfu): the model FLOPs per chip per step (no remat, no VAE), the chip's
+    rated peak, and the step time a given MFU means; MFU of a measured step = mfu_flops_per_chip / (s x peak)."""
+    per_chip = mfu.train_flops_per_example(model) * global_batch / chips
+    peak = mfu.rated_peak(device_kind)
+    out: Dict[str, Any] = {"mfu_flops_per_chip": per_chip, "rated_peak_bf16_tflops": None, "rated_peak_source": None,
+                           "seconds_per_step_at_mfu": {}}
+    if peak is not None:
+        out.update(rated_peak_bf16_tflops=peak.bf16_tflops, rated_peak_source=peak.source,
+                   seconds_per_step_at_mfu={f"{m:.2f}": mfu.step_time_at(m, per_chip, peak.bf16_tflops)
+                                            for m in (0.4, 0.5, 0.6)})
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------------
@@ -194,6 +197,7 @@ def compile_for_topology(config, topo: topo_lib.Topology, workdir: str = "") -> 
     flops.update(compiled_flops(compiled, text))
     split = state_split.split_report(env.abstract_state.params, mesh, config.sharding)
     even = acct["total"]["total"] / split["chips_sharing_state"]  # the state is meant to be split over these
+    flops.update(mfu_fields(model, int(config.global_batch_size), topo.chips, topo.devices[0].device_kind))
     report = {
         "topology": topo.name, "generation": topo.generation, "chips": topo.chips, "hosts": topo.hosts,
         "devices_per_chip": 1, "tensorcores_per_chip": topo.tensorcores_per_chip, "megacore": topo.megacore,
@@ -342,6 +346,12 @@ def format_report(r: Dict[str, Any]) -> str:
         f"{ms(lb['ici_seconds'])}); lowered and compiled in {r['compile_seconds']:.1f} s "
         f"({r['compile_cpu_seconds']:.0f} CPU s)",
     ]
+    f = r["flops"]
+    if f.get("rated_peak_bf16_tflops"):
+        lines.append(f"MFU (model FLOPs {f['mfu_flops_per_chip'] / 1e12:.2f} TFLOP per chip per step / rated "
+                     f"{f['rated_peak_bf16_tflops']:g} TFLOP/s): 50% MFU is "
+                     f"{f['seconds_per_step_at_mfu']['0.50'] * 1e3:.0f} ms/step; MFU of a measured step of s seconds "
+                     f"= {f['mfu_flops_per_chip'] / (f['rated_peak_bf16_tflops'] * 1e12):.4g} / s")
     lines += [f"note: {n}" for n in r["notes"]]
     if r["fits"]:
         lines.append(f"FITS: {g(r['total_bytes_per_chip'])} <= {100 * (1 - r['headroom']):.0f}% of "

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from dit_jax import build, checkpoint as ckpt_lib, data, mesh_plan, preemption, sharding as shd, state_split
+from dit_jax import build, checkpoint as ckpt_lib, data, mesh_plan, mfu, preemption, sharding as shd, state_split
 from dit_jax.diffusion import GaussianDiffusion
 from dit_jax.utils.errors import ConfigError, NonFiniteLossError
 from dit_jax.model import DiT, abstract_params, count_params
@@ -212,6 +212,7 @@ class _Loop:
         if log_now:
             sps = (done - self.s_last) / max(time.time() - self.t_last, 1e-9)
             m.update(steps_per_sec=sps, images_per_sec=sps * int(c.global_batch_size))
+            m.update(mfu.throughput_metrics(m["images_per_sec"], self.s.model, self.s.mesh.devices.flat))
             if self.writer:
                 self.writer.scalars(done, m)
             self.t_last, self.s_last = time.time(), done

@@ -22,7 +22,8 @@ from conftest import ROOT
 
 PACKAGES = ("dit_jax", "convert")
 # Optional heavy stacks that may be imported inside a function (with a one-line reason on that line).
-LAZY_ALLOWED = ("torch", "tensorflow", "tensorflow_datasets", "sklearn", "jax_plugins", "libtpu", "dit_jax.data.tfds")
+LAZY_ALLOWED = ("torch", "tensorflow", "tensorflow_datasets", "sklearn", "jax_plugins", "libtpu", "dit_jax.data.tfds",
+                "jax.experimental.pallas.ops.tpu")
 CORE_FORBIDDEN = ("torch", "convert", "diffusers", "torchvision")
 
 
