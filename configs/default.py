@@ -49,7 +49,9 @@ def get_config(variant: Optional[str] = None) -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16" if resolution == 512 else "float32"
     # rematerialise each block in the backward pass (less memory, ~30% more compute); 1024 tokens at 512 px
     c.model.remat = resolution == 512
-    c.model.attention_impl = placeholder(str)  # None: head-major matmuls (fastest on CPU); "xla"; "cudnn" (GPU)
+    # "auto": per platform (CPU head-major matmuls; GPU cuDNN flash attention; TPU Pallas flash attention at
+    # 512 px, else XLA's); or one kernel everywhere: "matmul", "xla", "cudnn", "pallas_tpu" (dit_jax/attention.py)
+    c.model.attention_impl = "auto"
 
     # ---- diffusion (dit_jax.diffusion.create_diffusion) ----
     c.diffusion = ml_collections.ConfigDict()

@@ -15,7 +15,8 @@ from typing import Any, Dict, Iterator, Mapping, Optional
 import numpy as np
 from safetensors.numpy import save_file
 
-from convert.diffusers_keys import release_to_diffusers
+from convert.diffusers_keys import (GAP_TRAINED_FROM_DIFFUSERS, TimestepMathsWarning, measured_gap,
+                                    release_to_diffusers)
 from convert.mapping import ConversionError
 from dit_jax.model import model_name as registry_name
 from dit_jax.utils import paths
@@ -118,9 +119,12 @@ def write(state: Mapping[str, Any], cfg: Mapping[str, Any], out: str, fmt: Optio
     if fmt != "diffusers" and (float(cfg.get("timestep_freq_shift", 0.0)) != 0.0
                                or float(cfg.get("mlp_norm_eps", 1e-6)) != 1e-6):
         warnings.warn("these weights come from diffusers (timestep_freq_shift="
-                      f"{cfg.get('timestep_freq_shift')}, mlp_norm_eps={cfg.get('mlp_norm_eps')}); the release "
-                      "PyTorch DiT computes with 0 and 1e-6, so its outputs will differ slightly. Write "
-                      "--format diffusers to keep them exact")
+                      f"{cfg.get('timestep_freq_shift')}, mlp_norm_eps={cfg.get('mlp_norm_eps')}), but the release "
+                      f"DiT computes with 0 and 1e-6, so it computes a different function of this {fmt} file: "
+                      f"{measured_gap(GAP_TRAINED_FROM_DIFFUSERS)}. --format diffusers keeps them exact"
+                      + (" (dit_jax itself reads the two settings back from this file's metadata)"
+                         if fmt == "safetensors" else ""),
+                      TimestepMathsWarning, stacklevel=2)
     if fmt == "pt":
         write_pt(state, out, overwrite)
     elif fmt == "train":

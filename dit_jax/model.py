@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax.model_ops import (chunked_dot_general, get_2d_sincos_pos_embed, head_major_attention, layer_norm,
-                               modulate, timestep_embedding, token_dot_general)
+from dit_jax import attention
+from dit_jax.model_ops import (chunked_dot_general, get_2d_sincos_pos_embed, layer_norm, modulate, timestep_embedding,
+                               token_dot_general)
 
 Dtype = Any
 
@@ -106,15 +107,15 @@ class LabelEmbedder(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection (with bias), like timm's Attention.
 
-    attention_impl: None/"" (default) head-major batched matmuls, fastest on CPU; "xla" or "cudnn" go
-    through `jax.nn.dot_product_attention` ("cudnn": flash attention on NVIDIA GPUs).
+    attention_impl: "auto" (default: chosen per platform when traced), "matmul" (None/"" too), "xla",
+    "cudnn" or "pallas_tpu"; see dit_jax/attention.py.
     """
 
     hidden_size: int
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: Optional[str] = None
+    attention_impl: Optional[str] = "auto"
     precise_cpu_dots: bool = False  # see DiT
 
     @nn.compact
@@ -124,14 +125,8 @@ class Attention(nn.Module):
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=xavier,
                                   bias_init=zeros, dot_general=token_dot_general(self.precise_cpu_dots))
         qkv = dense(3 * d, name="qkv")(x).reshape(n, t, 3, self.num_heads, head_dim)  # (N, T, 3, H, Dh)
-        if self.attention_impl in (None, ""):
-            q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (N, H, T, Dh)
-            out = head_major_attention(q, k, v).transpose(0, 2, 1, 3)  # (N, T, H, Dh)
-        elif self.attention_impl in ("xla", "cudnn"):
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (N, T, H, Dh)
-            out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)  # (N, T, H, Dh)
-        else:
-            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; use None, 'xla' or 'cudnn'")
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (N, T, H, Dh)
+        out = attention.dot_product_attention(q, k, v, self.attention_impl)  # (N, T, H, Dh)
         return dense(d, name="proj")(out.reshape(n, t, d))
 
 
@@ -159,7 +154,7 @@ class DiTBlock(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: Optional[str] = None
+    attention_impl: Optional[str] = "auto"
     mlp_norm_eps: float = 1e-6
     precise_cpu_dots: bool = False  # see DiT
 
@@ -225,9 +220,10 @@ class DiT(nn.Module):
     # whatever `train` says (train only switches label dropout). False: a Python loop over the blocks, a
     # few % faster for a forward alone; the samplers (diffusion.dit_model_fn) use it, they never differentiate.
     scan_blocks: bool = True
-    # None: head-major matmul attention (fastest on CPU); "xla"/"cudnn": jax.nn.dot_product_attention
-    # ("cudnn" is flash attention on NVIDIA GPUs).
-    attention_impl: Optional[str] = None
+    # "auto": per platform when traced (CPU head-major matmuls, GPU cuDNN flash attention, TPU Pallas flash
+    # attention from 1024 tokens, else XLA's); "matmul" (None too), "xla", "cudnn", "pallas_tpu": that
+    # kernel everywhere. dit_jax/attention.py.
+    attention_impl: Optional[str] = "auto"
     # Two details in which diffusers' DiTTransformer2DModel differs from the release; the converter sets
     # them when it reads a diffusers model so its outputs are reproduced exactly.
     timestep_freq_shift: float = 0.0  # diffusers: 1

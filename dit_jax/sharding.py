@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 from dit_jax.utils.errors import DitJaxError
 
@@ -154,9 +154,22 @@ def make_mesh(mesh_cfg_or_shape, devices: Optional[Sequence[Any]] = None,
     if int(np.prod(groups)) != shape[1]:
         raise MeshError(f"fsdp sub-axes {groups} do not multiply to the fsdp size {shape[1]}")
     dev_array = device_order(shape, devices)
-    names = ("fsdp",) if len(groups) == 1 else tuple(f"fsdp_{i}" for i in range(len(groups)))
     dev_array = dev_array.reshape((shape[0],) + groups + (shape[2],))  # split the fsdp axis in device order
-    return Mesh(dev_array, ("data",) + names + ("tensor",))
+    return Mesh(dev_array, _axis_names(groups))
+
+
+def abstract_mesh(shape: Sequence[int], fsdp_group_sizes: Optional[Sequence[int]] = None) -> AbstractMesh:
+    """The axes of `make_mesh(shape, ..., fsdp_group_sizes)` without devices: shardings and shard shapes of a
+    mesh of any size can be worked out on any machine."""
+    groups = tuple(int(g) for g in (fsdp_group_sizes or (shape[1],)))
+    if int(np.prod(groups)) != int(shape[1]):
+        raise MeshError(f"fsdp sub-axes {groups} do not multiply to the fsdp size {shape[1]}")
+    return AbstractMesh((int(shape[0]),) + groups + (int(shape[2]),), _axis_names(groups))
+
+
+def _axis_names(groups: Sequence[int]) -> Tuple[str, ...]:
+    names = ("fsdp",) if len(groups) == 1 else tuple(f"fsdp_{i}" for i in range(len(groups)))
+    return ("data",) + names + ("tensor",)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from dit_jax import build, checkpoint as ckpt_lib, data, mesh_plan, preemption, sharding as shd
+from dit_jax import build, checkpoint as ckpt_lib, data, mesh_plan, mfu, preemption, sharding as shd, state_split
 from dit_jax.diffusion import GaussianDiffusion
 from dit_jax.utils.errors import ConfigError, NonFiniteLossError
 from dit_jax.model import DiT, abstract_params, count_params
@@ -80,6 +80,7 @@ def setup(config, devices=None, process_count: Optional[int] = None) -> TrainSet
     plan = mesh_plan.plan_mesh(config, devices, model, params, device_hbm_bytes(devices[0])[0],
                                image_batch=kind == "image")
     mesh = shd.make_mesh(plan.shape, devices, plan.fsdp_groups)
+    state_split.warn_if_uneven(params, mesh, config.sharding, log)  # a prime of fsdp dividing no width
     local_batch, _ = build.validate_batch_config(config, mesh, process_count)
     if config.data.name == "digits" and config.model.in_channels != 1:
         raise ConfigError(f"digits are 1-channel images; config.model.in_channels={config.model.in_channels}")
@@ -211,6 +212,7 @@ class _Loop:
         if log_now:
             sps = (done - self.s_last) / max(time.time() - self.t_last, 1e-9)
             m.update(steps_per_sec=sps, images_per_sec=sps * int(c.global_batch_size))
+            m.update(mfu.throughput_metrics(m["images_per_sec"], self.s.model, self.s.mesh.devices.flat))
             if self.writer:
                 self.writer.scalars(done, m)
             self.t_last, self.s_last = time.time(), done

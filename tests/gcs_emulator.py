@@ -16,6 +16,11 @@ import time
 from typing import Dict
 
 BUCKET = "bkt"
+# The emulator's http.server listens with a backlog of 5: a client's burst of concurrent ranged GETs (gcsfs
+# cat_ranges, tensorstore) overflows it and the dropped connections retry after ~1 s. A bucket has no such
+# limit, so the emulator starts with a deeper backlog.
+LAUNCH = ("import sys, http.server; http.server.HTTPServer.request_queue_size = 256; "
+          "from gcp_storage_emulator.__main__ import main; sys.exit(main(sys.argv[1:]))")
 
 
 def _free_port() -> int:
@@ -36,7 +41,7 @@ class GcsEmulator:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "-c", LAUNCH, "start", "--host", "127.0.0.1", "--port", str(self.port),
              "--in-memory", "--default-bucket", BUCKET],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + startup_timeout

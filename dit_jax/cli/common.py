@@ -7,11 +7,13 @@ line on stderr naming it; `--debug` shows the traceback); 2 a command-line usage
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import traceback
-from typing import Callable, Optional, Sequence
+import warnings
+from typing import Callable, Iterator, Optional, Sequence
 
 import jax
 
@@ -51,11 +53,29 @@ def run_command(prog: str, fn: Callable[[], object], argv: Optional[Sequence[str
         print(f"{prog}: interrupted" + (f"; {extra}" if extra else ""), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except EXPECTED_ERRORS as e:
-        if "--debug" in argv:
-            traceback.print_exc()
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
-        return EXIT_ERROR
+        return report_error(prog, e, argv)
     return rc if isinstance(rc, int) and not isinstance(rc, bool) else EXIT_OK
+
+
+def report_error(prog: str, e: BaseException, argv: Sequence[str]) -> int:
+    """An expected error as one line `PROG: error: ...` on stderr (the traceback first with --debug in argv);
+    returns the exit code 1. Call it from inside the `except` block."""
+    if "--debug" in argv:
+        traceback.print_exc()
+    print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+    return EXIT_ERROR
+
+
+@contextlib.contextmanager
+def one_line_warnings(prog: str) -> Iterator[None]:
+    """Inside: a warning prints as one line `PROG: warning: ...` on stderr (Python's own format adds the file,
+    the line number and the source line of the warn call, which mean nothing to a user)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {one_line(message)}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def setup_console_logging(verbose: bool = True) -> None:

@@ -1,8 +1,13 @@
 """dit-jax-train: flags -> train.train_and_evaluate(config, workdir).
 
-    dit-jax-train --config configs/digits.py --workdir runs/digits [--config.optim.lr=2e-4 ...]
-    dit-jax-train --config configs/default.py:B/2 --workdir gs://bucket/run --export-torch dit.pt
+    dit-jax-train --config digits --workdir runs/digits [--config.optim.lr=2e-4 ...]
+    dit-jax-train --config default:B/2 --workdir gs://bucket/run --export-torch dit.pt
     dit-jax-train --config configs/default.py --workdir /tmp/check --compile-only --topology v5e:16x16
+    dit-jax-train --config my_experiment.py:variant --workdir runs/mine
+
+--config takes a file with get_config() (PATH[:VARIANT]) or the name of a shipped config (digits, default);
+a PATH that does not exist but names a shipped config (configs/digits.py) reads the installed one, so the
+commands above work from any directory. A missing or broken config file is one line naming it (exit 1).
 
 Multi-host: on TPU pods, SLURM and Open MPI `jax.distributed.initialize()` finds the cluster itself
 (--distributed=auto); elsewhere pass --coordinator_address HOST:PORT --num_processes N --process_id I on
@@ -25,13 +30,13 @@ import jax
 from absl import flags
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 
 import convert
 from convert import vae_weights, writers
 from convert.inception_weights import inception_params
 from dit_jax import build, checkpoint as ckpt_lib, compile_report, topology
-from dit_jax.cli.common import EXIT_USAGE, check_writable_file, run_command, setup_console_logging
+from dit_jax.cli.common import EXIT_USAGE, check_writable_file, report_error, run_command, setup_console_logging
+from dit_jax.cli.config_file import ConfigFileError, define_config_flag
 from dit_jax.utils.errors import ConfigError
 from dit_jax.pretrained import model_config
 from dit_jax.train import train_and_evaluate
@@ -42,8 +47,7 @@ PROG = "dit-jax-train"
 # "preempted" from "finished"; 75 is sysexits.h's EX_TEMPFAIL ("a temporary failure; try again").
 EXIT_PREEMPTED = 75
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config() (PATH[:VARIANT])",
-                                lock_config=True)
+define_config_flag("config")  # PATH[:VARIANT] or a shipped config's name (dit_jax/cli/config_file.py)
 flags.DEFINE_string("workdir", None, "checkpoints, logs, TensorBoard events and sample grids go here")
 flags.DEFINE_string("export-torch", None, "write the final EMA weights as a release-format PyTorch .pt here")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
@@ -159,7 +163,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
         print(__doc__.strip() + "\n\nflags:\n" + FLAGS.module_help(sys.modules[__name__]))
         return 0
-    error = parse_flags(argv)
+    try:
+        error = parse_flags(argv)
+    except ConfigFileError as e:  # the --config file itself: one line naming it (exit 1), not a usage error
+        return report_error(PROG, e, argv[1:])
     if error is None and (FLAGS.config is None or FLAGS.workdir is None):
         error = "--config and --workdir are required (pass --help for usage)"
     if error is not None:

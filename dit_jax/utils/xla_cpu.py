@@ -1,4 +1,5 @@
-"""XLA:CPU options for the programs dit_jax compiles itself: YNNPACK library fusions off.
+"""XLA:CPU options for the programs dit_jax compiles itself: YNNPACK library fusions off (and the hook through
+which dit_jax's GPU programs get dit_jax.utils.xla_gpu's options).
 
 Since about jaxlib 0.9, XLA:CPU hands dots and convolutions to YNNPACK by default. Measured on this project's
 CPU (2-core AMD EPYC, AVX2, no AVX-512; jax 0.10.2), against XLA's own Eigen kernels that the option below
@@ -24,6 +25,8 @@ from typing import Any, Callable, Dict, Optional
 import jax
 import jax.numpy as jnp
 
+from dit_jax.utils import xla_gpu
+
 OPTION = "xla_cpu_experimental_ynn_fusion_type"
 NO_LIBRARY_FUSIONS = {OPTION: ""}  # an empty list of fusion kinds: YNNPACK gets no dot or convolution
 
@@ -41,10 +44,13 @@ def _option_known() -> bool:
 
 def compiler_options(platform: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """`compiler_options` for a top-level jax.jit whose program runs on `platform` (default: JAX's default
-    backend): {OPTION: ""} on CPU when it applies (see the module docstring), else None."""
+    backend): {OPTION: ""} on CPU when it applies (see the module docstring), xla_gpu.compiler_options() on
+    a GPU, else None."""
+    platform = platform or jax.default_backend()
+    if platform == "gpu":
+        return xla_gpu.compiler_options()
     if os.environ.get("DIT_JAX_CPU_YNNPACK", "0") == "1" or OPTION in os.environ.get("XLA_FLAGS", ""):
         return None
-    platform = platform or jax.default_backend()
     if platform != "cpu" or jax.default_backend() != "cpu":
         return None
     return dict(NO_LIBRARY_FUSIONS) if _option_known() else None
