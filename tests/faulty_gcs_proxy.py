@@ -1,35 +1,33 @@
 """A fault-injecting HTTP proxy in front of the GCS emulator (tests only): storage that fails on purpose.
 
-    proxy = FaultyProxy(emulator.url)            # 127.0.0.1, a thread per connection
-    proxy.fail("GET", r"/meta/metadata", times=8, status=503)   # the next 8 matching requests fail
-    env = emulator_env(proxy.url)                # point gcsfs and tensorstore at the proxy
+    proxy = FaultyProxy(upstream_url)            # 127.0.0.1, a thread per connection
+    rule = proxy.fail("GET", r"/meta/metadata", times=8, status=503)   # the next 8 matching requests fail
     proxy.failed[rule]                           # how many were failed
-    proxy.stop()
+    proxy.clear(); proxy.stop()
 
-A rule matches the request method and a regex searched in the request's URL-decoded path and query
-(object names appear there, e.g. run/checkpoints/2/meta/metadata). Every other request is forwarded
-unchanged and its answer passed back with HTTP/1.1 framing.
+tests/gcs_emulator.py starts one in front of every emulator (GcsEmulator.proxy, GcsEmulator.url); a test
+that needs one process's storage to fail alone starts another in front of that one and gives that process
+its URL. A rule matches the request method and a regex searched in the request's URL-decoded path and
+query (object names appear there, e.g. run/checkpoints/2/meta/metadata). Every other request is forwarded
+and its answer passed back with HTTP/1.1 framing.
 
-Why the gs:// tests that write arrays go through it even without rules: the emulator (gcp-storage-emulator)
-leaves the object's generation (x-goog-generation) out of media downloads and ignores ifGenerationNotMatch.
-tensorstore needs both when it reads back an OCDBT manifest it is updating: straight against the emulator,
-orbax saves fail intermittently with "Malformed StorageGeneration" (3 of 4 runs of a 2-step, 8-device run
-saving every step). The proxy adds the header (from the object's metadata) and answers 304 when the
-generation matches. It also takes any number of connections and hands the single-threaded emulator one
-request at a time.
+What the proxy adds to the emulator (gcp-storage-emulator): media downloads carry the object's generation
+(x-goog-generation, from the object's metadata), and `ifGenerationNotMatch` is answered 304 when it
+matches. tensorstore needs both when it reads back an OCDBT manifest it is updating; straight against the
+emulator, orbax saves fail intermittently with "Malformed StorageGeneration" (4 of 4 runs of a 2-step,
+8-device run saving every step; 0 of 4 through the proxy). Requests reach the single-threaded emulator one
+at a time, so that a generation and the content read with it belong together.
 """
 from __future__ import annotations
 
-import contextlib
 import http.client
 import http.server
 import json
-import os
 import re
 import sys
 import threading
 import urllib.parse
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, List, Optional
 
 _HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "host",
         "content-length"}
@@ -108,7 +106,8 @@ class FaultyProxy:
                     status, reason, answer, data = proxy._forward(
                         self.command, self.path, headers,
                         body if body or self.command in ("POST", "PUT", "PATCH") else None)
-                if media and status in (200, 206) and generation is not None:
+                if media and status in (200, 206) and generation is not None and not any(
+                        k.lower() == "x-goog-generation" for k, _ in answer):  # (another proxy's answer has it)
                     answer = answer + [("x-goog-generation", generation), ("x-goog-metageneration", "1")]
                 if proxy.log is not None:
                     proxy.log(f"{self.command} {urllib.parse.unquote(self.path)} -> {status} {data[:200]!r}")
@@ -161,23 +160,3 @@ class FaultyProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-@contextlib.contextmanager
-def proxied(emulator) -> Iterator[FaultyProxy]:
-    """A proxy in front of `emulator` (tests/gcs_emulator.py) with os.environ pointing at it meanwhile, so
-    that this process's new clients and every command line started meanwhile use it."""
-    proxy = FaultyProxy(emulator.url)
-    env = emulator.env
-    env.update(STORAGE_EMULATOR_HOST=proxy.url, TENSORSTORE_GCS_HTTP_URL=proxy.url)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield proxy
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proxy.stop()

