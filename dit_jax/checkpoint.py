@@ -101,11 +101,13 @@ _CORRUPT_WORDS = ("corrupt", "truncated", "decompress", "checksum mismatch", "in
 
 
 def _causes(e: BaseException):
+    """e and what it was raised from (`raise ... from`: orbax wraps tensorstore's errors so). Not the
+    exceptions it was raised while handling: a missing file that some code handled is no evidence."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         yield e
-        e = e.__cause__ or e.__context__
+        e = e.__cause__
 
 
 def is_damage_evidence(e: BaseException) -> bool:

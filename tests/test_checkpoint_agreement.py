@@ -168,3 +168,15 @@ def test_what_counts_as_damage(error, damage):
     wrapped = Exception("Encountered error while reading array index")
     wrapped.__cause__ = error  # orbax wraps tensorstore's error
     assert ckpt_lib.is_damage_evidence(wrapped) is damage
+
+
+def test_a_missing_file_that_was_handled_is_no_evidence():
+    """An error raised while handling a FileNotFoundError (a client's fallback that then times out) is not
+    damage: only what an error was raised *from* counts."""
+    try:
+        try:
+            raise FileNotFoundError("gs://b/run/checkpoints/2/meta/metadata")
+        except FileNotFoundError:
+            raise TimeoutError("listing gs://b/run/checkpoints/2/meta")
+    except TimeoutError as e:
+        assert e.__context__ is not None and not ckpt_lib.is_damage_evidence(e)
