@@ -11,7 +11,6 @@ timeout). Command lines a test starts inherit them.
 """
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys

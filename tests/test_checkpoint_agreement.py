@@ -5,7 +5,6 @@ same verdict, whichever of them saw the evidence."""
 import logging
 import re
 import subprocess
-import sys
 import uuid
 
 import numpy as np

@@ -8,7 +8,6 @@ import pytest
 
 from dit_jax.data import DataError, make_source
 from dit_jax.data import latents as dl
-from dit_jax.data.preprocess import flip_mask
 from dit_jax.utils import paths
 
 N, SHARD, H = 22, 8, 2  # 3 shards (8, 8, 6), latents (2, 2, 4)

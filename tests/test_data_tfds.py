@@ -6,7 +6,6 @@ import tensorflow_datasets as tfds
 from dit_jax.data import tfds as data_tfds
 from dit_jax.data import DataError, make_source
 from dit_jax.data.preprocess import flip_mask, preprocess
-from dit_jax.utils.images import to_model_range
 
 N = 20
 

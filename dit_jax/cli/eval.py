@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Optional, Sequence
 
 import jax
@@ -31,6 +30,7 @@ from dit_jax.data import image_reader
 from dit_jax.evaluation.batches import Batch, save_stats
 from dit_jax.evaluation.evaluate import compute_stats, evaluate, format_results
 from dit_jax.model import DTYPES, parse_dtype
+from dit_jax.utils import paths
 from dit_jax.utils.atomic import atomic_path
 from dit_jax.utils.errors import ConfigError
 
@@ -90,7 +90,7 @@ def check_args(args) -> None:
                           f"--save-stats")
     if args.json:
         check_writable_file(args.json, "--json")
-    if args.inception is not None and not os.path.isfile(args.inception):  # checked even when not needed
+    if args.inception is not None and not paths.is_file(args.inception):  # checked even when not needed
         raise ConfigError(f"--inception {args.inception}: no such file")
 
 

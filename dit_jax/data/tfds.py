@@ -14,7 +14,6 @@ import collections
 import logging
 import threading
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from dit_jax.data.preprocess import preprocess
