@@ -69,8 +69,9 @@ def chunked_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, preci
                         preferred_element_type=None) -> jax.Array:
     """`lax.dot_general` for x (..., K) @ W (K, F) that, on CPU, sums dots over <= DOT_CHUNK-long slices of K.
 
-    Used (as `nn.Dense(dot_general=...)`) for the conditioning path, whose dots have only N rows so the
-    slicing costs nothing measurable, and for the per-token dots only with `DiT(precise_cpu_dots=True)`
+    Used (as `nn.Dense(dot_general=...)`) for the conditioning path, whose dots have only N rows, and the final
+    linear, whose dots have few columns, so the slicing costs nothing measurable; for the blocks' per-token
+    dots only with `DiT(precise_cpu_dots=True)`
     (8-17% more time in the forward). Other platforms get the plain dot: their kernels accumulate
     differently, and their programs stay unchanged. Partial sums are float32 whatever the operand dtype.
     """
