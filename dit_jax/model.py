@@ -238,9 +238,10 @@ class DiT(nn.Module):
     mlp_norm_eps: float = 1e-6  # diffusers: config.norm_eps (1e-5)
     # On CPU, sum every per-token dot of the blocks (qkv, proj, fc1, fc2) over <= 128-long slices of its
     # contraction, as MKL does for the release. Needed only under a plain `jax.jit` on jaxlib >= 0.9, whose
-    # default YNNPACK dots sum in one long float32 accumulation (1.6-2.4x the release's error at small t);
+    # default YNNPACK dots sum in one long float32 accumulation (up to 1.24x the release's error at 256 px
+    # since the final linear is always summed in slices, 2.55x before; docs/performance.md "Precision");
     # dit_jax's own programs compile with dit_jax.utils.xla_cpu.compiler_options() (XLA's Eigen dots, within
-    # 1.5x of the release without this), which a user can pass to their jit instead. Costs 8-17% time
+    # 1.32x of the release without this), which a user can pass to their jit instead. Costs 8-17% time
     # in the forward; no effect on other platforms. The conditioning dots (N rows) and the final linear (few
     # outputs) are always summed so: free.
     precise_cpu_dots: bool = False

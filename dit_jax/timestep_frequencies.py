@@ -2,7 +2,7 @@
 
 The release computes `exp(-log(max_period) * arange(half, float32) / half)` in float32 and every checkpoint
 learned on those rounded values; each sinusoid's argument is then one float32 product `t.float() * freq`.
-A frequency one ulp off moves t * freq by up to 6e-5 at t ~ 1000 (XLA's float32 exp is off by one ulp on 18
+A frequency one ulp off moves t * freq by up to 6e-5 at t ~ 1000 (XLA's float32 exp is off by one ulp on 17
 of the 128), so the values used here are PyTorch's own:
 - dim 256, max_period 10000 (every released and trained DiT): the 128 values as float32 bit patterns, for
   freq_shift 0 (the release) and 1 (diffusers, which divides by half - 1), taken from PyTorch 2.13's CPU

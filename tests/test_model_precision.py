@@ -46,9 +46,9 @@ def test_no_precision_lost_at_large_t(name):
 
 # As exact as the release on CPU (within RATIO), for the three ways the model is compiled that dit_jax
 # documents: the default model as dit_jax's own programs compile it (dit_jax.utils.xla_cpu: XLA's Eigen dots;
-# measured worst 1.40x), and DiT(precise_cpu_dots=True) both so and under a user's plain jax.jit (XLA's
-# default YNNPACK dots on jaxlib >= 0.9, which alone sum in one long float32 accumulation: up to 2.4x the
-# release's error, the reason these options exist; measured worst 1.16x).
+# measured worst 1.32x, docs/performance.md "Precision"), and DiT(precise_cpu_dots=True) both so and under a
+# user's plain jax.jit (XLA's default YNNPACK dots on jaxlib >= 0.9, which sum in one long float32
+# accumulation; measured worst 1.24x and 1.11x).
 EXACT_VARIANTS = {"jax": {}, "precise": {"precise_cpu_dots": True, "xla_defaults": True},
                   "precise_dit": {"precise_cpu_dots": True}}
 
