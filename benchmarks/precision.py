@@ -178,8 +178,13 @@ def measure(name: str, latent: int, ts: Sequence[int], depth: int = 2, batch: in
         tb = ts[start:start + batch]
         x, y = np.repeat(x1, len(tb), 0), np.full((len(tb),), 7)
         t32 = tb.astype(np.float32)
-        with torch.no_grad():
-            outs = {"release": tm(torch.from_numpy(x), torch.from_numpy(t32), torch.from_numpy(y)).double().numpy()}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the release's numbers then do not depend on the cores (tests = the table)
+        try:
+            with torch.no_grad():
+                outs = {"release": tm(torch.from_numpy(x), torch.from_numpy(t32), torch.from_numpy(y)).double().numpy()}
+        finally:
+            torch.set_num_threads(threads)
         for v, fwd in fwds.items():  # NHWC -> NCHW
             outs[v] = np.asarray(fwd(params, x.transpose(0, 2, 3, 1), t32, y), np.float64).transpose(0, 3, 1, 2)
         for suffix, release_casts in refs.items():
@@ -223,9 +228,6 @@ def _size_order(name: str):
 
 
 def main(argv=None) -> Dict[str, Dict[str, np.ndarray]]:
-    import torch
-
-    torch.set_num_threads(1)  # the release's float32 numbers then do not depend on the machine's cores
     args = parse(sys.argv[1:] if argv is None else argv)
     out = {}
     print(f"max|out - out64| / max|out64| against the release's program in float64 NumPy; latent {args.latent} ({args.latent * 8} px), "
