@@ -175,12 +175,16 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
+    """adaLN modulation, then the linear map to patches. That dot's rounding lands on the output unattenuated,
+    and it has few outputs per token (p*q*C_out <= 512), so on CPU it is always summed over short slices
+    (chunked_dot_general): ~1 ms more per DiT-XL/2 forward of 8 (11 s). With XLA's Eigen dot there, DiT-XL/2
+    (2 blocks) was 1.57-1.61x the release's error at t=999 (worst of 104 t); with the slices 1.32x (issue 19)."""
+
     hidden_size: int
     patch_size: int
     out_channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    precise_cpu_dots: bool = False  # see DiT
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
@@ -190,7 +194,7 @@ class FinalLayer(nn.Module):
         shift, scale = jnp.split(mod, 2, axis=-1)
         x = modulate(layer_norm(x), shift, scale).astype(self.dtype)
         x = nn.Dense(self.patch_size**2 * self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=zeros, bias_init=zeros, dot_general=token_dot_general(self.precise_cpu_dots),
+                     kernel_init=zeros, bias_init=zeros, dot_general=chunked_dot_general,
                      name="linear")(x)
         return x.astype(jnp.float32)  # (N, T, p*q*C_out)
 
@@ -228,12 +232,14 @@ class DiT(nn.Module):
     # them when it reads a diffusers model so its outputs are reproduced exactly.
     timestep_freq_shift: float = 0.0  # diffusers: 1
     mlp_norm_eps: float = 1e-6  # diffusers: config.norm_eps (1e-5)
-    # On CPU, sum every per-token dot (qkv, proj, fc1, fc2, final linear) over <= 128-long slices of its
+    # On CPU, sum every per-token dot of the blocks (qkv, proj, fc1, fc2) over <= 128-long slices of its
     # contraction, as MKL does for the release. Needed only under a plain `jax.jit` on jaxlib >= 0.9, whose
-    # default YNNPACK dots sum in one long float32 accumulation (1.6-2.4x the release's error at small t);
+    # default YNNPACK dots sum in one long float32 accumulation (up to 1.24x the release's error at 256 px
+    # since the final linear is always summed in slices, 2.55x before; docs/performance.md "Precision");
     # dit_jax's own programs compile with dit_jax.utils.xla_cpu.compiler_options() (XLA's Eigen dots, within
-    # 1.5x of the release without this), which a user can pass to their jit instead. Costs 8-17% time
-    # in the forward; no effect on other platforms. The conditioning dots (N rows) are always summed so: free.
+    # 1.32x of the release without this), which a user can pass to their jit instead. Costs 8-17% time
+    # in the forward; no effect on other platforms. The conditioning dots (N rows) and the final linear (few
+    # outputs) are always summed so: free.
     precise_cpu_dots: bool = False
 
     @property
@@ -254,8 +260,7 @@ class DiT(nn.Module):
         self.blocks = [
             block_cls(**self._block_kwargs(), name=f"blocks_{i}") for i in range(self.depth)
         ]
-        self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels,
-                                      precise_cpu_dots=self.precise_cpu_dots, **kw)
+        self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels, **kw)
 
     def pos_embed(self) -> np.ndarray:
         """(T, D) fixed sin-cos table; a constant, not a parameter (the release never trains it)."""

@@ -6,9 +6,10 @@ CPU (2-core AMD EPYC, AVX2, no AVX-512; jax 0.10.2), against XLA's own Eigen ker
 restores:
 - convolutions: YNNPACK runs several single-threaded and 1.3-3.8x slower (Inception's Conv2d_2a 447 vs
   117 ms at batch 16); the FID Inception forward takes 4.4 s instead of 2.95 s per 16 images.
-- dots: YNNPACK sums each output of a float32 dot in one long accumulation; DiT's output lands 1.4-2.4x
+- dots: YNNPACK sums each output of a float32 dot in one long accumulation; DiT's output landed 1.4-2.4x
   further from a float64 evaluation than the release's float32 (MKL) output at small t, Eigen's blocked
-  sums within 1.43x (issue 13; benchmarks/precision.py).
+  sums within 1.43x (issue 13). Most of that was the final linear, which since issue 19 is always summed
+  in slices: now up to 1.24x under YNNPACK, 1.27x with Eigen (256 px; benchmarks/precision.py).
 - DiT forward and training step: the same speed either way (benchmarks/throughput.py).
 
 The option is set per compiled program (`jax.jit(..., compiler_options=...)`), never process-wide, so a
