@@ -2,7 +2,7 @@
 which dit_jax's GPU programs get dit_jax.utils.xla_gpu's options).
 
 Since about jaxlib 0.9, XLA:CPU hands dots and convolutions to YNNPACK by default. Measured on this project's
-CPU (2-core AMD EPYC, AVX2, no AVX-512; jax 0.10.2), against XLA's own Eigen kernels that the option below
+CPU (2-core AMD EPYC with AVX-512; jax 0.10.2), against XLA's own Eigen kernels that the option below
 restores:
 - convolutions: YNNPACK runs several single-threaded and 1.3-3.8x slower (Inception's Conv2d_2a 447 vs
   117 ms at batch 16); the FID Inception forward takes 4.4 s instead of 2.95 s per 16 images.
