@@ -1,12 +1,15 @@
 """Compile configs for TPU pods on this CPU and print the docs/tpu.md tables (needs the `tpu` extra).
 
-    JAX_PLATFORMS=cpu python -m benchmarks.pod_table --set data.name=latents       # XL/2 256 + 512 px, 4 pods
+    JAX_PLATFORMS=cpu python -m benchmarks.pod_table --config.data.name=latents    # XL/2 256 + 512 px, 4 pods
     JAX_PLATFORMS=cpu python -m benchmarks.pod_table --configs configs/default.py --pods v5e:16x16 \
-        --set data.name=latents model.dtype=bfloat16 --per-chip 1 4 16 --out /tmp/batch.jsonl  # batch per chip
+        --config.data.name=latents --config.model.dtype=bfloat16 --per-chip 1 4 16 --out /tmp/batch.jsonl
     python -m benchmarks.pod_table --from /tmp/batch.jsonl --table batch           # reprint, no compile
 
-Each row is `dit-jax-train --compile-only` (dit_jax.compile_report.compile_for_topology) for one config and
-pod; every column comes from that report. Rows are appended to --out as JSON lines as they finish, so a
+Each row is `dit-jax-train --compile-only --topology POD --config SPEC --config.FIELD=VALUE ...`
+(dit_jax.compile_report.compile_for_topology) for one config and pod; every column comes from that report.
+--configs takes what dit-jax-train's --config takes (PATH[:VARIANT] or a shipped name: digits, default:B/2),
+and each --config.FIELD=VALUE applies to every one of them, parsed by the same loader as the command's
+(dit_jax.cli.config_file.parse_config: ml_collections' config flag). Rows are appended to --out as JSON lines as they finish, so a
 long run can be read as it goes, and --from prints the tables again from such a file. --per-chip N sets
 the global batch to N examples per chip of each pod. Table "pods": memory, mesh, split and bytes moved;
 table "batch": the same program at several batches per chip (memory, bytes moved, FLOPs, step-time bound).
@@ -14,37 +17,27 @@ table "batch": the same program at several batches per chip (memory, bytes moved
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import sys
 
 GIB = 2**30
 PODS = ("v5e:16x16", "v4:4x4x8", "v5p:4x4x4", "v6e:16x16")
-CONFIGS = ("configs/default.py", "configs/default.py:XL/2,512")  # PATH[:VARIANT]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ("configs/default.py", "configs/default.py:XL/2,512")  # as dit-jax-train's --config takes them
 
 
-def load_config(path: str, sets):
-    path, _, variant = path.partition(":")
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path) if not os.path.isabs(path) else path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(variant) if variant else mod.get_config()
-    for s in sets:
-        key, value = s.split("=", 1)
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        old = node[leaf]
-        if isinstance(old, bool):
-            node[leaf] = value.lower() in ("1", "true", "yes")
-        elif old is None:  # an unset field: an int if it reads as one
-            node[leaf] = int(value) if value.lstrip("-").isdigit() else value
+PROG = "benchmarks.pod_table"
+
+
+def split_overrides(extra):
+    """(the --config.FIELD=VALUE and --config.FIELD VALUE arguments, the others argparse did not know)."""
+    overrides, unknown = [], []
+    for a in extra:
+        after_field = overrides and overrides[-1].startswith("--config.") and "=" not in overrides[-1]
+        if a.startswith("--config.") or (after_field and not a.startswith("-")):
+            overrides.append(a)
         else:
-            node[leaf] = type(old)(value)
-    return c
+            unknown.append(a)
+    return overrides, unknown
 
 
 def _mesh(r) -> str:
@@ -100,20 +93,24 @@ TABLES = {"pods": (HEADER, row), "batch": (BATCH_HEADER, batch_row)}
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--configs", nargs="*", default=list(CONFIGS),
+                    help="configs as dit-jax-train --config takes them: PATH[:VARIANT] or a shipped name")
     ap.add_argument("--pods", nargs="*", default=list(PODS))
-    ap.add_argument("--set", nargs="*", default=[], help="config overrides like model.remat=True")
     ap.add_argument("--per-chip", nargs="*", type=int, default=[],
                     help="global batch = N x the pod's chips, one row per N (default: the config's batch)")
     ap.add_argument("--table", choices=sorted(TABLES), default="pods")
     ap.add_argument("--out", default="", help="append each report as a JSON line here")
     ap.add_argument("--from", dest="from_file", default="", help="print the table from a --out file, no compile")
-    args = ap.parse_args(argv)
+    args, extra = ap.parse_known_args(argv)
+    overrides, unknown = split_overrides(extra)
+    if unknown:  # --set was the old way: say the new one
+        hint = " (config overrides are --config.FIELD=VALUE, as dit-jax-train takes them)" if "--set" in unknown else ""
+        ap.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     header, fmt = TABLES[args.table]
-    print(header, flush=True)
     if args.from_file:
         with open(args.from_file) as f:
             reports = [json.loads(line) for line in f if line.strip()]
+        print(header)
         for r in reports:
             print(fmt(r))
         return 1 if any(not r["fits"] for r in reports) else 0
@@ -121,17 +118,24 @@ def main(argv=None) -> int:
 
     jax.config.update("jax_platforms", "cpu")
     from dit_jax import compile_report, topology
+    from dit_jax.cli.config_file import ConfigFileError, ConfigOverrideError, parse_config
 
+    try:  # every config and override is checked before the first (minutes-long) compile
+        configs = [(spec, parse_config(spec, overrides)) for spec in args.configs]
+    except (ConfigFileError, ConfigOverrideError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    print(header, flush=True)
     bad = 0
-    for path in args.configs:
+    for spec, config in configs:
         for pod in args.pods:
             topo = topology.tpu_topology(pod)
             for n in args.per_chip or [None]:
-                cfg = load_config(path, args.set)
+                cfg = config.copy_and_resolve_references()
                 if n is not None:
                     cfg.global_batch_size = n * topo.chips
                 r = compile_report.compile_for_topology(cfg, topo)
-                r["config"], r["overrides"] = path, list(args.set)
+                r["config"], r["overrides"] = spec, overrides
                 bad += not r["fits"]
                 print(fmt(r), flush=True)
                 if args.out:

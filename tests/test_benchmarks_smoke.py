@@ -90,7 +90,7 @@ def test_pod_table_batch_per_chip_and_reprint(tmp_path, capsys):
     from benchmarks import pod_table
 
     out = tmp_path / "rows.jsonl"
-    args = ["--configs", "configs/digits.py", "--pods", "v5e:2x2", "--set", "model.depth=1", "--per-chip", "1", "4",
+    args = ["--configs", "configs/digits.py", "--pods", "v5e:2x2", "--config.model.depth=1", "--per-chip", "1", "4",
             "--table", "batch", "--out", str(out)]
     assert pod_table.main(args) == 0
     first = capsys.readouterr().out.splitlines()
@@ -98,6 +98,52 @@ def test_pod_table_batch_per_chip_and_reprint(tmp_path, capsys):
     assert pod_table.main(["--from", str(out), "--table", "pods"]) == 0
     rows = capsys.readouterr().out.splitlines()[2:]
     assert len(rows) == 2 and all("data-parallel by choice" in r and "| float32 | no | v5e:2x2 |" in r for r in rows)
+    reports = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["overrides"] for r in reports] == [["--config.model.depth=1"]] * 2
+
+
+def test_pod_table_reads_configs_and_overrides_as_dit_jax_train(monkeypatch, capsys):
+    """--configs and --config.FIELD=VALUE through dit-jax-train's loader (shipped names, ml_collections' types,
+    each override applied to every config); no compile: compile_for_topology records what it is given."""
+    from benchmarks import pod_table
+    from dit_jax import compile_report
+
+    seen = []
+    monkeypatch.setattr(compile_report, "compile_for_topology",
+                        lambda cfg, topo: seen.append((cfg, topo.name)) or {"fits": True})
+    monkeypatch.setitem(pod_table.TABLES, "pods", ("HEADER", lambda r: f"ROW {r['config']}"))
+    args = ["--configs", "digits", "configs/default.py:B/2", "--pods", "v5e:2x2", "--config.model.depth=1",
+            "--config.model.dtype", "bfloat16", "--config.model.remat=true", "--config.mesh.num_devices=4"]
+    assert pod_table.main(args) == 0
+    assert capsys.readouterr().out.splitlines() == ["HEADER", "ROW digits", "ROW configs/default.py:B/2"]
+    assert [c.model.name for c, _ in seen] == [None, "DiT-B/2"] and {t for _, t in seen} == {"v5e:2x2"}
+    for c, _ in seen:
+        assert (c.model.depth, c.model.dtype, c.model.remat, c.mesh.num_devices) == (1, "bfloat16", True, 4)
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--config.model.nope=1"], "benchmarks.pod_table: error: unknown config field in --config.model.nope: "),
+    (["--config.model.depth=two"], "benchmarks.pod_table: error: flag --config.model.depth=two: invalid literal"),
+    (["--configs", "nope.py"], "benchmarks.pod_table: error: --config nope.py: no such file"),
+])
+def test_pod_table_config_errors_are_one_line_before_any_compile(monkeypatch, capsys, args, line):
+    from benchmarks import pod_table
+    from dit_jax import compile_report
+
+    monkeypatch.setattr(compile_report, "compile_for_topology", lambda *a: pytest.fail("compiled"))
+    assert pod_table.main(["--configs", "digits", *args]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith(line), err
+
+
+def test_pod_table_old_set_flag_names_the_new_syntax(monkeypatch, capsys):
+    from benchmarks import pod_table
+    from dit_jax import compile_report
+
+    monkeypatch.setattr(compile_report, "compile_for_topology", lambda *a: pytest.fail("compiled"))
+    with pytest.raises(SystemExit) as e:
+        pod_table.main(["--set", "data.name=latents"])
+    assert e.value.code == 2 and "config overrides are --config.FIELD=VALUE" in capsys.readouterr().err
 
 
 @pytest.mark.slow

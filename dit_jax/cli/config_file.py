@@ -9,6 +9,10 @@
 A file that exists is always the one read. Every problem (no such file and no such shipped config, a syntax
 error, an error while the file runs, no get_config, a variant the function does not take or rejects, a
 result that is not a ConfigDict) is a ConfigFileError whose one-line message names the file.
+
+parse_config(SPEC, ["--config.model.dtype=bfloat16", ...]) is what `dit-jax-train --config SPEC
+--config.model.dtype=bfloat16` makes of its config (ml_collections' config flag on flags of its own), for the
+programs that take several configs or none of the command's other flags (benchmarks/pod_table.py).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import importlib.util
 import inspect
 import os
 import sys
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import ml_collections
 from absl import flags
@@ -32,6 +36,10 @@ SHIPPED_DIR = os.path.dirname(os.path.abspath(shipped_configs.__file__))
 
 class ConfigFileError(DitJaxError):
     """A --config that cannot be loaded. Not a ValueError, so absl passes it on instead of rewording it."""
+
+
+class ConfigOverrideError(DitJaxError):
+    """A --config.field=value that names no field of the config or does not fit its type."""
 
 
 def shipped_names() -> List[str]:
@@ -116,8 +124,46 @@ HELP = ("a config: a file with get_config() as PATH[:VARIANT], or a shipped conf
         "shipped config (configs/digits.py) reads the installed one, so it works from any directory")
 
 
-def define_config_flag(name: str = "config") -> flags.FlagHolder:
-    """ml_collections' config-file flag (--config.field=value overrides) with load_config as its parser."""
-    holder = config_flags.DEFINE_config_file(name, None, HELP, lock_config=True)
-    flags.FLAGS[name].parser = ConfigFileParser()
+def define_config_flag(name: str = "config", flag_values: flags.FlagValues = flags.FLAGS,
+                       sys_argv=None) -> flags.FlagHolder:
+    """ml_collections' config-file flag (--config.field=value overrides) with load_config as its parser.
+
+    sys_argv: the command line the overrides are read from (ml_collections' default: sys.argv)."""
+    holder = config_flags.DEFINE_config_file(name, None, HELP, flag_values=flag_values, lock_config=True,
+                                             sys_argv=sys_argv)
+    flag_values[name].parser = ConfigFileParser()
     return holder
+
+
+# What ml_collections raises for an override: an unknown field (AttributeError, KeyError) or a value that does
+# not parse as the field's type (ValueError, TypeError).
+OVERRIDE_ERRORS = (AttributeError, KeyError, ValueError, TypeError)
+
+
+def override_error(error: BaseException, argv: Sequence[str]) -> str:
+    """One line for an override ml_collections rejected, naming the --config.* argument(s) of argv at fault."""
+    msg = " ".join(str(error.args[0] if error.args else error).replace("\\n", " ").split()).replace("\\", "")
+    msg = msg.replace("'", "")
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    named = [a for a in overrides if a.rsplit(".", 1)[-1] in msg.replace(":", " ").split()]
+    bad = " ".join(named or overrides)
+    what = "unknown config field" if isinstance(error, (AttributeError, KeyError)) else "bad config value"
+    return f"{what} in {bad}: {msg}"
+
+
+def parse_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The config of `--config SPEC` followed by `overrides` ("--config.field=value" each), parsed exactly as
+    dit-jax-train parses its command line; the result is locked. Raises ConfigFileError (the file) or
+    ConfigOverrideError (an override, or an argument that is not one) with a one-line message."""
+    argv = ["", f"--config={spec}", *overrides]
+    flag_values = flags.FlagValues()
+    define_config_flag("config", flag_values, sys_argv=argv)
+    try:
+        rest = flag_values(argv)
+    except flags.Error as e:
+        raise ConfigOverrideError(str(e)) from e
+    except OVERRIDE_ERRORS as e:
+        raise ConfigOverrideError(override_error(e, argv)) from e
+    if len(rest) > 1:
+        raise ConfigOverrideError(f"unexpected arguments {rest[1:]}: config overrides are --config.FIELD=VALUE")
+    return flag_values["config"].value

@@ -36,7 +36,7 @@ from convert import vae_weights, writers
 from convert.inception_weights import inception_params
 from dit_jax import build, checkpoint as ckpt_lib, compile_report, topology
 from dit_jax.cli.common import EXIT_USAGE, check_writable_file, report_error, run_command, setup_console_logging
-from dit_jax.cli.config_file import ConfigFileError, define_config_flag
+from dit_jax.cli.config_file import OVERRIDE_ERRORS, ConfigFileError, define_config_flag, override_error
 from dit_jax.utils.errors import ConfigError
 from dit_jax.pretrained import model_config
 from dit_jax.train import train_and_evaluate
@@ -88,13 +88,8 @@ def parse_flags(argv: Sequence[str]) -> Optional[str]:
         rest = FLAGS(list(argv))
     except flags.Error as e:
         return f"{e} (pass --help for usage)"
-    except (AttributeError, KeyError, ValueError, TypeError) as e:  # ml_collections: an override that does not fit
-        msg = " ".join(str(e.args[0] if e.args else e).replace("\\n", " ").split()).replace("\\", "").replace("'", "")
-        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        named = [a for a in overrides if a.rsplit(".", 1)[-1] in msg.replace(":", " ").split()]
-        bad = " ".join(named or overrides)
-        what = "unknown config field" if isinstance(e, (AttributeError, KeyError)) else "bad config value"
-        return f"{what} in {bad}: {msg}"
+    except OVERRIDE_ERRORS as e:  # ml_collections: an override that does not fit the config
+        return override_error(e, argv)
     if len(rest) > 1:
         return f"unexpected arguments: {rest[1:]}"
     return None
