@@ -2,6 +2,9 @@
 
     python benchmarks/digits_quality.py --workdir runs/digits            # score an existing run
     python benchmarks/digits_quality.py --workdir runs/q --train         # train configs/digits.py first
+    python benchmarks/digits_quality.py --workdir runs/q --train --config.num_steps=500   # overrides as dit-jax-train
+
+--config and --config.FIELD=VALUE are read as dit-jax-train reads them (benchmarks/config_args.py).
 
 Trains the digits network of dit_jax/evaluation/digits.py on 80% of scikit-learn's real digits (prints its
 accuracy on the other 20%), draws
@@ -21,9 +24,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 
+from benchmarks import config_args  # noqa: E402
 from dit_jax import checkpoint as ckpt_lib, train  # noqa: E402
 from dit_jax.evaluation import digits as digits_eval  # noqa: E402
 from dit_jax.train_samples import make_sampler  # noqa: E402
+
+PROG = "digits_quality.py"
 
 
 def evaluate(config, workdir: str, per_class: int = 50, seed: int = 1, cfg_scale=None, respacing=None):
@@ -56,27 +62,20 @@ def evaluate(config, workdir: str, per_class: int = 50, seed: int = 1, cfg_scale
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True)
-    p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "digits.py"))
+    p.add_argument("--config", default="digits", help="as dit-jax-train --config takes it (default: digits)")
     p.add_argument("--train", action="store_true", help="train (or resume) the config in --workdir first")
     p.add_argument("--per-class", "--per_class", type=int, default=50)
     p.add_argument("--seed", type=int, default=1, help="noise seed of the evaluation samples")
     p.add_argument("--cfg-scale", "--cfg_scale", type=float, default=None, help="override config.sample.cfg_scale")
     p.add_argument("--respacing", default=None, help="override config.sample.respacing (e.g. ddim100)")
-    args = p.parse_args(argv)
+    args, overrides = config_args.parse_args(p, argv)  # and any --config.FIELD=VALUE
     logging.basicConfig(level=logging.WARNING)
-
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("digits_cfg", args.config)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config()
+    config = config_args.load(PROG, args.config, overrides)
     if args.train:
         logging.getLogger("dit_jax").setLevel(logging.INFO)
         t0 = time.time()
         train.train_and_evaluate(config, args.workdir)
         print(f"training wall time: {time.time() - t0:.1f} s ({config.num_steps} steps)")
-        config = mod.get_config()
     t0 = time.time()
     res = evaluate(config, args.workdir, args.per_class, args.seed, args.cfg_scale, args.respacing)
     print(json.dumps(res, indent=1))

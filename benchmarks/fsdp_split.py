@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from configs import default
 from dit_jax import build, state_split
+from dit_jax.cli.config_file import load_config
 from dit_jax.model import abstract_params
 
 MODELS = ("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2")
@@ -24,7 +24,7 @@ def factors(models, sizes):
     """({(model, fsdp): split report}, {model: width})."""
     out, widths = {}, {}
     for name in models:
-        cfg = default.get_config(name.split("-", 1)[1])
+        cfg = load_config(f"default:{name.split('-', 1)[1]}")  # as dit-jax-train --config default:L/2 reads it
         widths[name] = build.model_dims(cfg.model)["hidden_size"]
         params = abstract_params(build.build_model(cfg))
         for f in sizes:

@@ -8,9 +8,9 @@
 Each row is `dit-jax-train --compile-only --topology POD --config SPEC --config.FIELD=VALUE ...`
 (dit_jax.compile_report.compile_for_topology) for one config and pod; every column comes from that report.
 --configs takes what dit-jax-train's --config takes (PATH[:VARIANT] or a shipped name: digits, default:B/2),
-and each --config.FIELD=VALUE applies to every one of them, parsed by the same loader as the command's
-(dit_jax.cli.config_file.parse_config: ml_collections' config flag). Rows are appended to --out as JSON lines as they finish, so a
-long run can be read as it goes, and --from prints the tables again from such a file. --per-chip N sets
+and each --config.FIELD=VALUE applies to every one of them, read by the command's own loader
+(benchmarks/config_args.py). Rows are appended to --out as JSON lines as they finish, so a long run can be
+read as it goes, and --from prints the tables again from such a file. --per-chip N sets
 the global batch to N examples per chip of each pod. Table "pods": memory, mesh, split and bytes moved;
 table "batch": the same program at several batches per chip (memory, bytes moved, FLOPs, step-time bound).
 """
@@ -20,24 +20,12 @@ import argparse
 import json
 import sys
 
+from benchmarks import config_args
+
 GIB = 2**30
 PODS = ("v5e:16x16", "v4:4x4x8", "v5p:4x4x4", "v6e:16x16")
 CONFIGS = ("configs/default.py", "configs/default.py:XL/2,512")  # as dit-jax-train's --config takes them
-
-
 PROG = "benchmarks.pod_table"
-
-
-def split_overrides(extra):
-    """(the --config.FIELD=VALUE and --config.FIELD VALUE arguments, the others argparse did not know)."""
-    overrides, unknown = [], []
-    for a in extra:
-        after_field = overrides and overrides[-1].startswith("--config.") and "=" not in overrides[-1]
-        if a.startswith("--config.") or (after_field and not a.startswith("-")):
-            overrides.append(a)
-        else:
-            unknown.append(a)
-    return overrides, unknown
 
 
 def _mesh(r) -> str:
@@ -101,11 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--table", choices=sorted(TABLES), default="pods")
     ap.add_argument("--out", default="", help="append each report as a JSON line here")
     ap.add_argument("--from", dest="from_file", default="", help="print the table from a --out file, no compile")
-    args, extra = ap.parse_known_args(argv)
-    overrides, unknown = split_overrides(extra)
-    if unknown:  # --set was the old way: say the new one
-        hint = " (config overrides are --config.FIELD=VALUE, as dit-jax-train takes them)" if "--set" in unknown else ""
-        ap.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    args, overrides = config_args.parse_args(ap, argv)  # --config.FIELD=VALUE: for every config
     header, fmt = TABLES[args.table]
     if args.from_file:
         with open(args.from_file) as f:
@@ -118,13 +102,9 @@ def main(argv=None) -> int:
 
     jax.config.update("jax_platforms", "cpu")
     from dit_jax import compile_report, topology
-    from dit_jax.cli.config_file import ConfigFileError, ConfigOverrideError, parse_config
 
-    try:  # every config and override is checked before the first (minutes-long) compile
-        configs = [(spec, parse_config(spec, overrides)) for spec in args.configs]
-    except (ConfigFileError, ConfigOverrideError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+    # every config and override is read before the first (minutes-long) compile
+    configs = [(spec, config_args.load(PROG, spec, overrides)) for spec in args.configs]
     print(header, flush=True)
     bad = 0
     for spec, config in configs:

@@ -23,15 +23,16 @@ import numpy as np
 
 from dit_jax import sharding as shd
 from dit_jax import train
-from dit_jax.train_state import TrainState, init_state
+from dit_jax.train_state import TrainState, init_state, with_shardings
 
 
 def bench_config(model: str, image_size: int, batch: int, depth: Optional[int] = None, dtype: str = "float32",
                  remat: bool = False, attention_impl: str = "auto", num_devices: Optional[int] = 1):
     """configs/default.py for `model` ("DiT-XL/2") at `image_size` px with a latents batch of `batch`."""
-    from configs import default  # ml_collections (benchmarks/gpu.sh installs it where it is missing)
+    # ml_collections: the GPU machine has it only once benchmarks/gpu.sh installed it, so not at import time
+    from dit_jax.cli.config_file import load_config
 
-    c = default.get_config(model[len("DiT-"):])
+    c = load_config(f"default:{model[len('DiT-'):]}")  # as dit-jax-train --config default:XL/2 reads it
     c.model.input_size = image_size // 8
     c.data.image_size = image_size
     if depth is not None:
@@ -66,9 +67,7 @@ class ProductStep:
         return self.setup.model
 
     def abstract_args(self):
-        st = jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                                    self.setup.abstract_state, self.setup.state_shardings)
-        return st, self.batch, self.rng, None
+        return with_shardings(self.setup.abstract_state, self.setup.state_shardings), self.batch, self.rng, None
 
     def lower(self):
         with self.setup.mesh:  # as the training loop calls it ("auto" attention reads the mesh's platform)

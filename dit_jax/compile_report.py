@@ -26,6 +26,7 @@ from dit_jax import topology as topo_lib
 from dit_jax.hlo_collectives import MOVED_LABEL, collectives, collectives_by_op, moved_bytes_per_step
 from dit_jax.hlo_flops import matmul_flops
 from dit_jax.mfu import forward_macs
+from dit_jax.train_state import with_shardings
 from dit_jax.utils import paths
 from dit_jax.utils.atomic import write_text
 from dit_jax.vae import AutoencoderKL
@@ -50,6 +51,15 @@ def abstract_batch(config, model, kind: str, mesh) -> Dict[str, jax.ShapeDtypeSt
     else:
         out["image"] = jax.ShapeDtypeStruct((b, 8 * s, 8 * s, 3), jnp.uint8, sharding=sh)  # scaled in the step
     return out
+
+
+def abstract_step_args(config, env, vae_params=None):
+    """(state, batch, rng, vae_params): the arguments of train.jit_train_step(config, env) as ShapeDtypeStructs
+    in the run's shardings (nothing allocated)."""
+    state = with_shardings(env.abstract_state, env.state_shardings)
+    batch = abstract_batch(config, env.model, env.batch_kind, env.mesh)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=shd.replicated(env.mesh))
+    return state, batch, rng, vae_params
 
 
 def abstract_vae(mesh):
@@ -116,15 +126,19 @@ def training_flops(config, model, vae=None, vae_params=None) -> Dict[str, float]
     return out
 
 
+def cost_analysis(compiled) -> Dict[str, float]:
+    """XLA's cost analysis of a compiled program as one dict (older jax: a list of one dict per program)."""
+    cost = compiled.cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+
+
 def compiled_flops(compiled, text: str) -> Dict[str, float]:
     """What the compiled program itself says, per chip per step: XLA's cost analysis (which counts a loop
     body once: the scan over blocks shows about one block) and the matmul FLOPs of its HLO with loops
     counted by their trip counts (dit_jax.hlo_flops)."""
     if compiled is None:
         return {"xla_cost_analysis_flops_per_chip": None, "hlo_matmul_flops_per_chip": None}
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return {"xla_cost_analysis_flops_per_chip": float((cost or {}).get("flops", 0.0)) or None,
+    return {"xla_cost_analysis_flops_per_chip": float(cost_analysis(compiled).get("flops", 0.0)) or None,
             "hlo_matmul_flops_per_chip": matmul_flops(text)}
 
 
@@ -175,16 +189,13 @@ def compile_for_topology(config, topo: topo_lib.Topology, workdir: str = "") -> 
     kind = env.batch_kind
     vae, vae_params = abstract_vae(mesh) if kind == "image" else (None, None)
     step = train.jit_train_step(config, env, vae)
-    state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                   env.abstract_state, st_sh)
-    batch = abstract_batch(config, model, kind, mesh)
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=shd.replicated(mesh))
+    state, batch, rng, _ = abstract_step_args(config, env)
     acct = state_accounting(env.abstract_state, st_sh, topo.chips)
     batch_bytes = sum(shd.shard_bytes(x, x.sharding) for x in batch.values())
     vae_bytes = sum(shd.shard_bytes(x, x.sharding) for x in jax.tree_util.tree_leaves(vae_params)) if vae else 0
     compiled, refusal, seconds = compile_step(step, (state, batch, rng, vae_params), mesh)
     xla = xla_bytes(compiled, refusal, acct["per_chip"]["total"] + batch_bytes + vae_bytes)
-    total = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"] + xla["generated_code"]
+    total = total_bytes(xla)
     if refusal is not None:
         notes.append(f"the TPU compiler refused the program: {refusal['message']}")
     budget = (1 - mesh_plan.HEADROOM) * topo.hbm_bytes
@@ -273,6 +284,11 @@ def xla_bytes(compiled, refusal, argument_bytes: int) -> Dict[str, int]:
     mem = compiled.memory_analysis()
     return {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
             for k in ("argument", "output", "alias", "temp", "generated_code")}
+
+
+def total_bytes(xla: Dict[str, int]) -> int:
+    """What a chip holds while the step runs: arguments + outputs - the donated (aliased) + temporaries + code."""
+    return xla["argument"] + xla["output"] - xla["alias"] + xla["temp"] + xla["generated_code"]
 
 
 def suggestions(config, report: Dict[str, Any], env) -> List[str]:
