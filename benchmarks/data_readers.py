@@ -45,15 +45,19 @@ def write_latents(root: str, n: int, shard: int = SHARD) -> np.ndarray:
     return lat
 
 
-def time_source(root: str, batch: int, steps: int, prefetch: int) -> float:
-    """examples/s of make_source(latents).batch(step) over `steps` consecutive steps (after one warm step)."""
-    with make_source({"name": "latents", "latents_dir": root, "prefetch": prefetch}, global_batch_size=batch,
-                     seed=1) as src:
+def time_batches(data_cfg: dict, batch: int, steps: int) -> float:
+    """examples/s of make_source(data_cfg).batch(step) over `steps` consecutive steps (after one warm step)."""
+    with make_source(data_cfg, global_batch_size=batch, seed=1) as src:
         src.batch(0)
         t = time.perf_counter()
         for s in range(1, steps + 1):
             src.batch(s)
         return steps * batch / (time.perf_counter() - t)
+
+
+def time_source(root: str, batch: int, steps: int, prefetch: int) -> float:
+    """examples/s of the latents source."""
+    return time_batches({"name": "latents", "latents_dir": root, "prefetch": prefetch}, batch, steps)
 
 
 def time_npy_mmap(root: str, n: int, batch: int, steps: int) -> float:
@@ -131,12 +135,7 @@ def time_folder_images(root: str, batch: int, steps: int, workers: int, prefetch
         Image.fromarray(img).save(os.path.join(root, "imgs", f"c{i % 4}", f"{i}.jpg"), quality=90)
     cfg = {"name": "folder", "folder": os.path.join(root, "imgs"), "image_size": 256, "num_workers": workers,
            "prefetch": prefetch}
-    with make_source(cfg, global_batch_size=batch, seed=1) as src:
-        src.batch(0)
-        t = time.perf_counter()
-        for s in range(1, steps + 1):
-            src.batch(s)
-        return steps * batch / (time.perf_counter() - t)
+    return time_batches(cfg, batch, steps)
 
 
 def attempt(fn, *a):
