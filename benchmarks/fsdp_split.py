@@ -13,7 +13,6 @@ import argparse
 import sys
 
 from dit_jax import build, state_split
-from dit_jax.cli.config_file import load_config
 from dit_jax.model import abstract_params
 
 MODELS = ("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2")
@@ -22,6 +21,9 @@ FSDP = (2, 4, 8, 16, 32, 64, 128, 256, 512, 6, 12, 24, 48, 96, 192, 384, 640)
 
 def factors(models, sizes):
     """({(model, fsdp): split report}, {model: width})."""
+    # ml_collections: the GPU machine has it only once benchmarks/gpu.sh installed it, so not at import time
+    from dit_jax.cli.config_file import load_config
+
     out, widths = {}, {}
     for name in models:
         cfg = load_config(f"default:{name.split('-', 1)[1]}")  # as dit-jax-train --config default:L/2 reads it
