@@ -149,16 +149,38 @@ def add_distributed_args(p: argparse.ArgumentParser) -> None:
                    help="this process's index, 0..num-processes-1 (env DIT_PROCESS_ID)")
 
 
-def init_distributed(args) -> None:
-    """jax.distributed.initialize() as the flags of add_distributed_args ask; before any device is touched."""
-    if args.coordinator_address is not None:
-        if args.num_processes is None or args.process_id is None:
-            raise ConfigError("--coordinator-address needs --num-processes and --process-id")
-        check_range(args.process_id, "--process-id", 0, args.num_processes - 1)
-        jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                                   num_processes=args.num_processes, process_id=args.process_id)
-    elif args.distributed:
+_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+
+
+def start_distributed(mode: str, coordinator_address=None, num_processes=None, process_id=None,
+                      cpu_collectives: str = "gloo", flag_word_sep: str = "-") -> None:
+    """jax.distributed.initialize() for every command; must run before anything touches a JAX device.
+
+    mode "on" always initialises, "off" never, "auto" when a coordinator is named or a cluster's environment is
+    seen (TPU pod, Megascale, SLURM, Open MPI). An explicit coordinator needs the process count and index.
+    flag_word_sep: how the command spells its flags in errors ("-" argparse's --process-id, "_" absl's).
+    """
+    explicit = coordinator_address is not None
+    if mode == "off" and not explicit:
+        return
+    if mode == "auto" and not explicit and not any(k in os.environ for k in _CLUSTER_ENV):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    if not explicit:
         jax.distributed.initialize()
+        return
+    flag = lambda name: "--" + name.replace("_", flag_word_sep)  # noqa: E731
+    if num_processes is None or process_id is None:
+        raise ConfigError(f"{flag('coordinator_address')} needs {flag('num_processes')} and {flag('process_id')}")
+    check_range(process_id, flag("process_id"), 0, num_processes - 1)
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def init_distributed(args) -> None:
+    """start_distributed as the flags of add_distributed_args ask."""
+    start_distributed("on" if args.distributed else "off", args.coordinator_address, args.num_processes,
+                      args.process_id)
 
 
 def check_range(value, name: str, low=None, high=None, kind: str = "") -> None:

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import jax
 
 from convert import vae_weights
-from dit_jax.cli.common import check_range, check_writable_dir, run_command
+from dit_jax.cli.common import add_distributed_args, check_range, check_writable_dir, init_distributed, run_command
 from dit_jax.cli.config_file import load_config
 from dit_jax.data import image_reader
 from dit_jax.latent_extraction import extract
@@ -55,7 +55,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--shard-size", "--shard_size", type=int, default=1024, help="examples per shard file (>= 1)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage dtype")
     p.add_argument("--num-workers", "--num_workers", type=int, default=8, help="image decode threads (>= 1)")
-    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    add_distributed_args(p)
     p.add_argument("--no-progress", "--no_progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error")
     return p.parse_args(argv)
@@ -89,8 +89,7 @@ def extract_latents(args) -> dict:
     check_range(cfg["image_size"], "--image-size", 8)
     if not paths.is_url(args.out):  # a bucket is checked by the first write
         check_writable_dir(args.out, "--out")
-    if args.distributed:
-        jax.distributed.initialize()
+    init_distributed(args)  # before anything touches a device
     reader = image_reader(cfg, jax.process_count())
     vae, params = vae_weights.load_vae(cfg["vae"])
     data_desc = ({"name": "folder", "folder": paths.display(cfg["folder"])} if cfg["name"] == "folder" else

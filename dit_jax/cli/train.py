@@ -35,7 +35,8 @@ import convert
 from convert import vae_weights, writers
 from convert.inception_weights import inception_params
 from dit_jax import build, checkpoint as ckpt_lib, compile_report, topology
-from dit_jax.cli.common import EXIT_USAGE, check_writable_file, report_error, run_command, setup_console_logging
+from dit_jax.cli.common import (EXIT_USAGE, check_writable_file, report_error, run_command, setup_console_logging,
+                                start_distributed)
 from dit_jax.cli.config_file import OVERRIDE_ERRORS, ConfigFileError, define_config_flag, override_error
 from dit_jax.utils.errors import ConfigError
 from dit_jax.pretrained import model_config
@@ -63,24 +64,6 @@ flags.DEFINE_bool("debug", False, "print the traceback of an error")
 flags.DEFINE_bool("compile-only", False, "compile the training step for --topology and report the memory per chip "
                   "(writes WORKDIR/compile_report.json; exit 1 when it does not fit); trains nothing")
 flags.DEFINE_string("topology", None, "with --compile-only: a TPU slice like v5e:16x16, v4:4x4x8, v5p:4x4x4, v6e:16x16")
-
-_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
-
-
-def init_distributed(mode: str, coordinator_address, num_processes, process_id, cpu_collectives: str) -> None:
-    """Must run before anything touches a JAX device."""
-    explicit = coordinator_address is not None
-    if mode == "off" or (mode == "auto" and not explicit and not any(k in os.environ for k in _CLUSTER_ENV)):
-        return
-    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    if explicit:
-        if num_processes is None or process_id is None:
-            raise ConfigError("--coordinator_address needs --num_processes and --process_id")
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id)
-    else:
-        jax.distributed.initialize()
-
 
 def parse_flags(argv: Sequence[str]) -> Optional[str]:
     """absl parsing; returns a one-line usage error (a bad flag, an unknown config field) or None."""
@@ -137,8 +120,8 @@ def train(config, workdir: str) -> int:
     if export:
         check_writable_file(export, "--export-torch")
     cpu_malloc.configure(step_bytes(config), verbose=True)  # before JAX creates its CPU client
-    init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                     FLAGS.cpu_collectives)
+    start_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                      FLAGS.cpu_collectives, flag_word_sep="_")
     result = train_and_evaluate(config, workdir, load_vae=vae_weights.load_vae, load_inception=inception_params)
     if result.preempted is not None:
         return EXIT_PREEMPTED
