@@ -47,8 +47,11 @@ def get_config(variant: Optional[str] = None) -> ml_collections.ConfigDict:
     c.model.learn_sigma = True  # predict the variance too (output has 2 * in_channels channels)
     # compute dtype: "float32" or "bfloat16" (parameters stay float32); 512 px uses bfloat16 to fit
     c.model.dtype = "bfloat16" if resolution == 512 else "float32"
-    # rematerialise each block in the backward pass (less memory, ~30% more compute); 1024 tokens at 512 px
-    c.model.remat = resolution == 512
+    # what the backward pass keeps of each block (dit_jax/remat.py): "none", "full" (only the block's input;
+    # ~30% more compute), "save_dots" (the matmul outputs), "save_dots_except_fc1", "save_qkv_proj";
+    # None: by platform, "none" on CPU and "save_dots" on TPU/GPU (docs/performance.md)
+    c.model.remat_policy = ml_collections.FieldReference("full" if resolution == 512 else None, field_type=str)
+    c.model.remat = False  # older name: True means remat_policy="full"
     c.model.attention_impl = placeholder(str)  # None: head-major matmuls (fastest on CPU); "xla"; "cudnn" (GPU)
 
     # ---- diffusion (dit_jax.diffusion.create_diffusion) ----

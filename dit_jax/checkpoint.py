@@ -10,7 +10,9 @@ state (the model's dimensions, the optimizer's structure, the seed) that differs
 nothing on disk changes. Then the newest checkpoint is restored and its checksums verified; one that does
 not restore or does not match (flipped bytes, a truncated or empty folder) is moved aside to
 `checkpoints/damaged-<step>` with a warning, and the next older one is tried. Restoring takes the *target*
-shardings, so a checkpoint written on one mesh restores onto any other.
+shardings, so a checkpoint written on one mesh restores onto any other. A checkpoint of an older dit_jax,
+whose parameters (and EMA and Adam moments) are one subtree per block (`blocks_0` ...; meta has no
+"param_layout"), is restored in that layout, verified, then stacked (dit_jax/param_layout.py) with a log line.
 """
 from __future__ import annotations
 
@@ -21,14 +23,18 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
+from dit_jax.param_layout import is_per_block, stack_blocks, unstack_blocks
 from dit_jax.utils.checksum import mismatches, tree_fingerprints
 from dit_jax.utils.errors import CheckpointError
 
 log = logging.getLogger("dit_jax.train")
 DAMAGED_PREFIX = "damaged-"
+LAYOUT_KEY = "param_layout"  # in meta: "stacked" (absent: the older per-block layout)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -49,7 +55,8 @@ def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.Checkp
 def save(manager: ocp.CheckpointManager, step: int, state: Dict[str, Any], meta: Dict[str, Any]) -> None:
     """Save `state` (a dict of arrays) with `meta` plus the checksums of its arrays (computed before the
     asynchronous write starts, from the arrays being saved)."""
-    meta = dict(meta, checksums=tree_fingerprints(state))
+    meta = dict(meta, checksums=tree_fingerprints(state), **{LAYOUT_KEY: "per_block" if is_per_block(state)
+                                                             else "stacked"})
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -79,6 +86,24 @@ def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> Dict[s
     return {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v}
 
 
+def _per_block_target(abstract_state: Any) -> Any:
+    """The abstract state in the older per-block layout: each stacked array's slices, sharded like it but
+    without the (never sharded) depth axis."""
+    def take(x, i):
+        sharding = x.sharding
+        if isinstance(sharding, NamedSharding):
+            sharding = NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
+
+    return unstack_blocks(abstract_state, take)
+
+
+def _stacked_like(state: Any, abstract_state: Any) -> Any:
+    """A restored per-block state stacked on the devices, placed with `abstract_state`'s shardings."""
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, abstract_state)
+    return jax.jit(lambda s: stack_blocks(s, lambda xs: jnp.stack(xs)), out_shardings=shardings)(state)
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, state_config: Dict[str, Any]
                    ) -> Optional[Tuple[int, Dict[str, Any], Dict[str, Any]]]:
     """(step, state, meta) of the newest intact checkpoint, or None when there is none (see module docstring).
@@ -99,9 +124,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, state_co
             fields = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
             raise CheckpointError(f"checkpoint {where}/{step} was trained with another config ({fields}); "
                                   f"resume with the same values, or use a new --workdir (nothing was changed)")
+        per_block = meta.get(LAYOUT_KEY, "per_block") == "per_block"
+        target = _per_block_target(abstract_state) if per_block else abstract_state
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001  (corrupt files: orbax/tensorstore raise many types)
             damaged.append((step, f"it cannot be restored: {_first_line(e)}"))
             _move_aside(manager, step, damaged[-1][1])
@@ -116,7 +143,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, state_co
             raise CheckpointError(f"checkpoint {where}/{step}: meta says step {meta.get('step')}")
         if damaged:
             log.warning("resuming from step %d: newer checkpoints %s were damaged", step, [d for d, _ in damaged])
-        return step, restored["state"], meta
+        state = restored["state"]
+        if per_block:
+            log.info("checkpoint %s/%d holds the per-block parameter layout of older dit_jax versions "
+                     "(blocks_0 ...); stacked into 'blocks' on restore", where, step)
+            state = _stacked_like(state, abstract_state)
+        return step, state, meta
     if damaged:
         first, why = damaged[0]
         raise CheckpointError(f"every checkpoint in {where} is damaged (newest: step {first}: {why}; moved to "

@@ -59,8 +59,8 @@ def test_xl2_fsdp_over_all_chips_leaves_under_1_percent_replicated(pod):
     assert acct["per_chip"]["total"] <= 1.25 * acct["total"]["total"] / topo.chips
     # The attention kernels (1152 x 3456, 1152 x 1152) are split over both of their dimensions.
     specs = shd.spec_tree(env.state_shardings.params)
-    qkv = specs["blocks_0/attn/qkv/kernel"]
-    assert all(d is not None for d in qkv), qkv
+    qkv = specs["blocks/attn/qkv/kernel"]  # (depth, 1152, 3456): the depth axis whole, both others split
+    assert qkv[0] is None and len(qkv) == 3 and all(d is not None for d in qkv[1:]), qkv
     assert len(shd.fsdp_axes(env.mesh)) > 1 and shd.axis_size(env.mesh, "fsdp") == topo.chips
     assert _independent_state_bytes(env, topo.devices[0]) == acct["per_chip"]["total"]
 
