@@ -56,8 +56,7 @@ def main(argv=None) -> dict:
     rng = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     res = {"model": args.model, "latent": latent, "batch": args.batch, "dtype": args.dtype,
            "depth": model.depth, "backend": jax.default_backend()}
-    fwd_model = model.clone(scan_blocks=False)  # the samplers' forward (diffusion.dit_model_fn): unrolled
-    fwd = jax.jit(lambda p, x, t, y: fwd_model.apply({"params": p}, x, t, y))
+    fwd = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))  # the samplers' forward (scanned)
     res["forward_s"] = compile_seconds(fwd, params, x, t, y)
     variants = [("train_step_s", model)] + ([("train_step_unrolled_s", model.clone(scan_blocks=False))]
                                             if args.unrolled else [])

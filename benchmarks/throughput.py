@@ -12,7 +12,7 @@
 The training step is the release's: diffusion loss (MSE + VB, learned sigma), backward, AdamW, EMA update.
 JAX runs it twice: with train=True (label dropout) and as a user's step with train=False; both differentiate
 the blocks as one lax.scan (DiT.scan_blocks), so their times should match. The forward is the samplers'
-(blocks unrolled, as diffusion.dit_model_fn runs them).
+(the same scan, as guidance.dit_model_fn runs it).
 JAX and PyTorch calls alternate (A B A B ...) so that load from other processes hits both alike; the median
 wall time is reported, with its min-max and the median process CPU time per call.
 """
@@ -71,8 +71,7 @@ def jax_callables(args, model, params, inputs):
     x = jnp.asarray(inputs["x"].transpose(0, 2, 3, 1))  # (N, H, W, C)
     noise = jnp.asarray(inputs["noise"].transpose(0, 2, 3, 1))
     y, t = jnp.asarray(inputs["y"], jnp.int32), jnp.asarray(inputs["t"], jnp.int32)
-    fwd_model = model.clone(scan_blocks=False)  # the samplers' forward
-    fwd = xla_cpu.jit(lambda p, x, t, y: fwd_model.apply({"params": p}, x, t, y))  # as dit_jax compiles it
+    fwd = xla_cpu.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))  # the samplers' forward, as compiled
     rng = jax.random.PRNGKey(0)
 
     def stepper(train: bool):

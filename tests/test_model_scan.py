@@ -102,8 +102,10 @@ def test_train_flag_does_not_choose_the_block_structure():
 
     with_dropout, without = _count_scans(grads(True), params), _count_scans(grads(False), params)
     assert with_dropout == without >= 2, (with_dropout, without)  # the forward scan and its transpose
-    # The samplers' forward runs the blocks unrolled (faster for a forward alone).
+    # The samplers' forward runs the same scan (as fast as a loop over the blocks for a forward alone, and one
+    # block to compile); scan_blocks=False gives the loop.
     from dit_jax.guidance import dit_model_fn
 
     assert _count_scans(lambda p: model.apply({"params": p}, x, t, y), params) == 1
-    assert _count_scans(lambda p: dit_model_fn(model, p, y)(x, t), params) == 0
+    assert _count_scans(lambda p: dit_model_fn(model, p, y)(x, t), params) == 1
+    assert _count_scans(lambda p: dit_model_fn(model.clone(scan_blocks=False), p, y)(x, t), params) == 0

@@ -123,3 +123,28 @@ def test_config_default_by_platform_and_alias():
     c.model.remat_policy = "save_dots"
     with pytest.raises(ConfigError, match=r"config.model.remat=True .* conflicts with config.model.remat_policy"):
         build.build_model(c, "tpu")
+
+
+def test_rounding_the_parameters_to_the_compute_dtype_is_exact():
+    """block_step rounds each block's float32 parameters to bfloat16 precision before the layers cast them
+    (so that XLA cannot hoist one cast of all the stacked parameters out of the loop): the same bits as the
+    plain cast, in the outputs and in the parameters' gradients."""
+    block = DiT(hidden_size=D, num_heads=H, dtype=jnp.bfloat16).block()
+    r = np.random.default_rng(0)
+    h, c = jnp.asarray(r.standard_normal((N, T, D)), jnp.float32), jnp.asarray(r.standard_normal((N, D)), jnp.float32)
+    params = block.init(jax.random.PRNGKey(0), h, c)["params"]
+    params = jax.tree_util.tree_map(lambda a: a + 0.05 * jnp.asarray(r.standard_normal(a.shape), jnp.float32), params)
+
+    def plain(h, p):
+        return block.apply({"params": p}, h, c)
+
+    def stepped(h, p):
+        return block_step(block, c, "save_dots")(h, p)[0]
+
+    for f in (plain, stepped):
+        assert jnp.dtype(f(h, params).dtype) == jnp.float32
+    np.testing.assert_array_equal(jax.jit(stepped)(h, params), jax.jit(plain)(h, params))
+    g_plain = jax.jit(jax.grad(lambda p: jnp.sum(plain(h, p) ** 2)))(params)
+    g_step = jax.jit(jax.grad(lambda p: jnp.sum(stepped(h, p) ** 2)))(params)
+    for a, b in zip(jax.tree_util.tree_leaves(g_step), jax.tree_util.tree_leaves(g_plain)):
+        np.testing.assert_array_equal(a, b)
