@@ -15,6 +15,8 @@ core = [
     "ml_collections",
     "huggingface_hub",
     "tensorboard",
+    "etils[epath]",  # the one path type (dit_jax/utils/paths.py); orbax uses it too
+    "gcsfs",  # gs:// paths through epath's fsspec backend
 ]
 data = ["tensorflow-cpu", "tensorflow-datasets", "scikit-learn"]
 torch_side = ["torch>=2.0", "diffusers>=0.30"]
@@ -36,7 +38,8 @@ setup(
         "data": data,
         "torch": torch_side,
         "tpu": tpu,
-        "test": data + torch_side + ["pytest", "pytest-timeout", "pytest-xdist"],
+        "test": data + torch_side + ["pytest", "pytest-timeout", "pytest-xdist",
+                                      "gcp-storage-emulator"],  # gs:// tests on 127.0.0.1
     },
     entry_points={
         "console_scripts": [

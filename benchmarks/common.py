@@ -1,16 +1,13 @@
-"""Shared pieces of the JAX-vs-PyTorch benchmarks: one set of weights for both, the two training steps,
-and a timer that waits for the device."""
+"""Shared pieces of the JAX-vs-PyTorch benchmarks: one set of weights for both, the release's PyTorch training
+step, and a timer that waits for the device. The JAX training step is the product's (benchmarks/product_step.py)."""
 from __future__ import annotations
 
-import functools
 import time
 from typing import Callable, Dict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from dit_jax.utils import xla_cpu
 
 
 def timed(fn: Callable[[], object], sync: Callable[[object], None], warmup: int, iters: int) -> float:
@@ -78,34 +75,6 @@ def make_pair(name: str, latent: int, num_classes: int = 1000, depth=None, seed:
     params, cfg = convert.torch_to_flax(tmodel.state_dict())
     params = jax.tree_util.tree_map(jnp.asarray, params)
     return DiT(**cfg), params, cfg, tmodel.to(device)
-
-
-def make_jax_train_step(model, diffusion, lr: float = 1e-4, ema_decay: float = 0.9999, train: bool = True):
-    """jitted (params, opt_state, ema, x, y, t, noise, rng) -> (params, opt_state, ema, loss); state donated.
-
-    train=False: the step a user may write with `model.apply(..., train=False)` (no label dropout, no rng);
-    the blocks are differentiated through the same lax.scan either way (DiT.scan_blocks)."""
-    import optax
-
-    tx = optax.adamw(lr, weight_decay=0.0)
-
-    def loss_fn(params, x, y, t, noise, rng):
-        def model_fn(xt, tt):
-            if not train:
-                return model.apply({"params": params}, xt, tt, y, train=False)
-            return model.apply({"params": params}, xt, tt, y, train=True, rngs={"dropout": rng})
-
-        return jnp.mean(diffusion.training_losses(model_fn, x, t, noise=noise)["loss"])
-
-    @functools.partial(xla_cpu.jit, donate_argnums=(0, 1, 2))  # compiled as dit_jax's train step is
-    def step(params, opt_state, ema, x, y, t, noise, rng):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, t, noise, rng)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        ema = jax.tree_util.tree_map(lambda e, p: e * ema_decay + (1 - ema_decay) * p, ema, params)
-        return params, opt_state, ema, loss
-
-    return tx, step
 
 
 def make_torch_train_step(tmodel, tdiffusion, lr: float = 1e-4, ema_decay: float = 0.9999,

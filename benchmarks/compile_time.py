@@ -4,7 +4,7 @@
     python -m benchmarks.compile_time --model DiT-S/2 --unrolled   # also the unrolled training step
     python -m benchmarks.compile_time --tiny               # smoke run (CI)
 
-The training step is the benchmarks' one (diffusion loss, backward, AdamW, EMA). In training the blocks run
+The training step is dit-jax-train's (benchmarks/product_step.py: diffusion loss, backward, AdamW, EMA). In training the blocks run
 as one `lax.scan`, so the step's compile time does not grow with depth; `--unrolled` compiles the Python
 loop over blocks for comparison (slow to compile for deep models, and O(depth^2) to run on CPU).
 """
@@ -17,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import make_jax_train_step
+from benchmarks.product_step import ProductStep, bench_config
 from dit_jax.model import get_model, init_params
 
 
@@ -44,8 +44,6 @@ def compile_seconds(fn, *abstract_args) -> float:
 
 
 def main(argv=None) -> dict:
-    from dit_jax.diffusion import create_diffusion
-
     args = parse(argv)
     latent = args.image_size // 8
     kw = {} if args.depth is None else {"depth": args.depth}
@@ -53,17 +51,18 @@ def main(argv=None) -> dict:
     x = jax.ShapeDtypeStruct((args.batch, latent, latent, model.in_channels), jnp.float32)  # (N, H, W, C)
     t = y = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
     params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), args.batch))
-    rng = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     res = {"model": args.model, "latent": latent, "batch": args.batch, "dtype": args.dtype,
            "depth": model.depth, "backend": jax.default_backend()}
     fwd = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))  # the samplers' forward (scanned)
     res["forward_s"] = compile_seconds(fwd, params, x, t, y)
-    variants = [("train_step_s", model)] + ([("train_step_unrolled_s", model.clone(scan_blocks=False))]
-                                            if args.unrolled else [])
-    for key, m in variants:
-        tx, step = make_jax_train_step(m, create_diffusion(""))
-        opt_state = jax.eval_shape(tx.init, params)
-        res[key] = compile_seconds(step, params, opt_state, params, x, y, t, x, rng)
+    cfg = bench_config(args.model, args.image_size, args.batch, depth=args.depth, dtype=args.dtype)
+    variants = [("train_step_s", None)] + ([("train_step_unrolled_s", lambda m: m.clone(scan_blocks=False))]
+                                           if args.unrolled else [])
+    for key, transform in variants:
+        step = ProductStep(cfg, model_transform=transform)  # dit-jax-train's step, abstract state and batch
+        t0 = time.perf_counter()
+        step.compile()
+        res[key] = time.perf_counter() - t0
     print(f"{args.model} depth {model.depth} latent {latent} batch {args.batch} {args.dtype} on {res['backend']}: "
           + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in res.items() if k.endswith("_s")))
     if args.json:

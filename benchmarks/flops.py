@@ -51,14 +51,19 @@ def dot_macs(stablehlo_text: str) -> int:
 
 def measure(name: str, image_size: int, depth=None, num_classes: int = 1000):
     """(params incl. pos_embed, dot MACs, XLA flops / 2) for one forward of one image."""
-    latent = image_size // 8
     kw = {} if depth is None else {"depth": depth}
+    return measure_model(DiT_models[name](input_size=image_size // 8, num_classes=num_classes, **kw))
+
+
+def measure_model(model):
+    """measure() for any DiT module."""
     # Unrolled blocks: a scanned loop body appears once in the program text and would be counted once.
-    model = DiT_models[name](input_size=latent, num_classes=num_classes, scan_blocks=False, **kw)
-    x = jax.ShapeDtypeStruct((1, latent, latent, 4), jnp.float32)
+    model = model.clone(scan_blocks=False)
+    s, c = model.input_size, model.in_channels
+    x = jax.ShapeDtypeStruct((1, s, s, c), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, t)
-    pos = get_2d_sincos_pos_embed(model.hidden_size, latent // model.patch_size).size
+    pos = get_2d_sincos_pos_embed(model.hidden_size, s // model.patch_size).size
     lowered = jax.jit(lambda v, x, t, y: model.apply(v, x, t, y)).lower(variables, x, t, t)
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -1,11 +1,15 @@
-"""Compile configs for TPU pods on this CPU and print the docs/tpu.md table (needs the `tpu` extra).
+"""Compile configs for TPU pods on this CPU and print the docs/tpu.md tables (needs the `tpu` extra).
 
-    JAX_PLATFORMS=cpu python -m benchmarks.pod_table                       # DiT-XL/2 256 + 512 px, 4 pods
-    JAX_PLATFORMS=cpu python -m benchmarks.pod_table --configs configs/default.py:S/2 --pods v5e:16x16 \
-        --set data.name=latents --out /tmp/rows.jsonl
+    JAX_PLATFORMS=cpu python -m benchmarks.pod_table --set data.name=latents       # XL/2 256 + 512 px, 4 pods
+    JAX_PLATFORMS=cpu python -m benchmarks.pod_table --configs configs/default.py --pods v5e:16x16 \
+        --set data.name=latents model.dtype=bfloat16 --per-chip 1 4 16 --out /tmp/batch.jsonl  # batch per chip
+    python -m benchmarks.pod_table --from /tmp/batch.jsonl --table batch           # reprint, no compile
 
-Each row is `dit-jax-train --compile-only` (dit_jax.compile_report.compile_for_topology) for one config
-and pod; rows are appended to --out as JSON lines as they finish, so a long run can be read as it goes.
+Each row is `dit-jax-train --compile-only` (dit_jax.compile_report.compile_for_topology) for one config and
+pod; every column comes from that report. Rows are appended to --out as JSON lines as they finish, so a
+long run can be read as it goes, and --from prints the tables again from such a file. --per-chip N sets
+the global batch to N examples per chip of each pod. Table "pods": memory, mesh, split and bytes moved;
+table "batch": the same program at several batches per chip (memory, bytes moved, FLOPs, step-time bound).
 """
 from __future__ import annotations
 
@@ -43,19 +47,55 @@ def load_config(path: str, sets):
     return c
 
 
-def row(r) -> str:
+def _mesh(r) -> str:
     m = r["mesh"]
     sub = f" ({'x'.join(map(str, m['fsdp_sub_axes']))})" if len(m["fsdp_sub_axes"]) > 1 else ""
-    return (f"| {r['model']} | {r['image_size']} | {r['topology']} | {r['chips']} | data {m['data']} x fsdp "
-            f"{m['fsdp']}{sub}{' x tensor ' + str(m['tensor']) if m['tensor'] > 1 else ''} | "
-            f"{r['state_bytes_per_chip']['total'] / GIB:.2f} | {r['temp_bytes_per_chip'] / GIB:.2f} | "
-            f"{r['total_bytes_per_chip'] / GIB:.2f} / {r['hbm_bytes_per_chip'] / GIB:.0f} | "
-            f"{'yes' if r['fits'] else 'NO'} | {100 * r['replicated_state_fraction']:.2f}% | "
+    return (f"data {m['data']} x fsdp {m['fsdp']}{sub}" + (f" x tensor {m['tensor']}" if m["tensor"] > 1 else ""))
+
+
+def _gib(b) -> str:
+    return "n/a" if b is None else f"{b / GIB:.2f}"
+
+
+def row(r) -> str:
+    """One line of the "pods" table."""
+    if r["data_parallel_by_choice"]:
+        split = "data-parallel by choice"
+    else:
+        split = f"{r['state_per_chip_vs_even_split']:.2f}x even, {100 * r['replicated_state_fraction']:.2f}% replicated"
+    return (f"| {r['model']} | {r['image_size']} | {r['dtype']} | {'yes' if r['remat'] else 'no'} | {r['topology']} | "
+            f"{r['chips']} | {r['global_batch_size']} | {_mesh(r)} | {_gib(r['state_bytes_per_chip']['total'])} | "
+            f"{split} | {_gib(r['temp_bytes_per_chip'])} | {_gib(r['total_bytes_per_chip'])} / "
+            f"{r['hbm_bytes_per_chip'] / GIB:.0f} | {'yes' if r['fits'] else 'NO'} | "
+            f"{_gib(r['collective_bytes_moved_per_chip_per_step']) if r['compiled'] else 'n/a'} | "
             f"{r['compile_seconds']:.0f} ({r['compile_cpu_seconds']:.0f}) |")
 
 
-HEADER = ("| model | px | pod | chips | mesh | state GiB/chip | temp GiB/chip | total / HBM GiB | fits | replicated "
-          "| compile s (CPU s) |\n|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| model | px | dtype | remat | pod | chips | batch | mesh | state GiB/chip | state split | temp GiB/chip "
+          "| total / HBM GiB | fits | collective GiB moved/chip/step | compile s (CPU s) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def batch_row(r) -> str:
+    """One line of the "batch" table: the per-chip cost of one step and a lower bound on its time."""
+    fl, lb = r["flops"], r["step_time_lower_bound"]
+    per_chip = r["global_batch_size"] // r["chips"]
+    tf = lambda x: "n/a" if x is None else f"{x / 1e12:.2f}"  # noqa: E731
+    ms = lambda x: "n/a" if x is None else f"{x * 1e3:.1f}"  # noqa: E731
+    per_image = None if lb["seconds"] is None else lb["seconds"] / per_chip
+    return (f"| {per_chip} | {r['global_batch_size']} | {_mesh(r)} | {_gib(r['total_bytes_per_chip'])} / "
+            f"{r['hbm_bytes_per_chip'] / GIB:.0f} | {'yes' if r['fits'] else 'NO'} | "
+            f"{_gib(r['collective_bytes_moved_per_chip_per_step']) if r['compiled'] else 'n/a'} | "
+            f"{tf(fl['train_flops_per_chip'])} | {tf(fl['hlo_matmul_flops_per_chip'])} | "
+            f"{tf(fl['xla_cost_analysis_flops_per_chip'])} | {ms(lb['compute_seconds'])} | {ms(lb['ici_seconds'])} | "
+            f"{ms(per_image)} |")
+
+
+BATCH_HEADER = ("| images/chip | global batch | mesh | total / HBM GiB | fits | collective GiB moved/chip/step "
+                "| analytic TFLOP/chip | compiled matmul TFLOP/chip | XLA cost analysis TFLOP/chip (loop body once) "
+                "| compute bound ms | ICI bound ms | bound ms per image/chip |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|")
+TABLES = {"pods": (HEADER, row), "batch": (BATCH_HEADER, batch_row)}
 
 
 def main(argv=None) -> int:
@@ -63,25 +103,40 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
     ap.add_argument("--pods", nargs="*", default=list(PODS))
     ap.add_argument("--set", nargs="*", default=[], help="config overrides like model.remat=True")
+    ap.add_argument("--per-chip", nargs="*", type=int, default=[],
+                    help="global batch = N x the pod's chips, one row per N (default: the config's batch)")
+    ap.add_argument("--table", choices=sorted(TABLES), default="pods")
     ap.add_argument("--out", default="", help="append each report as a JSON line here")
+    ap.add_argument("--from", dest="from_file", default="", help="print the table from a --out file, no compile")
     args = ap.parse_args(argv)
+    header, fmt = TABLES[args.table]
+    print(header, flush=True)
+    if args.from_file:
+        with open(args.from_file) as f:
+            reports = [json.loads(line) for line in f if line.strip()]
+        for r in reports:
+            print(fmt(r))
+        return 1 if any(not r["fits"] for r in reports) else 0
     import jax
 
     jax.config.update("jax_platforms", "cpu")
     from dit_jax import compile_report, topology
 
-    print(HEADER, flush=True)
     bad = 0
     for path in args.configs:
         for pod in args.pods:
-            cfg = load_config(path, args.set)
-            r = compile_report.compile_for_topology(cfg, topology.tpu_topology(pod))
-            r["config"], r["overrides"] = path, list(args.set)
-            bad += not r["fits"]
-            print(row(r), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(r, default=str) + "\n")
+            topo = topology.tpu_topology(pod)
+            for n in args.per_chip or [None]:
+                cfg = load_config(path, args.set)
+                if n is not None:
+                    cfg.global_batch_size = n * topo.chips
+                r = compile_report.compile_for_topology(cfg, topo)
+                r["config"], r["overrides"] = path, list(args.set)
+                bad += not r["fits"]
+                print(fmt(r), flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(r, default=str) + "\n")
     return 1 if bad else 0
 
 

@@ -1,27 +1,33 @@
-"""float32 error of dit_jax and of the release, both measured against a float64 NumPy evaluation (issue 13).
+"""float32 error of dit_jax and of the release, both measured against the release's program in float64.
 
     python -m benchmarks.precision                          # all 12 sizes, 256 px (latent 32), 2 blocks
     python -m benchmarks.precision --latent 64              # 512 px
     python -m benchmarks.precision --models DiT-L/2 --t all # every t in [0, 999] (batches of 50)
-    python -m benchmarks.precision --t 3 5 977 999 --markdown   # issue 13's table: one row per size
+    python -m benchmarks.precision --t 0 3 5 10 977 999 --markdown   # one row per size
 
 Weights: the release model (convert/reference torch DiT) with every trained parameter drawn from N(0, 0.05),
 depth 2, converted to Flax. Error = max|out - out64| / max|out64| per example (one t per example, the same
-latent x and label for all). The float64 reference (`forward64`) is the DiT maths written here in NumPy
-float64 from the release state_dict, every step in float64: sinusoid frequencies and arguments, the
-position table, LayerNorm, softmax, tanh-GELU.
+latent x and label for all).
 
-The "f32-emb" columns use a second float64 reference that takes the release's float32 sinusoid embedding
-(rounded exactly as torch rounds it) instead of the float64 one; issue 13's table was measured that way.
+The reference (`forward64`) is the release's program evaluated in float64: its explicit float32 casts are
+kept, everything else is float64. Those casts are the timestep features' float32 frequencies (PyTorch's
+values, dit_jax.timestep_frequencies) and float32 arguments `t.float() * freq`, and the position table
+(computed in float64, stored as float32: the state_dict's pos_embed). Every checkpoint learned on those
+rounded values, so they are the model; cos/sin of the float32 arguments, the weights, LayerNorm, softmax and
+tanh-GELU are float64. `--all-float64` adds the errors against the DiT maths with float64 frequencies and
+arguments too (the reference of issue 13's first tables), which charges the release's own definition to
+both float32 programs at large t.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
+
+from dit_jax.timestep_frequencies import timestep_frequencies
 
 DEFAULT_T = (0, 1, 3, 5, 10, 50, 100, 250, 500, 750, 900, 977, 990, 999)
 
@@ -59,7 +65,14 @@ def _pos_table64(dim: int, grid: int) -> np.ndarray:
 
 
 def timestep_features64(t: np.ndarray, dim: int = 256) -> np.ndarray:
-    """(N,) -> (N, dim) `cat([cos, sin])` with float64 frequencies and arguments."""
+    """(N,) -> (N, dim) the release's `cat([cos, sin])` in float64 with its float32 casts kept: float32
+    frequencies (the release's values) and one float32 product per argument, cos/sin in float64."""
+    args = np.asarray(t, np.float32)[:, None] * timestep_frequencies(dim)[None]  # (N, dim/2) float32
+    return np.concatenate([np.cos(args.astype(np.float64)), np.sin(args.astype(np.float64))], axis=1)
+
+
+def timestep_features_all64(t: np.ndarray, dim: int = 256) -> np.ndarray:
+    """(N,) -> (N, dim) `cat([cos, sin])` with float64 frequencies and arguments: not the release's program."""
     half = dim // 2
     args = np.asarray(t, np.float64)[:, None] * np.exp(-math.log(10000.0) * np.arange(half) / half)[None]
     return np.concatenate([np.cos(args), np.sin(args)], axis=1)
@@ -69,22 +82,24 @@ def timestep_features_release32(t: np.ndarray, dim: int = 256) -> np.ndarray:
     """The release's float32 features (torch float32 ops), as float64."""
     import torch
 
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
-    args = torch.as_tensor(np.asarray(t, np.float32))[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).double().numpy()
+    from convert.reference.torch_dit import TimestepEmbedder
+
+    return TimestepEmbedder.timestep_embedding(torch.as_tensor(np.asarray(t, np.float32)), dim).double().numpy()
 
 
 def forward64(sd: Dict[str, np.ndarray], cfg: dict, x: np.ndarray, t: np.ndarray, y: np.ndarray,
-              t_features: np.ndarray = None) -> np.ndarray:
-    """float64 DiT forward: x (N, C, H, W), t (N,), y (N,) -> (N, out_C, H, W). `sd`: release keys, float64."""
+              release_casts: bool = True) -> np.ndarray:
+    """The release's program in float64 (module docstring): x (N, C, H, W), t (N,), y (N,) -> (N, out_C, H, W).
+    `sd`: release keys, float64 (pos_embed holds the release's float32 table). release_casts=False: float64
+    timestep frequencies, arguments and position table instead (the `--all-float64` reference)."""
     n, c_in, hh, _ = x.shape
     p, d, heads = cfg["patch_size"], cfg["hidden_size"], cfg["num_heads"]
     g = hh // p
     patches = x.reshape(n, c_in, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(n, g * g, c_in * p * p)
     w = sd["x_embedder.proj.weight"].reshape(d, -1)  # (D, C*p*q), conv weight flattened like the patches
-    h = patches @ w.T + sd["x_embedder.proj.bias"] + _pos_table64(d, g)[None]  # (N, T, D)
-    tf = timestep_features64(t) if t_features is None else t_features
+    pos = sd["pos_embed"].reshape(1, g * g, d) if release_casts else _pos_table64(d, g)[None]  # (1, T, D)
+    h = patches @ w.T + sd["x_embedder.proj.bias"] + pos  # (N, T, D)
+    tf = timestep_features64(t) if release_casts else timestep_features_all64(t)  # (N, 256)
     c = _linear(sd, "t_embedder.mlp.2", _silu(_linear(sd, "t_embedder.mlp.0", tf)))
     c = c + sd["y_embedder.embedding_table.weight"][y]  # (N, D)
     for i in range(cfg["depth"]):
@@ -109,14 +124,15 @@ def forward64(sd: Dict[str, np.ndarray], cfg: dict, x: np.ndarray, t: np.ndarray
 # ----------------------------------------------------------------------------------------------------
 # The measurement
 # ----------------------------------------------------------------------------------------------------
-def release_model(name: str, latent: int, depth: int = 2, std: float = 0.05, seed: int = 0):
-    """The release DiT with every trained parameter from N(0, std) (adaLN and output layer included)."""
+def release_model(name: str, latent: int, depth: Optional[int] = 2, std: float = 0.05, seed: int = 0):
+    """The release DiT with every trained parameter from N(0, std) (adaLN and output layer included);
+    depth None: the size's own."""
     import torch
 
     from convert.reference.torch_dit import DiT_models
 
     torch.manual_seed(seed)
-    model = DiT_models[name](input_size=latent, depth=depth).eval()
+    model = DiT_models[name](input_size=latent, **({} if depth is None else {"depth": depth})).eval()
     with torch.no_grad():
         for key, p in model.named_parameters():
             if key != "pos_embed":
@@ -130,10 +146,10 @@ def rel_err_per_example(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 def measure(name: str, latent: int, ts: Sequence[int], depth: int = 2, batch: int = 50, seed: int = 0,
-            f32_emb_reference: bool = False, variants: Dict[str, dict] = None) -> Dict[str, np.ndarray]:
+            all64_reference: bool = False, variants: Dict[str, dict] = None) -> Dict[str, np.ndarray]:
     """Per-t errors for one size: {"t", "release", one entry per dit_jax variant (name -> DiT overrides,
     default {"jax": {}}; the override "xla_defaults": True compiles with XLA's default options instead of
-    dit_jax's)[, the same with suffix "_f32emb"]}. `batch` caps the examples per call (memory)."""
+    dit_jax's)[, the same against the all-float64 reference with suffix "_all64"]}. `batch` caps the examples per call (memory)."""
     import jax
     import torch
 
@@ -156,18 +172,23 @@ def measure(name: str, latent: int, ts: Sequence[int], depth: int = 2, batch: in
     sd64 = {k: v.double().numpy() for k, v in tm.state_dict().items()}
     x1 = np.random.RandomState(seed + 1).randn(1, 4, latent, latent).astype(np.float32)  # (1, C, H, W)
     ts = np.asarray(ts)
-    refs = {"": None, "_f32emb": timestep_features_release32} if f32_emb_reference else {"": None}
+    refs = {"": True, "_all64": False} if all64_reference else {"": True}  # suffix -> release_casts
     res = {k + suffix: [] for k in ["release", *variants] for suffix in refs}
     for start in range(0, len(ts), batch):
         tb = ts[start:start + batch]
         x, y = np.repeat(x1, len(tb), 0), np.full((len(tb),), 7)
         t32 = tb.astype(np.float32)
-        with torch.no_grad():
-            outs = {"release": tm(torch.from_numpy(x), torch.from_numpy(t32), torch.from_numpy(y)).double().numpy()}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the release's numbers then do not depend on the cores (tests = the table)
+        try:
+            with torch.no_grad():
+                outs = {"release": tm(torch.from_numpy(x), torch.from_numpy(t32), torch.from_numpy(y)).double().numpy()}
+        finally:
+            torch.set_num_threads(threads)
         for v, fwd in fwds.items():  # NHWC -> NCHW
             outs[v] = np.asarray(fwd(params, x.transpose(0, 2, 3, 1), t32, y), np.float64).transpose(0, 3, 1, 2)
-        for suffix, features in refs.items():
-            ref = forward64(sd64, cfg, x.astype(np.float64), tb, y, None if features is None else features(tb))
+        for suffix, release_casts in refs.items():
+            ref = forward64(sd64, cfg, x.astype(np.float64), tb, y, release_casts)
             for k, out in outs.items():
                 res[k + suffix].append(rel_err_per_example(out, ref))
     return {"t": ts, **{k: np.concatenate(v) for k, v in res.items()}}
@@ -181,8 +202,9 @@ def parse(argv=None):
     ap.add_argument("--latent", type=int, default=32, help="latent size: 32 = 256 px, 64 = 512 px")
     ap.add_argument("--t", nargs="+", default=[str(t) for t in DEFAULT_T], help="timesteps, or 'all' for 0..999")
     ap.add_argument("--depth", type=int, default=2)
-    ap.add_argument("--f32-emb", action="store_true",
-                    help="also the errors against a float64 evaluation fed the release's float32 embedding")
+    ap.add_argument("--all-float64", action="store_true",
+                    help="also the errors against the DiT maths with float64 timestep frequencies, arguments "
+                         "and position table (not the release's program)")
     ap.add_argument("--markdown", action="store_true", help="finish with a markdown table (sizes x t)")
     ap.add_argument("--precise-both", action="store_true",
                     help="also precise_cpu_dots=True compiled as dit_jax compiles it (column precise_dit)")
@@ -206,19 +228,16 @@ def _size_order(name: str):
 
 
 def main(argv=None) -> Dict[str, Dict[str, np.ndarray]]:
-    import torch
-
-    torch.set_num_threads(1)  # the release's float32 numbers then do not depend on the machine's cores
     args = parse(sys.argv[1:] if argv is None else argv)
     out = {}
-    print(f"max|out - out64| / max|out64| against float64 NumPy; latent {args.latent} ({args.latent * 8} px), "
+    print(f"max|out - out64| / max|out64| against the release's program in float64 NumPy; latent {args.latent} ({args.latent * 8} px), "
           f"depth {args.depth}, weights N(0, 0.05), one example per t.\n"
           f"dit_jax: DiT as dit_jax compiles it; ynn: under a plain jax.jit (XLA's YNNPACK dots); precise: "
           f"DiT(precise_cpu_dots=True) under a plain jax.jit. ratio = variant / release (goal <= 1.5)")
     variants = {**VARIANTS, **(PRECISE_DIT if args.precise_both else {})}
     names = list(variants)
     for name in sorted(args.models, key=_size_order):
-        r = measure(name, args.latent, args.t, depth=args.depth, f32_emb_reference=args.f32_emb, variants=variants)
+        r = measure(name, args.latent, args.t, depth=args.depth, all64_reference=args.all_float64, variants=variants)
         out[name] = r
         ratios = {v: r[v] / r["release"] for v in names}
         print(f"{name:9s} worst over t: release {r['release'].max():.2e}  " +
@@ -228,9 +247,9 @@ def main(argv=None) -> Dict[str, Dict[str, np.ndarray]]:
             for i, t in enumerate(r["t"]):
                 line = f"    t={t:3d}  release {r['release'][i]:.2e}  " + "  ".join(
                     f"{v} {r[v][i]:.2e} ({ratios[v][i]:.2f}x)" for v in names)
-                if args.f32_emb:
-                    line += "  | f32-emb ref: release {:.2e} ".format(r["release_f32emb"][i]) + " ".join(
-                        f"{v} {r[v + '_f32emb'][i]:.2e}" for v in names)
+                if args.all_float64:
+                    line += "  | all-float64 ref: release {:.2e} ".format(r["release_all64"][i]) + " ".join(
+                        f"{v} {r[v + '_all64'][i]:.2e}" for v in names)
                 print(line)
     if args.markdown:
         print(f"\n{args.latent * 8} px: release / " + " / ".join(names) + "\n")

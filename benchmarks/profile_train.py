@@ -4,8 +4,8 @@
     python -m benchmarks.profile_train --variants base custom_ln_gelu attn_remat remat --repeats 3
     python -m benchmarks.profile_train --trace --variants base  # top XLA ops of one step (jax.profiler)
 
-Each variant is a jitted training step (the one in benchmarks/common.py) built with some part of the model
-swapped at trace time. Variants run interleaved, `--repeats` rounds, and both the wall time and the process
+Each variant is the product's training step (dit-jax-train's, benchmarks/product_step.py) built with some part
+of the model swapped at trace time. Variants run interleaved, `--repeats` rounds, and both the wall time and the process
 CPU time of each call are reported (median): on a shared machine the CPU time is the steadier number.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ import flax.linen as nn
 import numpy as np
 
 import dit_jax.model as dit_model
-from benchmarks.common import batch_inputs, make_jax_train_step, make_pair
+from benchmarks.common import make_pair
+from benchmarks.product_step import ProductStep, bench_config
 from dit_jax.utils import cpu_malloc
 
 
@@ -114,10 +115,11 @@ def variant(name: str, model):
         return model, contextlib.nullcontext()
     if name == "unrolled":  # the blocks as a Python loop (the release's structure) instead of one lax.scan
         return model.clone(scan_blocks=False), contextlib.nullcontext()
-    if name == "einsum_attn":
-        return model, _patched(jax.nn, "dot_product_attention", _einsum_attention)
+    if name == "einsum_attn":  # through jax.nn.dot_product_attention ("xla"), patched
+        return model.clone(attention_impl="xla"), _patched(jax.nn, "dot_product_attention", _einsum_attention)
     if name == "attn_remat":  # recompute logits/probs in the backward instead of stacking them per block
-        return model, _patched(jax.nn, "dot_product_attention", jax.checkpoint(_einsum_attention))
+        return (model.clone(attention_impl="xla"),
+                _patched(jax.nn, "dot_product_attention", jax.checkpoint(_einsum_attention)))
     if name == "remat":
         return model.clone(remat=True), contextlib.nullcontext()
     if name == "custom_ln_gelu":  # LayerNorm and GELU with hand-written backward passes (custom_vjp)
@@ -133,32 +135,31 @@ VARIANTS = ("base", "unrolled", "einsum_attn", "attn_remat", "remat", "custom_ln
 
 # ----------------------------------------------------------------------------------------------------
 def build_steps(args):
-    from dit_jax.diffusion import create_diffusion
-
+    """name -> zero-argument call running one step of that variant of the product's training step
+    (benchmarks/product_step.py), all from the same weights (benchmarks.common.make_pair)."""
     latent = args.image_size // 8
-    model, params, cfg, _ = make_pair(args.model, latent, depth=args.depth)
-    inputs = batch_inputs(args.batch, latent, cfg["num_classes"])
-    x = jnp.asarray(inputs["x"].transpose(0, 2, 3, 1))  # (N, H, W, C)
-    noise = jnp.asarray(inputs["noise"].transpose(0, 2, 3, 1))
-    y, t = jnp.asarray(inputs["y"], jnp.int32), jnp.asarray(inputs["t"], jnp.int32)
-    rng = jax.random.PRNGKey(0)
-    diffusion = create_diffusion("")
+    _, params, _, _ = make_pair(args.model, latent, depth=args.depth)
+    cfg = bench_config(args.model, args.image_size, args.batch, depth=args.depth)
     calls = {}
     for name in args.variants:
-        vmodel, ctx = variant(name, model)
-        tx, step = make_jax_train_step(vmodel, diffusion)
-        state = [jax.tree_util.tree_map(jnp.copy, params), None, jax.tree_util.tree_map(jnp.copy, params)]
-        state[1] = tx.init(state[0])
-        with ctx:  # trace and compile now, under the patch
-            compiled = step.lower(*state, x, y, t, noise, rng).compile()
+        ctx_box = []
+        step = ProductStep(cfg, model_transform=lambda m, name=name: _keep_ctx(variant(name, m), ctx_box))
+        with ctx_box[0]:  # trace and compile now, under the patch
+            compiled = step.compile()
+        step.init_state(params)
 
-        def call(compiled=compiled, state=state):
-            state[0], state[1], state[2], loss = compiled(*state, x, y, t, noise, rng)
-            return loss
+        def call(step=step):
+            return step()
 
         call.hlo = compiled.as_text()
         calls[name] = call
     return calls
+
+
+def _keep_ctx(model_and_ctx, box):
+    model, ctx = model_and_ctx
+    box.append(ctx)
+    return model
 
 
 def op_sources(hlo_text: str) -> dict:

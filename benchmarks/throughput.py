@@ -9,10 +9,10 @@
     DIT_JAX_CPU_YNNPACK=1 python -m benchmarks.throughput # JAX compiled with XLA's defaults (YNNPACK), see
                                                           # dit_jax/utils/xla_cpu.py
 
-The training step is the release's: diffusion loss (MSE + VB, learned sigma), backward, AdamW, EMA update.
-JAX runs it twice: with train=True (label dropout) and as a user's step with train=False; both differentiate
-the blocks as one lax.scan (DiT.scan_blocks), so their times should match. The forward is the samplers'
-(the same scan, as guidance.dit_model_fn runs it).
+The training step: PyTorch runs the release's (diffusion loss (MSE + VB, learned sigma), backward, AdamW, EMA
+update); JAX runs the one `dit-jax-train` runs, built by the same code (configs/default.py -> train.setup ->
+train.jit_train_step; benchmarks/product_step.py), which also samples the latent posterior and draws t and
+the noise inside the step. The forward is the samplers' (the same scan, as guidance.dit_model_fn runs it).
 JAX and PyTorch calls alternate (A B A B ...) so that load from other processes hits both alike; the median
 wall time is reported, with its min-max and the median process CPU time per call.
 """
@@ -28,8 +28,10 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import (batch_inputs, jax_sync, make_jax_train_step, make_pair, make_torch_train_step,
-                               timed_interleaved, torch_sync_fn)
+from benchmarks.common import (batch_inputs, jax_sync, make_pair, make_torch_train_step, timed_interleaved,
+                               torch_sync_fn)
+from benchmarks.product_step import ProductStep, bench_config
+from dit_jax import attention, mfu
 from dit_jax.utils import cpu_malloc, xla_cpu
 
 
@@ -40,6 +42,7 @@ def parse(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--depth", type=int, default=None, help="cut the depth (smoke runs)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--attention", default="auto", choices=attention.IMPLEMENTATIONS, help="JAX attention_impl")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--tiny", action="store_true", help="DiT-S/2, depth 2, latent 8, batch 2, 1 iteration")
@@ -57,35 +60,25 @@ def parse(argv=None):
 
 
 def jax_callables(args, model, params, inputs):
-    """(forward, train step, train step with train=False) zero-argument callables for the JAX side; each
-    step updates its own state."""
-    from dit_jax.diffusion import create_diffusion
+    """(forward, train step) zero-argument callables for the JAX side. The step is the product's
+    (dit-jax-train's, benchmarks/product_step.py) with the same weights, on one device."""
+    def variant(m):
+        if args.unrolled:
+            m = m.clone(scan_blocks=False)
+        if args.precise_cpu_dots:
+            m = m.clone(precise_cpu_dots=True)
+        return m
 
-    if args.dtype == "bfloat16":
-        model = model.clone(dtype=jnp.bfloat16)
-    if args.unrolled:
-        model = model.clone(scan_blocks=False)
-    if args.precise_cpu_dots:
-        model = model.clone(precise_cpu_dots=True)
-    diffusion = create_diffusion("")
+    cfg = bench_config(args.model, args.image_size, args.batch, depth=args.depth, dtype=args.dtype,
+                       attention_impl=args.attention)
+    step = ProductStep(cfg, model_transform=variant)
+    step.compile()
+    step.init_state(params)
+    fwd_model = variant(step.model)  # the samplers' forward (guidance.dit_model_fn: the blocks' scan)
     x = jnp.asarray(inputs["x"].transpose(0, 2, 3, 1))  # (N, H, W, C)
-    noise = jnp.asarray(inputs["noise"].transpose(0, 2, 3, 1))
     y, t = jnp.asarray(inputs["y"], jnp.int32), jnp.asarray(inputs["t"], jnp.int32)
-    fwd = xla_cpu.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))  # the samplers' forward, as compiled
-    rng = jax.random.PRNGKey(0)
-
-    def stepper(train: bool):
-        tx, step = make_jax_train_step(model, diffusion, train=train)
-        state = [jax.tree_util.tree_map(jnp.copy, params), None, jax.tree_util.tree_map(jnp.copy, params)]
-        state[1] = tx.init(state[0])
-
-        def one():
-            state[0], state[1], state[2], loss = step(state[0], state[1], state[2], x, y, t, noise, rng)
-            return loss
-
-        return one
-
-    return (lambda: fwd(params, x, t, y)), stepper(True), stepper(False)
+    fwd = xla_cpu.jit(lambda p, x, t, y: fwd_model.apply({"params": p}, x, t, y))  # as dit_jax compiles it
+    return (lambda: fwd(params, x, t, y)), step
 
 
 def torch_callables(args, tmodel, inputs):
@@ -114,8 +107,8 @@ def measure(args, model, params, tmodel, inputs) -> dict:
     """Forward, then training step; within each, the JAX and PyTorch calls alternate (see timed_interleaved)."""
     fns, syncs = {}, {}
     if args.only != "torch":
-        fns["jax_forward"], fns["jax_train"], fns["jax_nodrop_train"] = jax_callables(args, model, params, inputs)
-        syncs["jax_forward"] = syncs["jax_train"] = syncs["jax_nodrop_train"] = jax_sync
+        fns["jax_forward"], fns["jax_train"] = jax_callables(args, model, params, inputs)
+        syncs["jax_forward"] = syncs["jax_train"] = jax_sync
     device = None
     if args.only != "jax":
         fns["torch_forward"], fns["torch_train"], tsync, device = torch_callables(args, tmodel, inputs)
@@ -161,6 +154,10 @@ def main(argv=None) -> dict:
     res = {"model": args.model, "latent": latent, "batch": args.batch, "dtype": args.dtype,
            "device": str(jax.devices()[0].platform)}
     res.update(measure(args, model, params, tmodel, inputs))
+    if "jax_train_ips" in res:
+        m = mfu.tflops_and_mfu(res["jax_train_ips"], mfu.train_flops_per_example(model), 1,
+                               jax.devices()[0].device_kind)
+        res.update({f"jax_train_{k}": v for k, v in m.items()})
     if args.only is None:
         res["forward_ratio"] = res["jax_forward_ips"] / res["torch_forward_ips"]
         res["train_ratio"] = res["jax_train_ips"] / res["torch_train_ips"]
@@ -175,10 +172,7 @@ def main(argv=None) -> dict:
                   f"  ratio {res[phase + '_ratio']:.2f}x   (median of {args.iters}, wall s/step min-max JAX"
                   f" {res[j + '_spread'][0]:.2f}-{res[j + '_spread'][1]:.2f}, PyTorch {res[t + '_spread'][0]:.2f}-"
                   f"{res[t + '_spread'][1]:.2f}; CPU s/step JAX {res[j + '_cpu_s']:.2f}, PyTorch {res[t + '_cpu_s']:.2f})")
-        n = "jax_nodrop_train"
-        print(f"  train step with train=False (a user's step, no label dropout): JAX {res[n + '_ips']:8.2f} images/s"
-              f", {res[n + '_s']:.2f} s/step (min-max {res[n + '_spread'][0]:.2f}-{res[n + '_spread'][1]:.2f}; CPU"
-              f" {res[n + '_cpu_s']:.2f}) against {res['jax_train_s']:.2f} s/step with train=True")
+        print(f"  JAX training: {res['jax_train_tflops_per_device']:.3f} TFLOP/s per device (dit_jax/mfu.py)")
         for k in ("jax_peak_gib", "torch_peak_gib", "jax_peak_rss_gib", "torch_peak_rss_gib"):
             if k in res:
                 print(f"  {k}: {res[k]:.2f}")

@@ -52,7 +52,9 @@ def get_config(variant: Optional[str] = None) -> ml_collections.ConfigDict:
     # None: by platform, "none" on CPU and "save_dots" on TPU/GPU (docs/performance.md)
     c.model.remat_policy = ml_collections.FieldReference("full" if resolution == 512 else None, field_type=str)
     c.model.remat = False  # older name: True means remat_policy="full"
-    c.model.attention_impl = placeholder(str)  # None: head-major matmuls (fastest on CPU); "xla"; "cudnn" (GPU)
+    # "auto": per platform (CPU head-major matmuls; GPU cuDNN flash attention; TPU Pallas flash attention at
+    # 512 px, else XLA's); or one kernel everywhere: "matmul", "xla", "cudnn", "pallas_tpu" (dit_jax/attention.py)
+    c.model.attention_impl = "auto"
 
     # ---- diffusion (dit_jax.diffusion.create_diffusion) ----
     c.diffusion = ml_collections.ConfigDict()

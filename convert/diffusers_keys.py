@@ -6,7 +6,8 @@ diffusers differs from the release in three ways that matter here:
   copies one embedder into all of them, and dit_jax has one, so the copies must be equal;
 - its timestep features divide by (half - 1) and its MLP LayerNorm uses `norm_eps` (1e-5 by default), so
   a model read from diffusers carries `timestep_freq_shift=1` and `mlp_norm_eps` in its config, and
-  dit_jax reproduces diffusers' outputs exactly.
+  dit_jax reproduces diffusers' outputs exactly. Writing weights into the other family's format warns with
+  the measured size of the change (TimestepMathsWarning).
 """
 from __future__ import annotations
 
@@ -39,6 +40,23 @@ TOP_RENAMES = [
 QKV = ("to_q", "to_k", "to_v")
 DIFFUSERS_FREQ_SHIFT = 1.0
 DIFFUSERS_DEFAULT_NORM_EPS = 1e-5
+
+# How much the other format's timestep maths change the outputs of the same weights, measured with
+# scripts/diffusers_gap.py (docs/convert.md): rel = max|a - b| / max|b| of the model output on the same inputs,
+# the largest over t = 100, 250, 500, 750, 999 (at t = 0 every frequency gives cos 1, sin 0: no difference).
+GAP_TRAINED_TO_DIFFUSERS = 0.033  # digits DiT trained 2000 steps with the release maths, run by diffusers
+GAP_TRAINED_FROM_DIFFUSERS = 0.125  # digits DiT trained 2000 steps with diffusers' maths, run by the release
+GAP_RANDOM = {"DiT-S/2": 0.21, "DiT-B/4": 0.42}  # depth 2, random weights (tests/test_diffusers_parity.py)
+
+
+def measured_gap(trained: float) -> str:
+    return (f"measured output difference max|d|/max|out| up to {trained:.1%} on a trained DiT (digits), "
+            f"{GAP_RANDOM['DiT-S/2']:.0%} (S/2) and {GAP_RANDOM['DiT-B/4']:.0%} (B/4) on random depth-2 weights; "
+            f"see docs/convert.md")
+
+
+class TimestepMathsWarning(UserWarning):
+    """Weights written for a model that computes the timestep features (and MLP eps) unlike their source."""
 
 
 def is_diffusers_state_dict(state: Mapping[str, Any]) -> bool:
@@ -115,8 +133,10 @@ def release_to_diffusers(state: Mapping[str, np.ndarray], cfg: Mapping[str, Any]
     """Release-layout state_dict + DiT kwargs -> (diffusers state_dict, DiTTransformer2DModel config)."""
     if cfg.get("timestep_freq_shift", 0.0) != DIFFUSERS_FREQ_SHIFT:
         warnings.warn("diffusers' DiTTransformer2DModel divides its timestep frequencies by (half - 1) where the "
-                      "release divides by half; the diffusers model will not reproduce these weights' outputs "
-                      "exactly (a known diffusers difference; on random weights the outputs differ by ~20%, see docs/convert.md)")
+                      "release divides by half, so the diffusers model computes a different function of these "
+                      f"weights: {measured_gap(GAP_TRAINED_TO_DIFFUSERS)}. dit_jax reads the folder back with "
+                      "diffusers' maths (equal to diffusers within 1e-5); to sample as trained, keep the .pt, "
+                      ".safetensors or dit_jax copy", TimestepMathsWarning, stacklevel=2)
     src = dict(state)
     src.pop("pos_embed", None)
     out: Dict[str, np.ndarray] = {}

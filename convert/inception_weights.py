@@ -25,6 +25,7 @@ from convert.io import load_torch_file
 from convert.mapping import ConversionError
 from dit_jax.evaluation import weights as W
 from dit_jax.evaluation.inception import BN_EPS, NUM_CLASSES, POOL_DIM, arch
+from dit_jax.utils import paths
 
 BN_FIELDS = ("weight", "bias", "running_mean", "running_var")  # + num_batches_tracked, ignored
 
@@ -93,13 +94,13 @@ def convert_file(pth_path: str, out_path: str) -> Dict[str, Any]:
     return params
 
 
-def _is_npz(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head != b"PK\x03\x04":
-        return False
-    with zipfile.ZipFile(path) as z:  # a torch zip file holds data.pkl, an .npz holds *.npy
-        return any(n.endswith(".npy") for n in z.namelist())
+def _is_npz(path: paths.PathLike) -> bool:
+    with paths.as_path(path).open("rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return False
+        f.seek(0)
+        with zipfile.ZipFile(f) as z:  # a torch zip file holds data.pkl, an .npz holds *.npy
+            return any(n.endswith(".npy") for n in z.namelist())
 
 
 def inception_params(path: Optional[str] = None, cache_dir: Optional[str] = None, progress: bool = True,
@@ -107,11 +108,11 @@ def inception_params(path: Optional[str] = None, cache_dir: Optional[str] = None
     """The Flax FID Inception params (what a `--inception PATH` flag resolves to).
 
     path: a converted .npz, or pytorch-fid's .pth (converted once; cached in the cache folder under the start
-    of the file's sha256), or None: the cached converted file, else the .pth
+    of the file's sha256), local or a bucket URL, or None: the cached converted file, else the .pth
     downloaded into the cache (DIT_JAX_CACHE) and converted once."""
     if path is not None:
         path = os.fspath(path)
-        if not os.path.isfile(path):
+        if not paths.is_file(path):
             raise W.InceptionWeightsError(f"--inception {path}: no such file (expected pytorch-fid's {W.PTH_NAME} "
                                           f"or a converted {W.CONVERTED_NAME})")
         if _is_npz(path):

@@ -4,8 +4,9 @@ Formats: `.pt/.pth/.bin` written by `torch.save` (release files, train.py checkp
 `.safetensors`, and diffusers folders (a `DiTTransformer2DModel` folder, or a pipeline folder with a
 `transformer/` subfolder). The format is recognised from the file's first bytes, not only its suffix.
 
-`.safetensors` and diffusers safetensors folders are read with NumPy (dit_jax.utils.safetensors_io). Pickles are read with `torch.load(weights_only=True)` unless the caller passes
-`allow_pickle=True`: an arbitrary pickle can run code when it is loaded.
+`.safetensors` and diffusers safetensors folders are read with NumPy (dit_jax.utils.safetensors_io). Pickles are
+read with `torch.load(weights_only=True)` unless the caller passes `allow_pickle=True`: an arbitrary pickle can
+run code when it is loaded. Every path may be local or a bucket URL (gs://...; dit_jax.utils.paths).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import numpy as np
 
 from convert.mapping import ConversionError
+from dit_jax.utils import paths
+from dit_jax.utils.atomic import check_complete
 from dit_jax.utils.safetensors_io import WeightsFileError, read_safetensors
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -51,17 +54,27 @@ def _size_str(n: int) -> str:
 # ----------------------------------------------------------------------------------------------------
 # torch.save files
 # ----------------------------------------------------------------------------------------------------
-def load_torch_file(path: str, allow_pickle: bool = False) -> Any:
+def _torch_load(path: paths.PathLike, weights_only: bool) -> Any:
+    import torch  # optional stack (the `torch` extra): only pickled files need it
+
+    if not paths.is_url(path):
+        return torch.load(os.fspath(path), map_location="cpu", weights_only=weights_only)
+    with paths.as_path(path).open("rb") as f:  # torch.load reads a seekable file object as well
+        return torch.load(f, map_location="cpu", weights_only=weights_only)
+
+
+def load_torch_file(path: paths.PathLike, allow_pickle: bool = False) -> Any:
     """torch.load on CPU; weights_only=True unless allow_pickle. Errors become ConversionError."""
     import torch  # optional stack (the `torch` extra): only pickled files need it
 
+    path = os.fspath(path)
     try:
         if allow_pickle:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return _torch_load(path, weights_only=False)
         # The release train.py stores its argparse.Namespace under "args"; rebuilding a Namespace runs no
         # code (its values still pass through the restricted unpickler), so it is allowed.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return _torch_load(path, weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "Weights only load failed" in msg or "Unsupported global" in msg or "Unsupported operand" in msg:
@@ -82,7 +95,7 @@ def load_torch_file(path: str, allow_pickle: bool = False) -> Any:
 # ----------------------------------------------------------------------------------------------------
 # safetensors (the project's NumPy reader)
 # ----------------------------------------------------------------------------------------------------
-def load_safetensors_file(path: str) -> tuple[Dict[str, np.ndarray], Dict[str, str]]:
+def load_safetensors_file(path: paths.PathLike) -> tuple[Dict[str, np.ndarray], Dict[str, str]]:
     """(state dict of NumPy arrays, floating point ones as float32; the file's __metadata__)."""
     try:
         return read_safetensors(path)
@@ -93,38 +106,36 @@ def load_safetensors_file(path: str) -> tuple[Dict[str, np.ndarray], Dict[str, s
 # ----------------------------------------------------------------------------------------------------
 # Dispatch
 # ----------------------------------------------------------------------------------------------------
-def find_diffusers_folder(path: str) -> Optional[str]:
+def find_diffusers_folder(path: paths.PathLike) -> Optional[str]:
     """The folder holding a DiTTransformer2DModel (itself, or its transformer/ subfolder), or None."""
-    for d in (path, os.path.join(path, "transformer")):
-        if os.path.isfile(os.path.join(d, "config.json")) and any(
-                os.path.isfile(os.path.join(d, w)) for w in DIFFUSERS_WEIGHTS):
+    path = os.fspath(path)
+    for d in (path, paths.join(path, "transformer")):
+        if paths.is_file(paths.join(d, "config.json")) and any(
+                paths.is_file(paths.join(d, w)) for w in DIFFUSERS_WEIGHTS):
             return d
     return None
 
 
 def _read_diffusers(folder: str, allow_pickle: bool, log: Callable[[str], None]) -> Checkpoint:
-    cfg_path = os.path.join(folder, "config.json")
+    cfg_path = paths.join(folder, "config.json")
     try:
-        with open(cfg_path) as f:
-            config = json.load(f)
+        config = json.loads(paths.as_path(cfg_path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConversionError(f"{cfg_path}: cannot read the diffusers config ({e})") from None
     cls = config.get("_class_name")
     if cls not in (None, "DiTTransformer2DModel", "Transformer2DModel"):
         raise ConversionError(f"{cfg_path}: _class_name is {cls!r}; expected a DiTTransformer2DModel folder")
-    st = os.path.join(folder, DIFFUSERS_WEIGHTS[0])
-    if os.path.isfile(st):
-        inner = read_file(st, allow_pickle, log)
-    else:
-        inner = read_file(os.path.join(folder, DIFFUSERS_WEIGHTS[1]), allow_pickle, log)
+    st, pt = (paths.join(folder, name) for name in DIFFUSERS_WEIGHTS)
+    inner = read_file(st if paths.is_file(st) else pt, allow_pickle, log)
     return Checkpoint(inner.obj, folder, "diffusers", diffusers_config=config, metadata=inner.metadata)
 
 
 def read_file(path: str, allow_pickle: bool = False, log: Callable[[str], None] = lambda s: None) -> Checkpoint:
     """One file: recognised by its first bytes (zip or pickle -> torch.load, JSON header -> safetensors)."""
-    size = os.path.getsize(path)
+    where = paths.as_path(path)
+    size = where.stat().length
     log(f"reading {path} ({_size_str(size)})")
-    with open(path, "rb") as f:
+    with where.open("rb") as f:
         head = f.read(16)
     lower = path.lower()
     if head.startswith(_ZIP_MAGIC) or (head[:1] and head[0] == _PICKLE_PROTO):
@@ -142,9 +153,11 @@ def read_file(path: str, allow_pickle: bool = False, log: Callable[[str], None] 
 def read_checkpoint(path: str, allow_pickle: bool = False, log: Callable[[str], None] = lambda s: None) -> Checkpoint:
     """A checkpoint file or diffusers folder -> Checkpoint (not yet converted)."""
     path = os.fspath(path)
-    if not os.path.exists(path):
+    where = paths.as_path(path)
+    if not where.exists():
         raise ConversionError(f"{path}: no such file or directory; expected {EXPECTED}")
-    if os.path.isdir(path):
+    if where.is_dir():
+        check_complete(where)
         folder = find_diffusers_folder(path)
         if folder is None:
             raise ConversionError(f"{path}: directory without config.json and {' or '.join(DIFFUSERS_WEIGHTS)} "

@@ -1,7 +1,8 @@
 """Writing release-layout state dicts: `.pt` (plain or train.py-style), `.safetensors`, diffusers folders.
 
-Every writer is atomic (dit_jax.utils.atomic): it writes to a temporary name beside OUT and renames it into
-place, so an error (or Ctrl-C) never leaves a partial file or folder at OUT.
+Every writer is atomic (dit_jax.utils.atomic): on a local disk it writes to a temporary name beside OUT and
+renames it into place, so an error (or Ctrl-C) never leaves a partial file or folder at OUT; OUT may be a
+bucket URL (gs://...), where a file is uploaded as one object and a folder is marked incomplete until done.
 """
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from typing import Any, Dict, Iterator, Mapping, Optional
 import numpy as np
 from safetensors.numpy import save_file
 
-from convert.diffusers_keys import release_to_diffusers
+from convert.diffusers_keys import (GAP_TRAINED_FROM_DIFFUSERS, TimestepMathsWarning, measured_gap,
+                                    release_to_diffusers)
 from convert.mapping import ConversionError
 from dit_jax.model import model_name as registry_name
-from dit_jax.utils.atomic import atomic_dir, atomic_path, check_target
+from dit_jax.utils import paths
+from dit_jax.utils.atomic import atomic_dir, atomic_path, check_target, write_text
 
 FORMATS = ("pt", "train", "safetensors", "diffusers")
 
@@ -29,7 +32,7 @@ def guess_format(out: str) -> str:
         return "pt"
     if lower.endswith(".safetensors"):
         return "safetensors"
-    if os.path.isdir(out) or not os.path.splitext(lower)[1]:
+    if paths.as_path(out).is_dir() or not os.path.splitext(lower)[1]:
         return "diffusers"
     raise ConversionError(f"cannot tell the output format from {out!r}: use a .pt/.pth/.bin or .safetensors "
                           f"suffix, a directory name for diffusers, or pass --format {'|'.join(FORMATS)}")
@@ -104,10 +107,9 @@ def write_diffusers(state: Mapping[str, Any], cfg: Mapping[str, Any], out: str, 
     """A DiTTransformer2DModel folder: config.json + diffusion_pytorch_model.safetensors."""
     d_state, d_config = release_to_diffusers(_numpy_state(state), cfg)
     with atomic_dir(out, overwrite) as tmp:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(d_config, f, indent=2)
-        save_file({k: np.ascontiguousarray(v) for k, v in d_state.items()},
-                  os.path.join(tmp, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        with atomic_path(tmp / "diffusion_pytorch_model.safetensors") as weights:
+            save_file({k: np.ascontiguousarray(v) for k, v in d_state.items()}, weights, metadata={"format": "pt"})
+        write_text(tmp / "config.json", json.dumps(d_config, indent=2))
 
 
 def write(state: Mapping[str, Any], cfg: Mapping[str, Any], out: str, fmt: Optional[str] = None,
@@ -117,9 +119,12 @@ def write(state: Mapping[str, Any], cfg: Mapping[str, Any], out: str, fmt: Optio
     if fmt != "diffusers" and (float(cfg.get("timestep_freq_shift", 0.0)) != 0.0
                                or float(cfg.get("mlp_norm_eps", 1e-6)) != 1e-6):
         warnings.warn("these weights come from diffusers (timestep_freq_shift="
-                      f"{cfg.get('timestep_freq_shift')}, mlp_norm_eps={cfg.get('mlp_norm_eps')}); the release "
-                      "PyTorch DiT computes with 0 and 1e-6, so its outputs will differ slightly. Write "
-                      "--format diffusers to keep them exact")
+                      f"{cfg.get('timestep_freq_shift')}, mlp_norm_eps={cfg.get('mlp_norm_eps')}), but the release "
+                      f"DiT computes with 0 and 1e-6, so it computes a different function of this {fmt} file: "
+                      f"{measured_gap(GAP_TRAINED_FROM_DIFFUSERS)}. --format diffusers keeps them exact"
+                      + (" (dit_jax itself reads the two settings back from this file's metadata)"
+                         if fmt == "safetensors" else ""),
+                      TimestepMathsWarning, stacklevel=2)
     if fmt == "pt":
         write_pt(state, out, overwrite)
     elif fmt == "train":

@@ -165,6 +165,9 @@ def check_batch(batch: Dict[str, np.ndarray], model: DiT, local_batch: int) -> s
             raise ConfigError(f"data batch kind {kind!r} has per-example shape {tuple(batch[key].shape[1:])} but "
                               f"the model (config.model.input_size={model.input_size}, in_channels="
                               f"{model.in_channels}) needs {want}")
+    if kind == "image" and batch["image"].dtype != np.uint8:
+        raise ConfigError(f"data batch 'image' has dtype {batch['image'].dtype}; image batches are uint8 pixels "
+                          f"(0..255, scaled to [-1, 1] inside the step)")
     if kind == "image" and model.in_channels != 4:
         raise ConfigError(f"image batches are VAE-encoded to 4 channels but config.model.in_channels="
                           f"{model.in_channels}")

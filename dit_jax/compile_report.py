@@ -4,13 +4,14 @@ The same `train.setup` (mesh, shardings) and `train.jit_train_step` (the pure st
 lowered with abstract state and batch (ShapeDtypeStructs carrying the run's shardings) for the compile-only
 devices of a TPU topology (dit_jax.topology) and compiled by libtpu. Nothing is read and no device memory
 is allocated. The report (printed, and written to WORKDIR/compile_report.json) holds what XLA says one chip
-needs, the state split by kind, how much of the state is replicated, the collectives in the compiled
-program and the analytic FLOPs of a step; the exit status is 0 when it fits, 1 when it does not.
+needs, the state split by kind and against the even split over the fsdp x tensor chips (dit_jax.state_split),
+how much of the state is replicated, the collectives of the compiled program with the bytes each chip moves
+per step (dit_jax.hlo_collectives), the FLOPs of a step (analytic, and counted in the compiled program by
+dit_jax.hlo_flops) and a lower bound on the step time; the exit status is 0 when it fits, 1 when it does not.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from typing import Any, Dict, List, Tuple
@@ -19,11 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax import mesh_plan, train
+from dit_jax import mesh_plan, mfu, state_split, train
+from dit_jax import remat as remat_lib
 from dit_jax import sharding as shd
 from dit_jax import topology as topo_lib
-from dit_jax.hlo_collectives import collectives
-from dit_jax.utils.atomic import atomic_path
+from dit_jax.hlo_collectives import MOVED_LABEL, collectives, collectives_by_op, moved_bytes_per_step
+from dit_jax.hlo_flops import matmul_flops
+from dit_jax.mfu import forward_macs
+from dit_jax.utils import paths
+from dit_jax.utils.atomic import write_text
 from dit_jax.vae import AutoencoderKL
 
 GIB = 2**30
@@ -44,7 +49,7 @@ def abstract_batch(config, model, kind: str, mesh) -> Dict[str, jax.ShapeDtypeSt
     elif kind == "latent":
         out["latent_mean"], out["latent_std"] = f32((s, s, c)), f32((s, s, c))
     else:
-        out["image"] = f32((8 * s, 8 * s, 3))
+        out["image"] = jax.ShapeDtypeStruct((b, 8 * s, 8 * s, 3), jnp.uint8, sharding=sh)  # scaled in the step
     return out
 
 
@@ -91,23 +96,19 @@ def state_accounting(abstract_state, state_sh, chips: int) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 # FLOPs
 # ----------------------------------------------------------------------------------------------------
-def forward_macs(model) -> Dict[str, int]:
-    """Multiply-adds of one forward pass of one example (the DiT paper's "Gflops"), split blocks / other."""
-    p, d, depth = model.patch_size, model.hidden_size, model.depth
-    t = (model.input_size // p) ** 2
-    mlp = int(d * model.mlp_ratio)
-    block = d * 6 * d + t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * mlp
-    other = (t * p * p * model.in_channels * d  # patch embedding
-             + 256 * d + d * d  # timestep MLP
-             + d * 2 * d + t * d * p * p * model.out_channels)  # final layer
-    return {"blocks": depth * block, "other": other, "total": depth * block + other}
+def model_policy(model) -> str:
+    """The remat policy the model runs (dit_jax/remat.py)."""
+    return remat_lib.resolve(model.remat_policy, model.remat)
 
 
 def training_flops(config, model, vae=None, vae_params=None) -> Dict[str, float]:
     """Analytic FLOPs (2 per multiply-add) of one optimizer step: forward + backward (2x forward) + the
-    rematerialised block forwards, for the global batch; plus the VAE encoder for image batches."""
+    parts of the block forwards that the remat policy recomputes, for the global batch; plus the VAE encoder for image batches."""
     macs = forward_macs(model)
-    per_example = 2 * (3 * macs["total"] + (macs["blocks"] if config.model.remat else 0))
+    t = (model.input_size // model.patch_size) ** 2
+    recomputed = model.depth * remat_lib.recomputed_block_macs(model_policy(model), t, model.hidden_size,
+                                                               int(model.hidden_size * model.mlp_ratio))
+    per_example = 2 * (3 * macs["total"] + recomputed)
     b = int(config.global_batch_size)
     out = {"forward_macs_per_example": macs["total"], "dit_flops_per_step": per_example * b}
     vae_flops = 0.0
@@ -121,6 +122,48 @@ def training_flops(config, model, vae=None, vae_params=None) -> Dict[str, float]
         vae_flops = float((cost or {}).get("flops", 0.0)) * b  # some backends give no cost analysis
     out["vae_encoder_flops_per_step"] = vae_flops
     out["train_flops_per_step"] = out["dit_flops_per_step"] + vae_flops
+    return out
+
+
+def compiled_flops(compiled, text: str) -> Dict[str, float]:
+    """What the compiled program itself says, per chip per step: XLA's cost analysis (which counts a loop
+    body once: the scan over blocks shows about one block) and the matmul FLOPs of its HLO with loops
+    counted by their trip counts (dit_jax.hlo_flops)."""
+    if compiled is None:
+        return {"xla_cost_analysis_flops_per_chip": None, "hlo_matmul_flops_per_chip": None}
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"xla_cost_analysis_flops_per_chip": float((cost or {}).get("flops", 0.0)) or None,
+            "hlo_matmul_flops_per_chip": matmul_flops(text)}
+
+
+def step_time_lower_bound(flops: Dict[str, Any], colls: Dict[str, Any], topo) -> Dict[str, Any]:
+    """Seconds per step no program can beat on this pod: the compiled matmul FLOPs at the chip's bf16 peak,
+    and the collective bytes each chip sends at its outbound ICI bandwidth (half the bidirectional figure;
+    all links busy, nothing waits). The compiled program offers no step time of its own (libtpu's cost
+    analysis returns a negative "optimal_seconds")."""
+    f = flops.get("hlo_matmul_flops_per_chip")
+    compute = f / (topo.peak_bf16_tflops * 1e12) if f else None
+    ici = None
+    if topo.ici_gbytes_per_s and colls:
+        ici = moved_bytes_per_step(colls) / (topo.ici_gbytes_per_s * 1e9 / 2)
+    known = [t for t in (compute, ici) if t is not None]
+    return {"compute_seconds": compute, "ici_seconds": ici, "seconds": max(known) if known else None,
+            "label": "lower bound: compiled matmul FLOPs at peak bf16; collective bytes moved at outbound ICI "
+                     "bandwidth (no overlap loss, no contention)"}
+
+
+def mfu_fields(model, global_batch: int, chips: int, device_kind: str) -> Dict[str, Any]:
+    """MFU as training logs it (dit_jax.mfu): the model FLOPs per chip per step (no remat, no VAE), the chip's
+    rated peak, and the step time a given MFU means; MFU of a measured step = mfu_flops_per_chip / (s x peak)."""
+    per_chip = mfu.train_flops_per_example(model) * global_batch / chips
+    peak = mfu.rated_peak(device_kind)
+    out: Dict[str, Any] = {"mfu_flops_per_chip": per_chip, "rated_peak_bf16_tflops": None, "rated_peak_source": None,
+                           "seconds_per_step_at_mfu": {}}
+    if peak is not None:
+        out.update(rated_peak_bf16_tflops=peak.bf16_tflops, rated_peak_source=peak.source,
+                   seconds_per_step_at_mfu={f"{m:.2f}": mfu.step_time_at(m, per_chip, peak.bf16_tflops)
+                                            for m in (0.4, 0.5, 0.6)})
     return out
 
 
@@ -158,17 +201,24 @@ def compile_for_topology(config, topo: topo_lib.Topology, workdir: str = "") -> 
     flops = training_flops(config, model, vae, vae_params)
     flops["train_flops_per_chip"] = flops["train_flops_per_step"] / topo.chips
     flops["seconds_per_step_at_peak"] = flops["train_flops_per_chip"] / (topo.peak_bf16_tflops * 1e12)
-    ideal = acct["total"]["total"] / topo.chips
+    text = compiled.as_text() if compiled is not None else ""
+    colls = collectives(text) if text else {}
+    flops.update(compiled_flops(compiled, text))
+    split = state_split.split_report(env.abstract_state.params, mesh, config.sharding)
+    even = acct["total"]["total"] / split["chips_sharing_state"]  # the state is meant to be split over these
+    flops.update(mfu_fields(model, int(config.global_batch_size), topo.chips, topo.devices[0].device_kind))
     report = {
         "topology": topo.name, "generation": topo.generation, "chips": topo.chips, "hosts": topo.hosts,
         "devices_per_chip": 1, "tensorcores_per_chip": topo.tensorcores_per_chip, "megacore": topo.megacore,
         "model": config.model.name or "custom", "image_size": 8 * model.input_size if kind != "x" else model.input_size,
         "global_batch_size": int(config.global_batch_size), "grad_accum_steps": int(config.grad_accum_steps),
-        "dtype": config.model.dtype, "remat": bool(config.model.remat), "batch_kind": kind,
+        "dtype": config.model.dtype, "remat": model_policy(model) != "none", "remat_policy": model_policy(model),
+        "batch_kind": kind,
         "mesh": plan.as_dict(), "mesh_axes": dict(mesh.shape),
         "hbm_bytes_per_chip": topo.hbm_bytes, "hbm_source": topo.hbm_source,
         "state_bytes_per_chip": acct["per_chip"], "state_bytes_total": acct["total"],
-        "state_per_chip_vs_ideal": acct["per_chip"]["total"] / ideal,
+        "state_per_chip_vs_even_split": acct["per_chip"]["total"] / even, "state_split": split,
+        "data_parallel_by_choice": split["chips_sharing_state"] == 1,
         "batch_bytes_per_chip": batch_bytes, "vae_bytes_per_chip": vae_bytes,
         "temp_bytes_per_chip": xla["temp"], "total_bytes_per_chip": total, "xla_memory_analysis": xla,
         "estimated_bytes_per_chip": plan.estimate,
@@ -176,10 +226,14 @@ def compile_for_topology(config, topo: topo_lib.Topology, workdir: str = "") -> 
         "replicated_state_fraction": acct["replicated_fraction"],
         "largest_replicated": acct["largest_replicated"],
         "compiled": compiled is not None,
-        "collectives": collectives(compiled.as_text()) if compiled is not None else {},
+        "collectives": colls,
+        "collective_bytes_moved_per_chip_per_step": moved_bytes_per_step(colls) if compiled is not None else None,
+        "collective_bytes_label": MOVED_LABEL, "collectives_by_op": collectives_by_op(text) if text else [],
         "compile_seconds": round(seconds[0], 2), "compile_cpu_seconds": round(seconds[1], 2),
-        "flops": flops, "notes": notes,
+        "flops": flops, "step_time_lower_bound": step_time_lower_bound(flops, colls, topo), "notes": notes,
     }
+    if split["uneven"]:
+        notes.append(f"uneven state split: {state_split.describe(split)}")
     if not fits:
         report["suggestions"] = suggestions(config, report, env)
     return report
@@ -241,9 +295,9 @@ def suggestions(config, report: Dict[str, Any], env) -> List[str]:
         f = dp
         out.append(f"shard the state over more chips: --config.mesh.fsdp={f} --config.mesh.data={dp // f} "
                    f"(state {state / GIB:.2f} GiB per chip now, ~{state * mesh['fsdp'] / f / GIB:.2f} GiB then)")
-    if not report["remat"]:
-        out.append("rematerialise the blocks: --config.model.remat=True (keeps only each block's input for the "
-                   f"backward pass; temporaries are {report['temp_bytes_per_chip'] / GIB:.2f} GiB per chip now)")
+    if report.get("remat_policy", "full") != "full":
+        out.append("rematerialise the blocks: --config.model.remat_policy=full (keeps only each block's input for "
+                   f"the backward pass; temporaries are {report['temp_bytes_per_chip'] / GIB:.2f} GiB per chip now)")
     if report["dtype"] == "float32":
         out.append("compute in bfloat16: --config.model.dtype=bfloat16 (parameters stay float32)")
     micro = report["global_batch_size"] // report["grad_accum_steps"]
@@ -263,23 +317,51 @@ def format_report(r: Dict[str, Any]) -> str:
     m = r["mesh"]
     sub = f" (fsdp sub-axes {'x'.join(map(str, m['fsdp_sub_axes']))})" if len(m["fsdp_sub_axes"]) > 1 else ""
     st = r["state_bytes_per_chip"]
+    if r["data_parallel_by_choice"]:
+        split = "data-parallel by choice: fsdp = tensor = 1, every chip holds the whole state"
+        replicated = "state replicated on every chip (data-parallel by choice)"
+    else:
+        split = (f"{r['state_per_chip_vs_even_split']:.2f}x the even split over the "
+                 f"{r['state_split']['chips_sharing_state']} fsdp x tensor chips")
+        replicated = (f"replicated state {100 * r['replicated_state_fraction']:.3f}% of "
+                      f"{g(r['state_bytes_total']['total'])}")
+    colls = r["collectives"]
+    if r["compiled"]:
+        comm = ("collectives per step: " + ", ".join(f"{k} {v['count_per_step']}x" for k, v in sorted(colls.items()))
+                + f"; {r['collective_bytes_label']}: {g(r['collective_bytes_moved_per_chip_per_step'])}"
+                + (" (" + ", ".join(f"{k} {g(v['moved_bytes_per_step'])}" for k, v in sorted(colls.items())) + ")"
+                   if colls else ""))
+        top = r.get("collectives_by_op", [])[:3]
+        comm += ("; most moved: " + ", ".join(f"{o['kind']} {o['count_per_step']}x {o['op_name']} "
+                                               f"{g(o['moved_bytes_per_step'])}" for o in top)) if top else ""
+    else:
+        comm = "no program (refused by the compiler), so no collectives"
+    fl, lb = r["flops"], r["step_time_lower_bound"]
+    tf = lambda x: "n/a" if x is None else f"{x / 1e12:.2f}"  # noqa: E731
+    ms = lambda x: "n/a" if x is None else f"{x * 1e3:.0f} ms"  # noqa: E731
     lines = [
         f"{r['model']} {r['image_size']} px, batch {r['global_batch_size']} ({r['batch_kind']}), {r['dtype']}"
-        f"{', remat' if r['remat'] else ''} on {r['topology']}: {r['chips']} chips, {r['hosts']} hosts",
+        f"{', remat ' + r.get('remat_policy', '') if r['remat'] else ''} on {r['topology']}: {r['chips']} chips, {r['hosts']} hosts",
         f"mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}{sub}; {m['reason']}",
         f"per chip: state {g(st['total'])} (params {g(st['params'])}, EMA {g(st['ema'])}, optimizer "
-        f"{g(st['optimizer'])}; {r['state_per_chip_vs_ideal']:.2f}x the even split), batch {g(r['batch_bytes_per_chip'])}"
+        f"{g(st['optimizer'])}; {split}), batch {g(r['batch_bytes_per_chip'])}"
         + (f", VAE {g(r['vae_bytes_per_chip'])}" if r["vae_bytes_per_chip"] else "")
         + f", temporaries {g(r['temp_bytes_per_chip'])}, total {g(r['total_bytes_per_chip'])} of "
           f"{g(r['hbm_bytes_per_chip'])} HBM",
-        f"replicated state {100 * r['replicated_state_fraction']:.3f}% of {g(r['state_bytes_total']['total'])}; "
-        + ("collectives per step: " + ", ".join(f"{k} {v['count_per_step']}x ({g(v['bytes_per_step'])})"
-                                                for k, v in sorted(r["collectives"].items()))
-           if r["compiled"] else "no program (refused by the compiler), so no collectives"),
-        f"{r['flops']['train_flops_per_chip'] / 1e12:.1f} TFLOP per chip per step "
-        f"(>= {r['flops']['seconds_per_step_at_peak'] * 1e3:.0f} ms at peak); lowered and compiled in "
-        f"{r['compile_seconds']:.1f} s ({r['compile_cpu_seconds']:.0f} CPU s)",
+        f"{replicated}; {comm}",
+        f"TFLOP per chip per step: {tf(fl['train_flops_per_chip'])} analytic, "
+        f"{tf(fl['hlo_matmul_flops_per_chip'])} in the compiled program's matmuls (XLA's cost analysis says "
+        f"{tf(fl['xla_cost_analysis_flops_per_chip'])}: it counts a loop body once); step time >= "
+        f"{ms(lb['seconds'])} (compute at peak {ms(lb['compute_seconds'])}, collectives at ICI bandwidth "
+        f"{ms(lb['ici_seconds'])}); lowered and compiled in {r['compile_seconds']:.1f} s "
+        f"({r['compile_cpu_seconds']:.0f} CPU s)",
     ]
+    f = r["flops"]
+    if f.get("rated_peak_bf16_tflops"):
+        lines.append(f"MFU (model FLOPs {f['mfu_flops_per_chip'] / 1e12:.2f} TFLOP per chip per step / rated "
+                     f"{f['rated_peak_bf16_tflops']:g} TFLOP/s): 50% MFU is "
+                     f"{f['seconds_per_step_at_mfu']['0.50'] * 1e3:.0f} ms/step; MFU of a measured step of s seconds "
+                     f"= {f['mfu_flops_per_chip'] / (f['rated_peak_bf16_tflops'] * 1e12):.4g} / s")
     lines += [f"note: {n}" for n in r["notes"]]
     if r["fits"]:
         lines.append(f"FITS: {g(r['total_bytes_per_chip'])} <= {100 * (1 - r['headroom']):.0f}% of "
@@ -291,12 +373,11 @@ def format_report(r: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: Dict[str, Any], workdir: str) -> str:
-    """WORKDIR/compile_report.json, written atomically; -> its path."""
-    path = os.path.join(workdir, REPORT_NAME)
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(report, f, indent=1, default=_json_default)
-    return path
+def write_report(report: Dict[str, Any], workdir: paths.PathLike) -> str:
+    """WORKDIR/compile_report.json (a local folder or a bucket URL), written atomically; -> its path."""
+    path = paths.as_path(workdir) / REPORT_NAME
+    write_text(path, json.dumps(report, indent=1, default=_json_default))
+    return paths.display(path)
 
 
 def _json_default(x):

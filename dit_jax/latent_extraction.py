@@ -2,17 +2,15 @@
 (dit_jax/cli/extract_latents.py) is its command line.
 
 Each example is stored as the posterior mean and std of the image and of its mirror image (training picks
-one per step and samples the latent), in the sharded layout of dit_jax/data/latents.py. Finished shards are
-skipped, so a killed run resumes. Process p of P encodes shards s with s % P == p; within a process the
-batch is split over the local devices.
+one per step and samples the latent), in the sharded layout of dit_jax/data/latents.py, on local disk or in
+a bucket. Shards with a completion marker are skipped, so a killed run resumes. Process p of P encodes
+shards s with s % P == p (disjoint files); within a process the batch is split over the local devices.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
 import math
-import os
-import shutil
 import sys
 from typing import Callable, Optional
 
@@ -65,19 +63,17 @@ def make_encoder(vae, batch_size: int, devices=None):
     return fn, replicated
 
 
-def extract(reader, out_dir: str, vae, params, *, batch_size: int = 64, shard_size: int = 1024,
+def extract(reader, out_dir, vae, params, *, batch_size: int = 64, shard_size: int = 1024,
             process_index: int = 0, process_count: int = 1, dtype: str = "float32", settings: Optional[dict] = None,
             num_workers: int = 8, on_shard: Optional[Callable[[int], None]] = None, progress: bool = True,
             devices=None) -> dict:
-    """Encode every example of `reader` (read(i) -> {"pixels", "y"}, describe(i), len) into out_dir.
-
-    Returns {"num_shards", "written", "already_done", "skipped_images"} for this process.
+    """Encode every example of `reader` (read(i) -> {"pixels", "y"}, describe(i), len) into out_dir, a local
+    folder or a bucket URL. Returns {"num_shards", "written", "already_done", "skipped_images"} for this process.
     """
     n = len(reader)
     if n == 0:
         raise DataError("the data set to extract has no examples")
     num_shards = math.ceil(n / shard_size)
-    os.makedirs(out_dir, exist_ok=True)
     encode, replicated = make_encoder(vae, batch_size, devices)
     params = jax.device_put(params, replicated)
     probe = reader.read(0)["pixels"]  # (S, S, 3): fixes the latent shape recorded in the index
@@ -87,37 +83,46 @@ def extract(reader, out_dir: str, vae, params, *, batch_size: int = 64, shard_si
                              "latent_shape": list(out_shape[2:]), "dtype": dtype})
 
     mine = [s for s in range(num_shards) if s % process_count == process_index]
-    for name in os.listdir(out_dir):  # temporaries of my shards left by a killed run
-        if name.startswith(".shard-") and ".tmp-" in name and int(name[7:12]) in mine:
-            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
-    todo = [s for s in mine if not dl.shard_done(out_dir, s)]
+    done = dl.done_shards(out_dir)
+    todo = [s for s in mine if s not in done]
     read = SkipCorrupt(reader.read, n, reader.describe)
     total = sum(min(shard_size, n - s * shard_size) for s in mine)
     bar = tqdm(total=total, initial=total - sum(min(shard_size, n - s * shard_size) for s in todo),
                unit="img", desc=f"extract[{process_index}/{process_count}]", disable=not progress, file=sys.stderr)
     pool = cf.ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="dit-extract")
+    writer = cf.ThreadPoolExecutor(1, thread_name_prefix="dit-extract-write")  # shard s uploads while s+1 encodes
+    writing = None
+
+    def finish(s, rows, ys):
+        dl.write_shard(out_dir, s, rows, ys)
+        if on_shard is not None:
+            on_shard(s)
+
     try:
         for s in todo:
+            dl.clear_shard(out_dir, s)  # what a killed run left of it
             start, stop = s * shard_size, min((s + 1) * shard_size, n)
             examples = pool.map(read, range(start, stop))  # decodes ahead while the devices encode
-            means, stds, ys = [], [], []
+            rows, ys = [], []
             for b0 in range(start, stop, batch_size):
                 chunk = [next(examples) for _ in range(min(batch_size, stop - b0))]
                 pixels = np.stack([ex["pixels"] for ex in chunk])  # (b, S, S, 3) uint8
                 pad = batch_size - len(chunk)  # one compiled shape: pad the last batch
                 if pad:
                     pixels = np.concatenate([pixels, np.repeat(pixels[-1:], pad, axis=0)])
-                mean, std = jax.device_get(encode(params, pixels))
-                means.append(mean[:len(chunk)].astype(dtype))
-                stds.append(std[:len(chunk)].astype(dtype))
+                mean, std = jax.device_get(encode(params, pixels))  # each (B, 2, h, w, 4)
+                rows.append(np.stack([mean, std], axis=2)[:len(chunk)].astype(dtype))  # (b, 2, 2, h, w, 4)
                 ys.extend(ex["y"] for ex in chunk)
                 bar.update(len(chunk))
-            dl.write_shard(out_dir, s, np.concatenate(means), np.concatenate(stds), np.asarray(ys, np.int32))
-            if on_shard is not None:
-                on_shard(s)
+            if writing is not None:
+                writing.result()  # one shard in flight: a write error stops the run here
+            writing = writer.submit(finish, s, np.concatenate(rows), np.asarray(ys, np.int32))
+        if writing is not None:
+            writing.result()
     finally:
         bar.close()
         pool.shutdown(wait=False, cancel_futures=True)
+        writer.shutdown(wait=True)  # an interrupted run still finishes (and marks) the shard being written
     if read.num_skipped:
         log.warning("%d unreadable images were replaced by the next readable one", read.num_skipped)
     return {"num_shards": num_shards, "written": len(todo), "already_done": len(mine) - len(todo),

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax import attention
 from dit_jax import remat as remat_lib
-from dit_jax.model_ops import (chunked_dot_general, get_2d_sincos_pos_embed, head_major_attention, layer_norm,
-                               modulate, recomputing_attention, timestep_embedding, token_dot_general)
+from dit_jax.model_ops import (chunked_dot_general, get_2d_sincos_pos_embed, layer_norm, modulate, timestep_embedding,
+                               token_dot_general)
 from dit_jax.remat import checkpoint_name
 
 Dtype = Any
@@ -109,18 +110,18 @@ class LabelEmbedder(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection (with bias), like timm's Attention.
 
-    attention_impl: None/"" (default) head-major batched matmuls, fastest on CPU; "xla" or "cudnn" go
-    through `jax.nn.dot_product_attention` ("cudnn": flash attention on NVIDIA GPUs).
-    recompute_probs: with the head-major matmuls, the backward pass recomputes the probabilities from q, k
-    and their rows' log-sum-exp instead of keeping them (model_ops.recomputing_attention); DiT sets it for
-    every remat policy but "none".
+    attention_impl: "auto" (default: chosen per platform when traced), "matmul" (None/"" too), "xla",
+    "cudnn" or "pallas_tpu"; see dit_jax/attention.py.
+    recompute_probs: with the "matmul" kernel, the backward pass recomputes the probabilities from q, k and
+    their rows' log-sum-exp instead of keeping them (model_ops.recomputing_attention); DiT sets it for every
+    remat policy but "none". The other kernels keep no probabilities anyway.
     """
 
     hidden_size: int
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: Optional[str] = None
+    attention_impl: Optional[str] = "auto"
     precise_cpu_dots: bool = False  # see DiT
     recompute_probs: bool = False
 
@@ -132,16 +133,9 @@ class Attention(nn.Module):
                                   bias_init=zeros, dot_general=token_dot_general(self.precise_cpu_dots))
         qkv = checkpoint_name(dense(3 * d, name="qkv")(x), remat_lib.QKV)
         qkv = qkv.reshape(n, t, 3, self.num_heads, head_dim)  # (N, T, 3, H, Dh)
-        if self.attention_impl in (None, ""):
-            q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (N, H, T, Dh)
-            attention = recomputing_attention if self.recompute_probs else head_major_attention
-            out = attention(q, k, v).transpose(0, 2, 1, 3)  # (N, T, H, Dh); named ATTN_OUT inside
-        elif self.attention_impl in ("xla", "cudnn"):
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (N, T, H, Dh)
-            out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)  # (N, T, H, Dh)
-            out = checkpoint_name(out, remat_lib.ATTN_OUT)
-        else:
-            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; use None, 'xla' or 'cudnn'")
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (N, T, H, Dh)
+        # (N, T, H, Dh), named remat_lib.ATTN_OUT for the policies
+        out = attention.dot_product_attention(q, k, v, self.attention_impl, recompute_probs=self.recompute_probs)
         return checkpoint_name(dense(d, name="proj")(out.reshape(n, t, d)), remat_lib.PROJ)
 
 
@@ -169,7 +163,7 @@ class DiTBlock(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: Optional[str] = None
+    attention_impl: Optional[str] = "auto"
     mlp_norm_eps: float = 1e-6
     precise_cpu_dots: bool = False  # see DiT
     recompute_probs: bool = False  # see Attention
@@ -192,12 +186,16 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
+    """adaLN modulation, then the linear map to patches. That dot's rounding lands on the output unattenuated,
+    and it has few outputs per token (p*q*C_out <= 512), so on CPU it is always summed over short slices
+    (chunked_dot_general): ~1 ms more per DiT-XL/2 forward of 8 (11 s). With XLA's Eigen dot there, DiT-XL/2
+    (2 blocks) was 1.57-1.61x the release's error at t=999 (worst of 104 t); with the slices 1.32x (issue 19)."""
+
     hidden_size: int
     patch_size: int
     out_channels: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    precise_cpu_dots: bool = False  # see DiT
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
@@ -207,7 +205,7 @@ class FinalLayer(nn.Module):
         shift, scale = jnp.split(mod, 2, axis=-1)
         x = modulate(layer_norm(x), shift, scale).astype(self.dtype)
         x = nn.Dense(self.patch_size**2 * self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=zeros, bias_init=zeros, dot_general=token_dot_general(self.precise_cpu_dots),
+                     kernel_init=zeros, bias_init=zeros, dot_general=chunked_dot_general,
                      name="linear")(x)
         return x.astype(jnp.float32)  # (N, T, p*q*C_out)
 
@@ -241,19 +239,22 @@ class DiT(nn.Module):
     # switches label dropout). False: a Python loop over the blocks, each reading its slice of the stacked
     # parameters; the samplers (diffusion.dit_model_fn) use it for their forward (docs/performance.md).
     scan_blocks: bool = True
-    # None: head-major matmul attention (fastest on CPU); "xla"/"cudnn": jax.nn.dot_product_attention
-    # ("cudnn" is flash attention on NVIDIA GPUs).
-    attention_impl: Optional[str] = None
+    # "auto": per platform when traced (CPU head-major matmuls, GPU cuDNN flash attention, TPU Pallas flash
+    # attention from 1024 tokens, else XLA's); "matmul" (None too), "xla", "cudnn", "pallas_tpu": that
+    # kernel everywhere. dit_jax/attention.py.
+    attention_impl: Optional[str] = "auto"
     # Two details in which diffusers' DiTTransformer2DModel differs from the release; the converter sets
     # them when it reads a diffusers model so its outputs are reproduced exactly.
     timestep_freq_shift: float = 0.0  # diffusers: 1
     mlp_norm_eps: float = 1e-6  # diffusers: config.norm_eps (1e-5)
-    # On CPU, sum every per-token dot (qkv, proj, fc1, fc2, final linear) over <= 128-long slices of its
+    # On CPU, sum every per-token dot of the blocks (qkv, proj, fc1, fc2) over <= 128-long slices of its
     # contraction, as MKL does for the release. Needed only under a plain `jax.jit` on jaxlib >= 0.9, whose
-    # default YNNPACK dots sum in one long float32 accumulation (1.6-2.4x the release's error at small t);
+    # default YNNPACK dots sum in one long float32 accumulation (up to 1.24x the release's error at 256 px
+    # since the final linear is always summed in slices, 2.55x before; docs/performance.md "Precision");
     # dit_jax's own programs compile with dit_jax.utils.xla_cpu.compiler_options() (XLA's Eigen dots, within
-    # 1.5x of the release without this), which a user can pass to their jit instead. Costs 8-17% time
-    # in the forward; no effect on other platforms. The conditioning dots (N rows) are always summed so: free.
+    # 1.32x of the release without this), which a user can pass to their jit instead. Costs 8-17% time
+    # in the forward; no effect on other platforms. The conditioning dots (N rows) and the final linear (few
+    # outputs) are always summed so: free.
     precise_cpu_dots: bool = False
 
     @property
@@ -275,8 +276,7 @@ class DiT(nn.Module):
         # every call then reads them (`_run_blocks`), so the block module itself is never called again.
         self.blocks = nn.vmap(DiTBlock, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None,
                               axis_size=self.depth)(**self._block_kwargs(), name="blocks")
-        self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels,
-                                      precise_cpu_dots=self.precise_cpu_dots, **kw)
+        self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels, **kw)
 
     def pos_embed(self) -> np.ndarray:
         """(T, D) fixed sin-cos table; a constant, not a parameter (the release never trains it)."""

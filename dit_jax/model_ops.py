@@ -1,17 +1,17 @@
 """The DiT's numerical kernels, kept apart from the Flax modules of dit_jax/model.py: the fixed sin-cos tables,
-the timestep features exact to float64 rounding, dots summed over short slices on CPU, LayerNorm and
+the release's float32 timestep features, dots summed over short slices on CPU, LayerNorm and
 adaLN modulation in float32, and the head-major attention with its hand-written backward.
 """
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dit_jax.remat import ATTN_LSE, ATTN_OUT, ATTN_PROBS, checkpoint_name
+from dit_jax.timestep_frequencies import timestep_frequencies
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -40,35 +40,19 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
     return np.concatenate([emb_w, emb_h], axis=1).astype(np.float32)  # (G*G, D)
 
 
-def _split_frequencies(half: int, max_period: float, freq_shift: float):
-    """The float64 sinusoid frequencies as two float32 arrays hi + lo, each (half,).
-
-    hi keeps 12 significant bits, so t * hi is exact in float32 for integer t < 2**12; lo is the rest
-    (|lo| < 2**-12 hi), small enough that t * lo's rounding no longer matters.
-    """
-    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / (half - freq_shift))
-    hi = (freqs.astype(np.float32).view(np.uint32) & np.uint32(0xFFFFF000)).view(np.float32)
-    lo = (freqs - hi.astype(np.float64)).astype(np.float32)
-    return hi, lo
-
-
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> jax.Array:
-    """(N,) timesteps (may be fractional) -> (N, dim) float32 `cat([cos, sin])` features.
+    """(N,) timesteps (may be fractional) -> (N, dim) float32 `cat([cos, sin])` features, the release's program.
 
     `freq_shift` 0 is the release; diffusers' DiT port divides by (half - 1), i.e. freq_shift 1.
 
-    The release rounds each argument t * freq to float32: up to 3e-5 off at t ~ 1000, which is what its
-    float32 output loses at large t against a float64 evaluation (DiT-L/2, 2 blocks: 1.5e-5 at t=999 against
-    1.5e-6 at t < 10; see benchmarks/precision.py). Here the argument is hi + lo with t * hi exact, and
-    cos(a + b) = cos a cos b - sin a sin b (sin likewise): within 1e-7 of float64 at every integer t, and
-    half the release's error for fractional t. Four sin/cos on (N, half) instead of two: free.
+    The float32 steps are the model's definition (every checkpoint learned on them), so they are kept: the
+    release's float32 frequencies bit for bit (dit_jax.timestep_frequencies) and each argument one float32
+    product t.float() * freq. Only cos/sin are XLA's own (within 4e-8 of float64 on these arguments, as
+    close as PyTorch's; tests/test_model_precision.py).
     """
-    half = dim // 2
-    hi, lo = _split_frequencies(half, max_period, freq_shift)  # (half,) float32 constants each
-    t = t.astype(jnp.float32)[:, None]
-    a_hi, a_lo = t * jnp.asarray(hi)[None], t * jnp.asarray(lo)[None]  # (N, half); a_hi exact for integer t
-    cos_hi, sin_hi, cos_lo, sin_lo = jnp.cos(a_hi), jnp.sin(a_hi), jnp.cos(a_lo), jnp.sin(a_lo)
-    emb = jnp.concatenate([cos_hi * cos_lo - sin_hi * sin_lo, sin_hi * cos_lo + cos_hi * sin_lo], axis=-1)
+    freqs = jnp.asarray(timestep_frequencies(dim, max_period, freq_shift))  # (half,) float32 constants
+    args = t.astype(jnp.float32)[:, None] * freqs[None]  # (N, half): one float32 product, like the release
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:
         emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
     return emb
@@ -86,8 +70,9 @@ def chunked_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, preci
                         preferred_element_type=None) -> jax.Array:
     """`lax.dot_general` for x (..., K) @ W (K, F) that, on CPU, sums dots over <= DOT_CHUNK-long slices of K.
 
-    Used (as `nn.Dense(dot_general=...)`) for the conditioning path, whose dots have only N rows so the
-    slicing costs nothing measurable, and for the per-token dots only with `DiT(precise_cpu_dots=True)`
+    Used (as `nn.Dense(dot_general=...)`) for the conditioning path, whose dots have only N rows, and the final
+    linear, whose dots have few columns, so the slicing costs nothing measurable; for the blocks' per-token
+    dots only with `DiT(precise_cpu_dots=True)`
     (8-17% more time in the forward). Other platforms get the plain dot: their kernels accumulate
     differently, and their programs stay unchanged. Partial sums are float32 whatever the operand dtype.
     """

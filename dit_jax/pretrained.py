@@ -12,13 +12,13 @@ dit_jax/param_layout.py) load too: their parameters are stacked on load, with a 
     model, params = load_pretrained("out/DiT-XL-2-256")
 
 PyTorch formats (.pt, .safetensors, diffusers folders) are read by `convert.load_any`, which also takes
-these directories.
+these directories. A directory may be local or a bucket URL (gs://...): orbax writes and reads the params
+there itself, and a bucket directory whose write was interrupted is refused (dit_jax.utils.atomic).
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any, Dict, Mapping, Tuple
 
 import jax
@@ -30,7 +30,8 @@ from flax.traverse_util import flatten_dict
 from dit_jax.utils.errors import DitJaxError
 from dit_jax.model import DiT, abstract_params
 from dit_jax.param_layout import is_per_block, stack_blocks
-from dit_jax.utils.atomic import atomic_dir
+from dit_jax.utils import paths
+from dit_jax.utils.atomic import atomic_dir, check_complete, write_text
 from dit_jax.utils.checksum import mismatches, tree_fingerprints
 
 log = logging.getLogger("dit_jax")
@@ -75,8 +76,8 @@ def model_config(model_or_cfg: Any) -> Dict[str, Any]:
     return dict(model_or_cfg)
 
 
-def save_pretrained(params: Mapping, cfg: Any, directory: str, overwrite: bool = False) -> str:
-    """Writes config.json + orbax params/ to `directory` atomically (temp dir, then rename).
+def save_pretrained(params: Mapping, cfg: Any, directory: paths.PathLike, overwrite: bool = False) -> str:
+    """Writes config.json + orbax params/ to `directory` atomically (dit_jax.utils.atomic.atomic_dir).
 
     `cfg` is the DiT kwargs dict (as returned by convert.torch_to_flax) or a DiT module."""
     if "params" in params and len(params) == 1:  # accept {"params": ...} too
@@ -84,12 +85,11 @@ def save_pretrained(params: Mapping, cfg: Any, directory: str, overwrite: bool =
     cfg = model_config(cfg)
     host = stack_blocks(jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), dict(params)))
     check_params(host, cfg, directory)
-    directory = os.path.abspath(os.fspath(directory))
     with atomic_dir(directory, overwrite) as tmp:
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(dict(config_to_json(cfg), _checksums=tree_fingerprints(host)), f, indent=2)
-        ocp.PyTreeCheckpointer().save(os.path.join(tmp, PARAMS_NAME), host)
-    return directory
+        write_text(tmp / CONFIG_NAME, json.dumps(dict(config_to_json(cfg), _checksums=tree_fingerprints(host)),
+                                                 indent=2))
+        ocp.PyTreeCheckpointer().save(tmp / PARAMS_NAME, host)
+    return paths.display(directory)
 
 
 def check_params(params: Mapping, cfg: Mapping[str, Any], where: str) -> None:
@@ -111,11 +111,10 @@ def _short(cfg: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
 
 
-def read_config(directory: str) -> Dict[str, Any]:
-    path = os.path.join(directory, CONFIG_NAME)
+def read_config(directory: paths.PathLike) -> Dict[str, Any]:
+    path = paths.join(directory, CONFIG_NAME)
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = json.loads(paths.as_path(path).read_text())
     except FileNotFoundError:
         raise PretrainedError(f"{directory}: no {CONFIG_NAME}; expected a directory written by "
                               f"save_pretrained / `dit-jax-convert to-flax`") from None
@@ -127,23 +126,23 @@ def read_config(directory: str) -> Dict[str, Any]:
     return config_from_json(data, path)
 
 
-def read_checksums(directory: str) -> Dict[str, int]:
-    with open(os.path.join(directory, CONFIG_NAME)) as f:
-        return json.load(f).get("_checksums", {})
+def read_checksums(directory: paths.PathLike) -> Dict[str, int]:
+    return json.loads(paths.as_path(paths.join(directory, CONFIG_NAME)).read_text()).get("_checksums", {})
 
 
-def load_pretrained(directory: str, dtype: Any = None, **model_kwargs) -> Tuple[DiT, Dict[str, Any]]:
+def load_pretrained(directory: paths.PathLike, dtype: Any = None, **model_kwargs) -> Tuple[DiT, Dict[str, Any]]:
     """(DiT module, params) from a directory written by save_pretrained.
 
     `dtype` is the compute dtype (e.g. jnp.bfloat16); parameters stay float32. Extra keyword arguments
     (remat=True, attention_impl="cudnn", ...) go to the DiT constructor."""
-    directory = os.path.abspath(os.fspath(directory))
+    directory = paths.display(directory)
+    check_complete(directory)
     cfg = read_config(directory)
-    params_dir = os.path.join(directory, PARAMS_NAME)
-    if not os.path.isdir(params_dir):
+    params_dir = paths.join(directory, PARAMS_NAME)
+    if not paths.as_path(params_dir).is_dir():
         raise PretrainedError(f"{directory}: no {PARAMS_NAME}/ folder with the orbax parameters")
     try:
-        params = ocp.PyTreeCheckpointer().restore(params_dir)
+        params = ocp.PyTreeCheckpointer().restore(paths.as_path(params_dir))
     except Exception as e:  # noqa: BLE001 -- orbax raises many kinds; name the directory
         raise PretrainedError(f"{params_dir}: cannot restore the orbax parameters ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -164,5 +163,5 @@ def load_pretrained(directory: str, dtype: Any = None, **model_kwargs) -> Tuple[
     return DiT(**cfg, **model_kwargs), params
 
 
-def is_pretrained_dir(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, PARAMS_NAME)) and os.path.isfile(os.path.join(path, CONFIG_NAME))
+def is_pretrained_dir(path: paths.PathLike) -> bool:
+    return paths.as_path(paths.join(path, PARAMS_NAME)).is_dir() and paths.is_file(paths.join(path, CONFIG_NAME))

@@ -83,3 +83,16 @@ def checkpoint_block(fn: Callable, policy: str, prevent_cse: bool = True) -> Cal
     else:
         saveable = jax.checkpoint_policies.save_only_these_names(*_SAVE[policy])
     return jax.checkpoint(fn, policy=saveable, prevent_cse=prevent_cse)
+
+
+def recomputed_block_macs(policy: str, tokens: int, hidden: int, mlp_hidden: int) -> int:
+    """Multiply-adds of one block's forward that the backward pass runs again under `policy`, per example
+    (for the FLOPs that a step executes; MFU does not count them). The selective policies recompute the
+    attention logits q k^T (flash-style: only the output and its row statistics are kept); save_dots_except_fc1
+    fc1 too; save_qkv_proj the whole attention (q k^T and P V) and both MLP matmuls."""
+    t, d, m = tokens, hidden, mlp_hidden
+    logits = t * t * d
+    return {"none": 0, "full": d * 6 * d + t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * m,
+            "save_dots": logits, "save_dots_except_fc1": logits + t * d * m,
+            "save_qkv_proj": 2 * logits + 2 * t * d * m}[check_policy(policy)]
+

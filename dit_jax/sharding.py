@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 from dit_jax.utils.errors import DitJaxError
 
@@ -125,6 +125,25 @@ def select_devices(mesh_cfg, devices: Optional[Sequence[Any]] = None, process_co
     return devices
 
 
+def device_order(shape: Tuple[int, int, int], devices: Sequence[Any]) -> np.ndarray:
+    """`devices` arranged as `shape` (data, fsdp, tensor), the last axis the one with the most traffic.
+
+    CPU devices have no interconnect topology: their order as given is the mesh order (any subset works).
+    TPU and GPU get the topology-aware order of jax.make_mesh (mesh_utils.create_device_mesh, physical axes
+    split where a logical axis needs it, as jax.make_mesh does on v5e; where jax.make_mesh succeeds the
+    order is the same). A failure there is an error naming the shape and the devices, never a silent plain
+    order: a wrong order still runs, only slower."""
+    platforms = {d.platform for d in devices}
+    if platforms == {"cpu"}:
+        return np.asarray(devices).reshape(shape)
+    try:
+        return mesh_utils.create_device_mesh(shape, devices=list(devices), allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+        kinds = sorted({d.device_kind for d in devices})
+        raise MeshError(f"cannot lay out {describe_mesh(shape)} over {len(devices)} {'/'.join(kinds)} devices in "
+                        f"topology order: {' '.join(str(e).split())}") from e
+
+
 def make_mesh(mesh_cfg_or_shape, devices: Optional[Sequence[Any]] = None,
               fsdp_group_sizes: Optional[Sequence[int]] = None) -> Mesh:
     """Mesh over `devices` (default: all, or config.mesh.num_devices of them).
@@ -142,13 +161,23 @@ def make_mesh(mesh_cfg_or_shape, devices: Optional[Sequence[Any]] = None,
     groups = tuple(int(g) for g in (fsdp_group_sizes or (shape[1],)))
     if int(np.prod(groups)) != shape[1]:
         raise MeshError(f"fsdp sub-axes {groups} do not multiply to the fsdp size {shape[1]}")
-    try:  # topology-aware device order on TPU/GPU; plain order otherwise
-        dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # noqa: BLE001  (CPU subsets and odd shapes)
-        dev_array = np.asarray(devices).reshape(shape)
-    names = ("fsdp",) if len(groups) == 1 else tuple(f"fsdp_{i}" for i in range(len(groups)))
+    dev_array = device_order(shape, devices)
     dev_array = dev_array.reshape((shape[0],) + groups + (shape[2],))  # split the fsdp axis in device order
-    return Mesh(dev_array, ("data",) + names + ("tensor",))
+    return Mesh(dev_array, _axis_names(groups))
+
+
+def abstract_mesh(shape: Sequence[int], fsdp_group_sizes: Optional[Sequence[int]] = None) -> AbstractMesh:
+    """The axes of `make_mesh(shape, ..., fsdp_group_sizes)` without devices: shardings and shard shapes of a
+    mesh of any size can be worked out on any machine."""
+    groups = tuple(int(g) for g in (fsdp_group_sizes or (shape[1],)))
+    if int(np.prod(groups)) != int(shape[1]):
+        raise MeshError(f"fsdp sub-axes {groups} do not multiply to the fsdp size {shape[1]}")
+    return AbstractMesh((int(shape[0]),) + groups + (int(shape[2]),), _axis_names(groups))
+
+
+def _axis_names(groups: Sequence[int]) -> Tuple[str, ...]:
+    names = ("fsdp",) if len(groups) == 1 else tuple(f"fsdp_{i}" for i in range(len(groups)))
+    return ("data",) + names + ("tensor",)
 
 
 # ----------------------------------------------------------------------------------------------------

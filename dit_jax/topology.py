@@ -27,24 +27,27 @@ from typing import Any, Dict, List, Optional, Tuple
 from jax.experimental import topologies
 
 from dit_jax.utils.errors import DitJaxError
+from dit_jax.mfu import rated_peak  # the one table of rated peaks
 from dit_jax.utils.platforms import libtpu_installed
 
 GIB = 2**30
 
 # HBM per chip and where the number comes from (the Cloud TPU system architecture pages; they write
 # "GB" for v5e/v5p/v6e and "GiB" for v4; HBM stacks come in binary sizes, so all are taken as GiB).
+# ici_gbytes_per_s: "bidirectional inter-chip interconnect (ICI) bandwidth per chip" in GB/s where those pages
+# state it (v5e 400, v5p 1200); None where they do not.
 GENERATIONS: Dict[str, Dict[str, Any]] = {
-    "v4": dict(device_kind="TPU v4", hbm_gib=32, peak_bf16_tflops=275, chips_per_host=(2, 2, 1),
-               tensorcores_per_chip=2, megacore=True,
+    "v4": dict(device_kind="TPU v4", hbm_gib=32, chips_per_host=(2, 2, 1),
+               ici_gbytes_per_s=None, tensorcores_per_chip=2, megacore=True,
                source="https://cloud.google.com/tpu/docs/v4: HBM2 capacity 32 GiB per chip"),
-    "v5e": dict(device_kind="TPU v5 lite", hbm_gib=16, peak_bf16_tflops=197, chips_per_host=(2, 4, 1),
-                tensorcores_per_chip=1, megacore=False,
+    "v5e": dict(device_kind="TPU v5 lite", hbm_gib=16, chips_per_host=(2, 4, 1),
+                ici_gbytes_per_s=400, tensorcores_per_chip=1, megacore=False,
                 source="https://cloud.google.com/tpu/docs/v5e: HBM2 capacity 16 GB per chip"),
-    "v5p": dict(device_kind="TPU v5", hbm_gib=95, peak_bf16_tflops=459, chips_per_host=(2, 2, 1),
-                tensorcores_per_chip=2, megacore=True,
+    "v5p": dict(device_kind="TPU v5", hbm_gib=95, chips_per_host=(2, 2, 1),
+                ici_gbytes_per_s=1200, tensorcores_per_chip=2, megacore=True,
                 source="https://cloud.google.com/tpu/docs/v5p: HBM2e capacity 95 GB per chip"),
-    "v6e": dict(device_kind="TPU v6 lite", hbm_gib=32, peak_bf16_tflops=918, chips_per_host=(2, 4, 1),
-                tensorcores_per_chip=1, megacore=False,
+    "v6e": dict(device_kind="TPU v6 lite", hbm_gib=32, chips_per_host=(2, 4, 1),
+                ici_gbytes_per_s=None, tensorcores_per_chip=1, megacore=False,
                 source="https://cloud.google.com/tpu/docs/v6e: HBM capacity 32 GB per chip"),
 }
 EXAMPLES = ("v5e:2x2", "v5e:16x16", "v4:2x2x1", "v4:4x4x8", "v5p:4x4x4", "v6e:16x16")
@@ -68,6 +71,7 @@ class Topology:
     tensorcores_per_chip: int
     megacore: bool
     peak_bf16_tflops: float
+    ici_gbytes_per_s: Optional[float] = None  # bidirectional ICI bandwidth per chip (GB/s); None: not stated
 
     @property
     def chips(self) -> int:
@@ -112,7 +116,8 @@ def tpu_topology(name: str) -> Topology:
     return Topology(name=f"{gen}:{m.group(2)}", generation=gen, devices=devices, dims=dims,
                     hosts=len({d.process_index for d in devices}), hbm_bytes=int(spec["hbm_gib"] * GIB),
                     hbm_source=spec["source"], tensorcores_per_chip=spec["tensorcores_per_chip"],
-                    megacore=spec["megacore"], peak_bf16_tflops=spec["peak_bf16_tflops"])
+                    megacore=spec["megacore"], peak_bf16_tflops=rated_peak(spec["device_kind"]).bf16_tflops,
+                    ici_gbytes_per_s=spec["ici_gbytes_per_s"])
 
 
 def device_hbm_bytes(device) -> Tuple[Optional[int], str]:

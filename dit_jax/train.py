@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -22,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from dit_jax import build, checkpoint as ckpt_lib, data, mesh_plan, preemption, sharding as shd
+from dit_jax import build, checkpoint as ckpt_lib, data, mesh_plan, mfu, preemption, sharding as shd, state_split
 from dit_jax.diffusion import GaussianDiffusion
 from dit_jax.utils.errors import ConfigError, NonFiniteLossError
 from dit_jax.model import DiT, abstract_params, count_params
@@ -31,7 +30,8 @@ from dit_jax.train_samples import SampleDecoder, VaeLoader, make_sampler, write_
 from dit_jax.train_state import TrainState, abstract_state, init_state, state_shardings, with_shardings
 from dit_jax.topology import device_hbm_bytes
 from dit_jax.train_step import make_loss_fn, make_train_step
-from dit_jax.utils import xla_cpu
+from dit_jax.utils import paths, xla_cpu
+from dit_jax.utils.atomic import write_text
 from dit_jax.utils.metric_writer import MetricWriter
 from dit_jax.vae_weights import load_vae as load_vae_safetensors
 
@@ -63,7 +63,7 @@ class TrainResult:
     metrics: Dict[int, Dict[str, float]]  # step -> loss terms, grad_norm, lr, ... (logged and saved steps)
     model: DiT
     mesh: Mesh
-    preempted: Optional[int] = None  # the step saved after a SIGTERM (the run stopped there), else None
+    preempted: Optional[int] = None  # the step saved after a SIGTERM on any process (the run stopped there)
 
 
 def setup(config, devices=None, process_count: Optional[int] = None) -> TrainSetup:
@@ -80,6 +80,7 @@ def setup(config, devices=None, process_count: Optional[int] = None) -> TrainSet
     plan = mesh_plan.plan_mesh(config, devices, model, params, device_hbm_bytes(devices[0])[0],
                                image_batch=kind == "image")
     mesh = shd.make_mesh(plan.shape, devices, plan.fsdp_groups)
+    state_split.warn_if_uneven(params, mesh, config.sharding, log)  # a prime of fsdp dividing no width
     local_batch, _ = build.validate_batch_config(config, mesh, process_count)
     if config.data.name == "digits" and config.model.in_channels != 1:
         raise ConfigError(f"digits are 1-channel images; config.model.in_channels={config.model.in_channels}")
@@ -166,10 +167,8 @@ def load_step_vae(config, s: TrainSetup, load_vae: VaeLoader):
     return vae, jax.device_put(params, shd.replicated(s.mesh))
 
 
-def write_config(config, workdir: str, s: TrainSetup) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.txt"), "w") as f:
-        f.write(str(config))
+def write_config(config, workdir: paths.PathLike, s: TrainSetup) -> None:
+    write_text(paths.as_path(workdir) / "config.txt", str(config))
     log.info("mesh %s over %d devices (%d processes; %s); model %s with %.2fM parameters",
              shd.logical_shape(s.mesh), s.mesh.size, jax.process_count(), s.plan.reason,
              config.model.name or "(custom size)",
@@ -196,13 +195,13 @@ class _Loop:
             self.losses[self.pending[0]] = m["loss"]
             self.pending = None
 
-    def after_step(self, done: int, state: TrainState, metrics, preempted: bool = False) -> None:
+    def after_step(self, done: int, state: TrainState, metrics, stopping: bool = False) -> None:
         c = self.config
         self.read_pending()
         every = int(c.checkpoint.every_steps)
         is_last = done == int(c.num_steps)
         log_now = done % int(c.log_every_steps) == 0 or is_last
-        save_now = (every > 0 and done % every == 0) or is_last or preempted
+        save_now = (every > 0 and done % every == 0) or is_last or stopping
         if not (log_now or save_now):
             self.pending = (done, metrics)
             return
@@ -213,14 +212,25 @@ class _Loop:
         if log_now:
             sps = (done - self.s_last) / max(time.time() - self.t_last, 1e-9)
             m.update(steps_per_sec=sps, images_per_sec=sps * int(c.global_batch_size))
+            m.update(mfu.throughput_metrics(m["images_per_sec"], self.s.model, self.s.mesh.devices.flat))
             if self.writer:
                 self.writer.scalars(done, m)
             self.t_last, self.s_last = time.time(), done
         if save_now:
-            meta = {"step": done, "seed": int(c.seed), "data_position": done, "num_processes": jax.process_count(),
-                    "mesh": shd.logical_shape(self.s.mesh), "state_config": self.state_config}
-            ckpt_lib.save(self.manager, done, state.to_dict(), meta)
-            self.last_good = done
+            self.save(done, state)
+
+    def save(self, done: int, state: TrainState) -> None:
+        """Checkpoint step `done` (every process calls it; nothing happens when it is saved already)."""
+        if self.last_good == done:
+            return
+        self.read_pending()
+        meta = {"step": done, "seed": int(self.config.seed), "data_position": done,
+                "num_processes": jax.process_count(), "mesh": shd.logical_shape(self.s.mesh),
+                "state_config": self.state_config}
+        ckpt_lib.save(self.manager, done, state.to_dict(), meta)
+        self.last_good = done
+        if self.writer:  # a bucket's metrics reach at least the newest checkpoint
+            self.writer.flush()
 
 
 def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safetensors,
@@ -230,7 +240,7 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
     `load_vae(config.data.vae) -> (AutoencoderKL, params)` loads the VAE for image batches and sample grids,
     `load_inception(config.eval.inception) -> params` the FID network (the command line passes loaders that
     also read PyTorch files)."""
-    workdir = os.path.abspath(workdir)
+    workdir = paths.display(workdir)  # absolute if local; a bucket URL as it is (gs://b/run)
     s = setup(config)
     source = make_source(config)  # validates the data before anything is written
     # The batch the run most likely starts with, checked against the model before anything is created.
@@ -240,8 +250,12 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
         build.check_batch(first, s.model, s.local_batch)
     is_main = jax.process_index() == 0
     manager = ckpt_lib.make_manager(workdir, config.checkpoint.keep, config.checkpoint.async_save)
-    writer = watcher = preempted = None
+    writer = watcher = None
+    stopped: Optional[Tuple[str, int]] = None  # (preemption.PREEMPTED or INTERRUPTED, the step saved)
     try:
+        # From here on SIGTERM or Ctrl-C on any process stops every process at the same check, saved (a
+        # process leaving on its own would leave the others waiting in a collective).
+        watcher = preemption.Watcher()
         init_rng, step_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
         start_step, state, resumed = restore_or_init(config, s, manager, init_rng)
         if start_step != probe and start_step < config.num_steps:  # a damaged newest checkpoint was set aside
@@ -257,7 +271,6 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
         every_eval = int(config.eval.every_steps)
         evaluator = Evaluator(config, s.model, s.mesh, load_vae, load_inception) if every_eval else None
         loop = _Loop(config, workdir, s, manager, writer, start_step, resumed)
-        watcher = preemption.Watcher()  # SIGTERM anywhere -> every process saves at one agreed step and stops
         t_start = time.time()
         for step in range(start_step, int(config.num_steps)):
             local = first if step == start_step else source.batch(step)
@@ -266,33 +279,45 @@ def train_and_evaluate(config, workdir: str, load_vae: VaeLoader = load_vae_safe
             with s.mesh:
                 state, metrics = p_step(state, batch, step_rng, vae_params)
             done = step + 1
-            if watcher.reached(done):
-                preempted = done
-            loop.after_step(done, state, metrics, preempted=preempted is not None)
-            if preempted is not None:
+            reason = watcher.check(done)  # the same answer on every process
+            loop.after_step(done, state, metrics, stopping=reason is not None)
+            if reason is not None:
+                stopped = (reason, done)
                 break
-            if watcher.interrupted:  # Ctrl-C, taken here rather than inside a step or a checkpoint write
-                raise KeyboardInterrupt
-            if sampler is not None and (done % int(config.sample.every_steps) == 0 or done == config.num_steps):
-                write_samples(config, s.model, sampler, decode, state.ema_params, done, workdir, writer)
-            if evaluator is not None and (done % every_eval == 0 or done == config.num_steps):
-                scores = evaluator(state.ema_params)
-                loop.metrics.setdefault(done, {}).update(scores)
-                if writer:
-                    writer.scalars(done, scores)
+            inside = ""
+            try:  # sample grids and evaluations stop between their batches (watcher.raise_if_stopping)
+                if sampler is not None and (done % int(config.sample.every_steps) == 0 or done == config.num_steps):
+                    inside = "sample grid"
+                    write_samples(config, s.model, sampler, decode, state.ema_params, done, workdir, writer,
+                                  between=watcher.raise_if_stopping)
+                if evaluator is not None and (done % every_eval == 0 or done == config.num_steps):
+                    inside = "evaluation"
+                    scores = evaluator(state.ema_params, between=watcher.raise_if_stopping)
+                    loop.metrics.setdefault(done, {}).update(scores)
+                    if writer:
+                        writer.scalars(done, scores)
+            except preemption.Stop as e:
+                log.info("%s: stopping the %s of step %d", e.reason, inside, done)
+                loop.save(done, state)
+                stopped = (e.reason, done)
+                break
     finally:
+        if writer:  # first, before a cleanup step that may raise: on a bucket this uploads the held-back metrics
+            writer.close()
         if watcher is not None:
             watcher.close()
         manager.wait_until_finished()
         manager.close()
         source.close()
-        if writer:
-            writer.close()
+    if stopped is not None and stopped[0] == preemption.INTERRUPTED:
+        log.info("interrupted (Ctrl-C): saved step %d in %s", stopped[1], ckpt_lib.checkpoint_dir(workdir))
+        raise KeyboardInterrupt  # after the save above is complete; dit-jax-train exits 130
+    preempted = stopped[1] if stopped is not None else None
     if preempted is not None:
         log.info("preempted (SIGTERM): saved step %d in %s; rerun the same command to resume", preempted,
                  ckpt_lib.checkpoint_dir(workdir))
     elif is_main and start_step < int(config.num_steps):
         log.info("finished step %d in %.1f min; checkpoints in %s, sample grids in %s", int(config.num_steps),
-                 (time.time() - t_start) / 60, ckpt_lib.checkpoint_dir(workdir), os.path.join(workdir, "samples"))
+                 (time.time() - t_start) / 60, ckpt_lib.checkpoint_dir(workdir), paths.as_path(workdir) / "samples")
     return TrainResult(state=state, losses=loop.losses, metrics=loop.metrics, model=s.model, mesh=s.mesh,
                        preempted=preempted)

@@ -12,9 +12,8 @@ The samples' noise comes from config.eval.seed, so successive evaluations differ
 from __future__ import annotations
 
 import logging
-import os
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import jax
 import numpy as np
@@ -28,6 +27,7 @@ from dit_jax.evaluation.features import FeatureExtractor
 from dit_jax.evaluation.weights import PTH_NAME, converted_cache_path, load_params
 from dit_jax.model import DiT
 from dit_jax.train_samples import VaeLoader, make_sampler
+from dit_jax.utils import paths
 from dit_jax.utils.errors import ConfigError
 from dit_jax.utils.images import to_uint8
 from dit_jax.vae import decode_latents
@@ -52,7 +52,7 @@ def check_eval_config(config) -> None:
         raise ConfigError(f"config.eval.kind='digits' scores digits samples; config.data.name={config.data.name!r} "
                           f"(use kind 'inception' with config.eval.reference_stats)")
     if e.kind == "inception":
-        if not e.reference_stats or not os.path.isfile(e.reference_stats):
+        if not e.reference_stats or not paths.is_file(e.reference_stats):
             raise ConfigError(f"config.eval.reference_stats={e.reference_stats!r}: no such file; write one with "
                               f"`dit-jax-eval --tfds imagenet2012 --split train --save-stats PATH` (or set "
                               f"config.eval.every_steps=0)")
@@ -62,7 +62,7 @@ def load_converted_inception(path) -> Dict[str, Any]:
     """The core's Inception loader: a converted .npz (default: the cached one). pytorch-fid's .pth needs torch
     to convert; `dit-jax-train` passes a loader that converts (and downloads) it once."""
     path = path or converted_cache_path()
-    if not os.path.isfile(path) or not path.endswith(".npz"):
+    if not paths.is_file(path) or not str(path).endswith(".npz"):
         raise ConfigError(f"config.eval.inception={path!r}: expected a converted Inception .npz; convert pytorch-fid's "
                           f"{PTH_NAME} once with `python -m convert.inception_weights` (dit-jax-train does it itself)")
     return load_params(path)
@@ -87,23 +87,33 @@ class Evaluator:
             self.extractor = FeatureExtractor(load_inception(e.inception), per_device_batch=self.batch)
             self.vae = load_vae(config.data.vae)
 
-    def samples(self, ema_params) -> np.ndarray:
-        """x_0 of all num_samples, in batches of eval.batch_size (the last one padded to the same shape)."""
+    def samples(self, ema_params, between: Optional[Callable[[], None]] = None) -> np.ndarray:
+        """x_0 of all num_samples, in batches of eval.batch_size (the last one padded to the same shape);
+        `between()` runs before each batch and may raise to stop."""
         out = []
         for start in range(0, self.n, self.batch):
+            if between is not None:
+                between()
             idx = np.arange(start, start + self.batch) % self.n
             out.append(self.sample(ema_params, self.labels[idx], self.noise[idx])[: self.n - start])
         return np.concatenate(out)
 
-    def __call__(self, ema_params) -> Dict[str, float]:
+    def __call__(self, ema_params, between: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+        """Scores of `ema_params`. `between()` runs between batches (sampling, decoding) and may raise to
+        stop the evaluation there (the train loop's preemption.Watcher.raise_if_stopping)."""
         t0 = time.time()
-        x0 = self.samples(ema_params)  # (N, S, S, C)
+        between = between or (lambda: None)
+        x0 = self.samples(ema_params, between)  # (N, S, S, C)
+        between()
         if self.kind == "digits":
             out = {f"eval/{k}": v for k, v in self.scorer.score(x0, self.labels).items()}
         else:
             vae, vae_params = self.vae
-            images = np.concatenate([np.asarray(to_uint8(decode_latents(vae, vae_params, jax.numpy.asarray(z))))
-                                     for z in np.array_split(x0, max(1, len(x0) // self.batch))])
+            images = []
+            for z in np.array_split(x0, max(1, len(x0) // self.batch)):
+                images.append(np.asarray(to_uint8(decode_latents(vae, vae_params, jax.numpy.asarray(z)))))
+                between()
+            images = np.concatenate(images)
             feats = self.extractor.extract(images, progress=False, desc="eval")
             st = stats_of(feats)
             ref = self.reference

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any, Callable, Optional, Tuple
 
 import jax
@@ -18,7 +17,7 @@ from dit_jax import build, sharding as shd
 from dit_jax.guidance import dit_model_fn
 from dit_jax.model import DiT
 from dit_jax.utils.images import make_grid, to_uint8
-from dit_jax.utils import xla_cpu
+from dit_jax.utils import paths, xla_cpu
 from dit_jax.utils.metric_writer import MetricWriter
 from dit_jax.vae import decode_latents
 
@@ -85,14 +84,24 @@ class SampleDecoder:
 
 
 def write_samples(config, model: DiT, sampler: Sampler, decode: SampleDecoder, ema_params, step: int,
-                  workdir: str, writer: Optional[MetricWriter]) -> np.ndarray:
-    """EMA sample grid (rows = config.sample.classes) -> workdir/samples/step_<step>.png and TensorBoard."""
+                  workdir: paths.PathLike, writer: Optional[MetricWriter],
+                  between: Optional[Callable[[], None]] = None) -> np.ndarray:
+    """EMA sample grid (rows = config.sample.classes) -> workdir/samples/step_<step>.png and TensorBoard.
+
+    Sampled in calls of at most config.eval.batch_size samples; `between()` runs before each call and may
+    raise to stop (the train loop's preemption.Watcher.raise_if_stopping: a stop does not wait for the grid)."""
     labels, noise = grid_labels_noise(config, model)
-    images = decode(sampler(ema_params, labels, noise))  # (N, H, W, C) in [-1, 1]
+    chunk = max(1, int(config.eval.batch_size))
+    parts = []
+    for start in range(0, len(labels), chunk):
+        if between is not None:
+            between()
+        parts.append(sampler(ema_params, labels[start:start + chunk], noise[start:start + chunk]))
+    images = decode(np.concatenate(parts))  # (N, H, W, C) in [-1, 1]
     if writer is not None:
         rows = len(config.sample.classes)
         # grey separators: samples are often black at the edges, so black lines would merge the cells
         grid = make_grid(to_uint8(images), nrow=-(-len(images) // rows), pad_value=128,
                          upscale=max(1, 64 // images.shape[1]))
-        writer.image(step, "samples/ema", grid, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+        writer.image(step, "samples/ema", grid, paths.as_path(workdir) / "samples" / f"step_{step:08d}.png")
     return images

@@ -17,6 +17,7 @@ import optax
 from dit_jax.diffusion import GaussianDiffusion
 from dit_jax.model import DiT
 from dit_jax.train_state import TrainState
+from dit_jax.utils.images import to_model_range
 from dit_jax.vae import AutoencoderKL
 
 Batch = Dict[str, jax.Array]
@@ -24,15 +25,24 @@ LossFn = Callable[[Any, Batch, jax.Array, Any], Tuple[jax.Array, Dict[str, jax.A
 TERMS = ("loss", "mse", "vb")
 
 
+def float_pixels(pixels: jax.Array) -> jax.Array:
+    """uint8 0..255 -> float32 [-1, 1]; float pixels (already in [-1, 1]) -> float32."""
+    return to_model_range(pixels) if pixels.dtype == jnp.uint8 else pixels.astype(jnp.float32)
+
+
 def model_input(batch: Batch, rng: jax.Array, vae: Optional[AutoencoderKL], vae_params: Any,
                 latent_scale: float) -> jax.Array:
-    """A batch of any kind -> the diffusion input x_start (n, S, S, C) float32."""
+    """A batch of any kind -> the diffusion input x_start (n, S, S, C) float32.
+
+    Pixels from the image sources arrive as uint8 (a quarter of float32's bytes host -> device) and are
+    scaled to [-1, 1] here; float pixels (the digits, a caller's arrays) are taken as already in [-1, 1]."""
     if "x" in batch:
-        return batch["x"].astype(jnp.float32)
+        return float_pixels(batch["x"])
     if "latent_mean" in batch:  # pre-extracted posterior: sample it with this step's rng
         eps = jax.random.normal(rng, batch["latent_mean"].shape, jnp.float32)
         return (batch["latent_mean"] + batch["latent_std"] * eps) * latent_scale
-    mean, logvar = vae.apply({"params": vae_params}, batch["image"], method=AutoencoderKL.encode)
+    images = float_pixels(batch["image"])  # (n, S, S, 3) float32 in [-1, 1]
+    mean, logvar = vae.apply({"params": vae_params}, images, method=AutoencoderKL.encode)
     eps = jax.random.normal(rng, mean.shape, jnp.float32)
     return jax.lax.stop_gradient((mean + jnp.exp(0.5 * logvar) * eps) * latent_scale)
 

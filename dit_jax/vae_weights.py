@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from dit_jax.utils import paths
 from dit_jax.utils.download import vae_weights_path
 from dit_jax.utils.safetensors_io import WeightsFileError, looks_like_safetensors, read_safetensors
 from dit_jax.vae import AutoencoderKL
@@ -40,17 +41,17 @@ CONFIG_FIELDS = ("in_channels", "out_channels", "latent_channels", "block_out_ch
 # ----------------------------------------------------------------------------------------------------
 # Reading files
 # ----------------------------------------------------------------------------------------------------
-def is_pickle_file(path: str) -> bool:
+def is_pickle_file(path: paths.PathLike) -> bool:
     """A torch.save file (zip archive or legacy pickle), recognised by its first bytes or its suffix."""
-    with open(path, "rb") as f:
+    with paths.as_path(path).open("rb") as f:
         head = f.read(4)
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or (
-        not looks_like_safetensors(path) and path.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        not looks_like_safetensors(path) and os.fspath(path).endswith((".bin", ".pt", ".pth", ".ckpt")))
 
 
-def read_state_dict(path: str) -> Dict[str, np.ndarray]:
+def read_state_dict(path: paths.PathLike) -> Dict[str, np.ndarray]:
     """A .safetensors file -> {key: float32 NumPy array}; a pickled file names the reader that takes it."""
-    if not os.path.isfile(path):
+    if not paths.is_file(path):
         raise WeightsFileError(f"VAE weights file not found: {path}")
     if looks_like_safetensors(path):
         return read_safetensors(path)[0]
@@ -60,19 +61,21 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
     raise WeightsFileError(f"{path}: unknown VAE weights format (expected .safetensors or .bin)")
 
 
-def find_vae_files(path: str) -> Tuple[str, Optional[str]]:
-    """A folder (diffusers VAE folder, or a pipeline folder with `vae/`) or a weights file ->
-    (weights file, config.json path or None)."""
-    if os.path.isdir(path):
-        folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
+def find_vae_files(path: paths.PathLike) -> Tuple[str, Optional[str]]:
+    """A folder (diffusers VAE folder, or a pipeline folder with `vae/`) or a weights file, local or on a
+    bucket -> (weights file, config.json path or None)."""
+    path = os.fspath(path)
+    if paths.as_path(path).is_dir():
+        sub = paths.join(path, "vae")
+        folder = sub if paths.as_path(sub).is_dir() else path
         for name in WEIGHT_FILES:
-            if os.path.isfile(os.path.join(folder, name)):
-                cfg = os.path.join(folder, "config.json")
-                return os.path.join(folder, name), cfg if os.path.isfile(cfg) else None
+            if paths.is_file(paths.join(folder, name)):
+                cfg = paths.join(folder, "config.json")
+                return paths.join(folder, name), cfg if paths.is_file(cfg) else None
         raise WeightsFileError(f"{folder}: no VAE weights found; expected one of {', '.join(WEIGHT_FILES)}")
-    if os.path.isfile(path):
-        cfg = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-        return path, cfg if os.path.isfile(cfg) else None
+    if paths.is_file(path):
+        cfg = os.fspath(paths.as_path(path).parent / "config.json")
+        return path, cfg if paths.is_file(cfg) else None
     raise WeightsFileError(f"VAE path does not exist: {path} (give a diffusers folder or a weights file)")
 
 
@@ -212,8 +215,7 @@ def config_for(state: Mapping[str, np.ndarray], cfg_path: Optional[str], weights
     """The configuration read off the weight shapes, completed by config.json when there is one."""
     cfg = infer_config(state)
     if cfg_path is not None:
-        with open(cfg_path) as f:
-            from_file = config_from_diffusers(json.load(f), cfg_path)
+        from_file = config_from_diffusers(json.loads(paths.as_path(cfg_path).read_text()), cfg_path)
         for k, v in cfg.items():  # a config.json that disagrees with the weight shapes is an error
             if k in from_file and from_file[k] != v:
                 raise WeightsFileError(f"{cfg_path}: {k}={from_file[k]} but the weights in {weights} have {v}")
@@ -231,7 +233,7 @@ def load_diffusers_vae(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
 
 def load_vae(source: str = "mse", dtype: Any = jnp.float32, cache_dir: Optional[str] = None
              ) -> Tuple[AutoencoderKL, Dict[str, Any]]:
-    """-> (AutoencoderKL, params) from "mse" | "ema" (downloaded from the Hub) or a local path.
+    """-> (AutoencoderKL, params) from "mse" | "ema" (downloaded from the Hub) or a path (local or a bucket URL).
 
     A path may be a diffusers folder (config.json + diffusion_pytorch_model.safetensors, or a pipeline folder
     with a `vae/` subfolder) or one .safetensors file (a config.json next to it is used, else the

@@ -3,6 +3,7 @@ several test files use. Tests import the helpers with `from conftest import ...`
 path); nothing else here is imported across test files.
 """
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -158,6 +159,25 @@ def write_folder(root, rng, per_class=(5, 4, 3), size=(40, 30)):
     return root
 
 
+def tfrecords(data: bytes) -> list:
+    """The records of a TFRecord file's bytes ((uint64 length, crc, data, crc) each), checking both masked
+    crc32c (a TensorBoard event file is one)."""
+    import struct
+
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    out, pos = [], 0
+    while pos < len(data):
+        head = data[pos:pos + 8]
+        (n,) = struct.unpack("<Q", head)
+        assert struct.unpack("<I", data[pos + 8:pos + 12])[0] == masked_crc32c(head)
+        record = data[pos + 12:pos + 12 + n]
+        assert len(record) == n and struct.unpack("<I", data[pos + 12 + n:pos + 16 + n])[0] == masked_crc32c(record)
+        out.append(record)
+        pos += 16 + n
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # Processes on 127.0.0.1
 # ----------------------------------------------------------------------------------------------------
@@ -219,6 +239,37 @@ def tiny_vae(size: int = 16):
                                              method=AutoencoderKL.encode))["params"]
     r = np.random.default_rng(0)
     return vae, jax.tree.map(lambda s: (r.standard_normal(s.shape) * 0.3).astype(np.float32), shapes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cloud storage: a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py)
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """One emulator per test process; its variables are set in os.environ (clients and child processes)."""
+    from gcs_emulator import GcsEmulator
+
+    emu = GcsEmulator()
+    saved = {k: os.environ.get(k) for k in emu.env}
+    os.environ.update(emu.env)
+    yield emu
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    emu.stop()
+
+
+@pytest.fixture
+def gcs_dir(gcs_emulator, request):
+    """A fresh gs:// folder for one test: gs://bkt/<test name>-<random>."""
+    import uuid
+
+    from gcs_emulator import BUCKET
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:60]
+    return f"gs://{BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,9 +1,16 @@
-"""The model's attention (head-major matmuls with a hand-written backward) against independent references."""
+"""The model's attention kernels (dit_jax/attention.py) against independent references and each other, and the
+"auto" choice per platform."""
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from configs import default
+from dit_jax import attention, compile_report, topology, train
+from dit_jax import sharding as shd
 from dit_jax.model import DiT, init_params
 from dit_jax import model_ops
 from dit_jax.model_ops import head_major_attention, recomputing_attention
@@ -70,29 +77,32 @@ def _tiny_model(**kw):
     return DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=5, **kw)
 
 
-@pytest.mark.slow
-def test_model_default_equals_dot_product_attention_path():
-    """attention_impl None (head-major) vs "xla" (jax.nn.dot_product_attention): same outputs and gradients."""
-    model = _tiny_model()
+def _model_grads_match(model, other, x, t, y, tol):
     params = init_params(model, jax.random.PRNGKey(0))
     # non-zero adaLN and output layers, so attention reaches the output
     params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
-    x = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 8, 4))
-    t, y = jnp.array([1, 500, 999]), jnp.array([0, 3, 4])
 
     def loss(m):
         return lambda p: jnp.sum(m.apply({"params": p}, x, t, y) ** 2)
 
-    xla = model.clone(attention_impl="xla")
-    assert rel_err(model.apply({"params": params}, x, t, y), xla.apply({"params": params}, x, t, y)) < 1e-5
-    g_new, g_xla = jax.grad(loss(model))(params), jax.grad(loss(xla))(params)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_new), jax.tree_util.tree_leaves(g_xla)):
-        assert rel_err(a, b) < 1e-5, jax.tree_util.keystr(path)
+    assert rel_err(other.apply({"params": params}, x, t, y), model.apply({"params": params}, x, t, y)) < tol
+    g_ref, g_other = jax.grad(loss(model))(params), jax.grad(loss(other))(params)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_other), jax.tree_util.tree_leaves(g_ref)):
+        assert rel_err(a, b) < tol, jax.tree_util.keystr(path)
+
+
+@pytest.mark.slow
+def test_model_default_equals_dot_product_attention_path():
+    """attention_impl "matmul" (head-major) vs "xla" (jax.nn.dot_product_attention): same outputs and gradients."""
+    model = _tiny_model(attention_impl="matmul")
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 8, 8, 4))
+    _model_grads_match(model, model.clone(attention_impl="xla"), x, jnp.array([1, 500, 999]), jnp.array([0, 3, 4]),
+                       1e-5)
 
 
 def test_unknown_attention_impl_is_named():
     model = _tiny_model(attention_impl="flash")
-    with pytest.raises(ValueError, match="unknown attention_impl 'flash'"):
+    with pytest.raises(ValueError, match="unknown attention_impl 'flash'; use one of auto, matmul, xla, cudnn"):
         init_params(model, jax.random.PRNGKey(0))
 
 
@@ -114,3 +124,146 @@ def test_recomputing_attention_same_outputs_and_gradients(monkeypatch):
         assert rel_err(jax.jit(recomputing_attention)(q, k, v), head_major_attention(q, k, v)) < 1e-6
         for name, a, b in zip("qkv", grads(jax.jit(recomputing_attention)), want):
             assert rel_err(a, b) < 1e-5, (name, elements)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The kernels of dit_jax/attention.py on (N, T, H, Dh), each against "matmul"
+# ----------------------------------------------------------------------------------------------------
+def _nthd(shape=(2, 128, 2, 72), seed=5):
+    rs = np.random.RandomState(seed)
+    return [jnp.asarray(rs.randn(*shape), jnp.float32) for _ in range(4)]  # q, k, v, a cotangent
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_tpu"])
+def test_kernel_equals_matmul_forward_and_gradient(impl):
+    """float32, T = 128 (the splash tile), Dh = 72 (DiT-XL's heads); the Pallas TPU kernel in interpret mode."""
+    q, k, v, w = _nthd()
+
+    def loss(name):
+        return lambda q, k, v: jnp.sum(attention.dot_product_attention(q, k, v, name) * w)
+
+    with attention.pallas_interpret():
+        out = attention.dot_product_attention(q, k, v, impl)
+        grads = jax.grad(loss(impl), argnums=(0, 1, 2))(q, k, v)
+    assert rel_err(out, attention.dot_product_attention(q, k, v, "matmul")) < 2e-6
+    for name, a, b in zip("qkv", grads, jax.grad(loss("matmul"), argnums=(0, 1, 2))(q, k, v)):
+        assert rel_err(a, b) < 1e-5, name
+
+
+def test_pallas_tpu_over_a_mesh_runs_per_device_and_equals_matmul():
+    """Under a mesh the kernel runs in shard_map over the batch axes (8 simulated devices: data 4 x tensor 2,
+    the heads over "tensor"); interpret mode, so on CPU."""
+    q, k, v, w = _nthd((8, 128, 2, 16))
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
+    sh = NamedSharding(mesh, P("data"))
+    q, k, v, w = (jax.device_put(a, sh) for a in (q, k, v, w))
+    f = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attention.pallas_tpu_attention(q, k, v) * w),
+                                   argnums=(0, 1, 2)))
+    with attention.pallas_interpret(), mesh:
+        assert attention._device_spec(8, 2)[1] == P(("data",), "tensor", None, None)
+        text = f.lower(q, k, v).as_text()
+        (val, grads) = f(q, k, v)
+    assert 'manual_axes={"data", "tensor"}' in text  # one shard_map over both axes: 2 examples x 1 head each
+    ref = jax.value_and_grad(lambda q, k, v: jnp.sum(attention.dot_product_attention(q, k, v, "matmul") * w),
+                             argnums=(0, 1, 2))
+    want_val, want_grads = ref(q, k, v)
+    assert rel_err(val, want_val) < 1e-5
+    for name, a, b in zip("qkv", grads, want_grads):
+        assert rel_err(a, b) < 1e-5, name
+
+
+def test_bfloat16_kernels_stay_close_to_float32_matmul():
+    q, k, v, _ = _nthd((2, 128, 2, 64))
+    want = attention.dot_product_attention(q, k, v, "matmul")
+    with attention.pallas_interpret():
+        for impl in ("matmul", "xla", "pallas_tpu"):
+            out = attention.dot_product_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), impl)
+            assert out.dtype == jnp.bfloat16
+            assert rel_err(out.astype(jnp.float32), want) < 2e-2, impl
+
+
+@pytest.mark.slow
+def test_model_with_pallas_tpu_equals_matmul():
+    """The whole DiT (256 tokens) with the Pallas kernel (interpret mode): outputs and every gradient."""
+    model = DiT(input_size=32, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=5,
+                attention_impl="matmul")
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 32, 32, 4))
+    with attention.pallas_interpret():
+        _model_grads_match(model, model.clone(attention_impl="pallas_tpu"), x, jnp.array([3, 900]),
+                           jnp.array([1, 4]), 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# "auto"
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("platform,tokens,head_dim,dtype,want", [
+    ("cpu", 1024, 72, jnp.bfloat16, "matmul"),
+    ("gpu", 256, 72, jnp.bfloat16, "cudnn"),  # DiT-XL's 72-wide heads are a multiple of 8
+    ("gpu", 256, 64, jnp.float16, "cudnn"),
+    ("gpu", 256, 72, jnp.float32, "xla"),  # cuDNN flash attention is bf16/fp16 only
+    ("gpu", 256, 160, jnp.bfloat16, "xla"),
+    ("tpu", 1024, 72, jnp.bfloat16, "pallas_tpu"),  # 512 px
+    ("tpu", 256, 72, jnp.bfloat16, "xla"),  # 256 px
+    ("tpu", 1100, 72, jnp.bfloat16, "xla"),  # not a multiple of the 128-token tile
+    ("rocm", 256, 64, jnp.bfloat16, "xla"),
+])
+def test_auto_resolves_per_platform(platform, tokens, head_dim, dtype, want):
+    assert attention.resolve("auto", platform, tokens, head_dim, dtype) == want
+
+
+def test_explicit_choices_are_kept():
+    for impl in ("matmul", "xla", "cudnn", "pallas_tpu"):
+        assert attention.resolve(impl, "cpu", 16, 8, jnp.float32) == impl
+    assert attention.resolve(None, "gpu", 16, 8, jnp.bfloat16) == "matmul"  # None: the old default
+
+
+def test_computation_platform_follows_the_mesh():
+    assert attention.computation_platform() == "cpu"
+    topo = topology.tpu_topology("v5e:2x2")  # compile-only TPU devices on this CPU machine
+    with Mesh(np.asarray(topo.devices), ("data",)):
+        assert attention.computation_platform() == "tpu"
+    assert attention.computation_platform() == "cpu"
+
+
+def test_auto_on_a_gpu_without_cudnn_falls_back_to_xla(caplog):
+    """cuDNN cannot be traced here (no GPU): "auto" for a GPU program says so once and takes the XLA path."""
+    q, k, v, _ = _nthd((1, 16, 2, 8))
+    q, k, v = (a.astype(jnp.bfloat16) for a in (q, k, v))
+    with caplog.at_level(logging.WARNING, logger="dit_jax.attention"):
+        out = attention.dot_product_attention(q, k, v, "auto", platform="gpu")
+    assert "cuDNN attention unavailable" in caplog.text and "using attention_impl='xla'" in caplog.text
+    assert rel_err(out.astype(jnp.float32), jax.nn.dot_product_attention(q, k, v, implementation="xla")
+                   .astype(jnp.float32)) == 0.0
+
+
+def test_configs_and_model_default_to_auto():
+    assert DiT().attention_impl == "auto" and default.get_config().model.attention_impl == "auto"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Pallas TPU kernel in the real training step, compiled for v5e (libtpu, compile-only)
+# ----------------------------------------------------------------------------------------------------
+def _compile_v5e_step(impl):
+    """DiT-S/2 with 2 blocks at 512 px (1024 tokens), batch 8 on v5e:2x2 -> (HLO text, temp bytes per chip)."""
+    c = default.get_config("S/2,512")
+    c.data.name, c.model.depth, c.global_batch_size, c.model.attention_impl = "latents", 2, 8, impl
+    topo = topology.tpu_topology("v5e:2x2")
+    env = train.setup(c, devices=topo.devices, process_count=topo.hosts)
+    state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                   env.abstract_state, env.state_shardings)
+    batch = compile_report.abstract_batch(c, env.model, env.batch_kind, env.mesh)
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=shd.replicated(env.mesh))
+    compiled, refusal, _ = compile_report.compile_step(train.jit_train_step(c, env), (state, batch, rng, None),
+                                                       env.mesh)
+    assert refusal is None
+    return compiled.as_text(), compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.slow
+def test_auto_compiles_the_pallas_kernel_into_the_v5e_training_step_at_512px():
+    text, temp = _compile_v5e_step("auto")
+    # the splash forward and its two backward kernels, in the scanned blocks' loop bodies
+    assert text.count('custom_call_target="tpu_custom_call"') >= 3
+    text_xla, temp_xla = _compile_v5e_step("xla")
+    assert 'custom_call_target="tpu_custom_call"' not in text_xla
+    assert temp < temp_xla  # the (N, H, T, T) logits never reach HBM

@@ -1,11 +1,15 @@
 """Each benchmark runs once on a tiny config so it does not rot (timings are not checked here; the sampling
 benchmark's JAX and PyTorch DDIM outputs are: the speed ratio must compare the same computation)."""
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from dit_jax import mfu
+from dit_jax.model import DiT_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,10 +45,21 @@ def test_sampling_tiny():
 
 @pytest.mark.slow
 def test_gpu_script_runs_on_cpu_tiny(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    """benchmarks/gpu.sh end to end with the imports of the GPU machine (tests/gpu_box_env: no tensorflow, tfds,
+    diffusers): every section runs, the JSON has each number the GPU run is for."""
+    path = os.pathsep.join([str(ROOT / "tests" / "gpu_box_env"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "PYTHONPATH": path}
     subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--tiny"], check=True, env=env, cwd=ROOT,
                    capture_output=True, text=True, timeout=600)
-    assert '"jax_train_ips"' in (tmp_path / "gpu_bench.json").read_text()
+    res = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert "errors" not in res, res["errors"]
+    for key in ("jax_train_ips", "torch_train_ips", "train_ratio", "jax_sample_s_per_image",
+                "torch_sample_s_per_image", "sample_speedup", "measured_peak_tflops"):
+        assert res[key] > 0, key
+    assert res["xla_sweep"]["defaults"]["vs_defaults"] == 1.0 and len(res["xla_sweep"]) == 2  # --tiny: 1 candidate
+    # the product's step: the config's model, "auto" attention (head-major matmuls on a CPU)
+    assert res["jax_attention"] == "matmul" and res["train_gflop_per_image"] == pytest.approx(
+        6 * mfu.forward_macs(DiT_models["DiT-S/2"](input_size=8, depth=2))["total"] / 1e9)
     assert "8 images through FeatureExtractor.extract" in (tmp_path / "inception_speed.log").read_text()
 
 
@@ -61,3 +76,34 @@ def test_compile_time_tiny():
 
     res = compile_time.main(["--tiny", "--unrolled"])
     assert res["depth"] == 2 and res["forward_s"] > 0 and res["train_step_s"] > 0 and res["train_step_unrolled_s"] > 0
+
+
+def test_fsdp_split_table(capsys):
+    from benchmarks import fsdp_split
+
+    assert fsdp_split.main(["--models", "DiT-L/2", "--fsdp", "96", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "| 96 | **2.01** |" in out and "| 256 | 1.00 |" in out  # 96 = 32 x 3: no width of L/2 has a 3
+
+
+def test_pod_table_batch_per_chip_and_reprint(tmp_path, capsys):
+    from benchmarks import pod_table
+
+    out = tmp_path / "rows.jsonl"
+    args = ["--configs", "configs/digits.py", "--pods", "v5e:2x2", "--set", "model.depth=1", "--per-chip", "1", "4",
+            "--table", "batch", "--out", str(out)]
+    assert pod_table.main(args) == 0
+    first = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[1] for line in first[2:]] == ["4", "16"]  # global batch = per chip x 4 chips
+    assert pod_table.main(["--from", str(out), "--table", "pods"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert len(rows) == 2 and all("data-parallel by choice" in r and "| float32 | no | v5e:2x2 |" in r for r in rows)
+
+
+@pytest.mark.slow
+def test_attention_tpu_tiny():
+    from benchmarks import attention_tpu
+
+    rows = attention_tpu.main(["--variants", "S/2,512", "--impls", "pallas_tpu", "--topology", "v5e:2x2",
+                               "--batch", "4", "--depth", "1"])
+    assert rows[0]["tokens"] == 1024 and rows[0]["pallas_kernels"] >= 3 and rows[0]["temp_gib"] > 0

@@ -12,7 +12,6 @@ from conftest import ROOT
 from configs import default, digits
 from dit_jax import compile_report, mesh_plan, topology, train
 from dit_jax import sharding as shd
-from dit_jax.hlo_collectives import collectives
 from dit_jax.utils.errors import ConfigError
 
 GIB = 2**30
@@ -83,7 +82,8 @@ def test_auto_mesh_on_v5e_256_and_on_cpu():
     plan = env.plan
     d, f, t = plan.shape
     assert d * f == 256 and t == 1 and 1 < f < 256 and "smallest fsdp" in plan.reason
-    assert plan.estimate["total"] * mesh_plan.AUTO_MARGIN <= (1 - mesh_plan.HEADROOM) * topo.hbm_bytes
+    # How good the estimate behind that choice is: test_s2_compiles_for_v4_megacore_and_state_bytes_add_up
+    # compares it with the compiled program's memory analysis.
     # The digits config: 128 examples on 256 chips -> a tensor axis of 2 (data x fsdp must divide the batch).
     c = digits.get_config()
     env = train.setup(c, devices=topo.devices, process_count=topo.hosts)
@@ -93,44 +93,42 @@ def test_auto_mesh_on_v5e_256_and_on_cpu():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Analytic FLOPs and the HLO collectives parser
+# FLOPs against the paper and the compiled program (collectives: tests/test_hlo_collectives.py)
 # ----------------------------------------------------------------------------------------------------
-def test_forward_macs_match_the_paper():
+def test_forward_macs_match_the_papers_table_4():
+    """Every Gflops entry of the paper's Table 4 (multiply-adds of one forward at 256 px, and XL/2 at 512 px),
+    within half a unit of the printed last digit plus 0.05% (the worst, S/8: 0.358 for "0.36")."""
+    from benchmarks.flops import PAPER_GFLOPS
     from dit_jax.model import DiT_models
 
-    for name, px, paper in (("DiT-XL/2", 256, 118.64), ("DiT-XL/2", 512, 524.60), ("DiT-S/2", 256, 6.06)):
+    assert len(PAPER_GFLOPS) == 13
+    for (name, px), paper in PAPER_GFLOPS.items():
         got = compile_report.forward_macs(DiT_models[name](input_size=px // 8))["total"] / 1e9
-        assert abs(got - paper) / paper < 0.01, (name, px, got)
+        assert abs(got - paper) <= 0.005 + 5e-4 * paper, (name, px, got, paper)
 
 
-def test_collectives_counts_loop_bodies_by_trip_count():
-    hlo = """HloModule m
-
-%cond (p: (s32[], f32[8])) -> pred[] {
-  %p = (s32[], f32[8]{0}) parameter(0)
-  %i = s32[] get-tuple-element(%p), index=0
-  %n = s32[] constant(28)
-  ROOT %lt = pred[] compare(%i, %n), direction=LT
-}
-
-%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
-  %p = (s32[], f32[8]{0}) parameter(0)
-  %x = f32[8]{0} get-tuple-element(%p), index=1
-  %ag-start = (f32[2]{0}, f32[8]{0}) all-gather-start(%x), dimensions={0}
-  %ag = f32[8]{0} all-gather-done(%ag-start)
-  ROOT %t = (s32[], f32[8]{0}) tuple(%i, %ag)
-}
-
-ENTRY %main (a: f32[8]) -> f32[8] {
-  %a = f32[8]{0} parameter(0)
-  %ar = (f32[8]{0}, bf16[4]{0}) all-reduce(%a, %a), to_apply=%add
-  %w = (s32[], f32[8]{0}) while(%t0), condition=%cond, body=%body
-  ROOT %r = f32[8]{0} get-tuple-element(%w), index=1
-}
-"""
-    c = collectives(hlo)
-    assert c["all-reduce"] == {"count": 1, "bytes": 40, "count_per_step": 1, "bytes_per_step": 40}
-    assert c["all-gather"] == {"count": 1, "bytes": 32, "count_per_step": 28, "bytes_per_step": 28 * 32}
+@pytest.mark.slow  # two compiles of ~45 s on 2 cores
+@pytest.mark.parametrize("depth,remat", [(1, False), (3, True)])
+def test_training_flops_match_the_compiled_program(depth, remat):
+    """The analytic FLOPs of a step against the compiled program (DiT-S/2 on v5e:2x2, batch 8):
+    - one block (no loop): XLA's cost analysis counts every op, so it is above the matmul-only analytic count
+      by the elementwise work; measured +2.1%, allowed 0..4%;
+    - the matmul FLOPs counted in the compiled HLO (dit_jax.hlo_flops, loops times their trip count) equal the
+      analytic count within 0.5% (measured -0.11% for one block, -0.03% for 3 scanned blocks with remat: the
+      rematerialised forward is counted once more); the backward has no input gradient for the patch
+      embedding, so the compiled count is a little lower."""
+    cfg = _s2_latents(8)
+    cfg.model.depth, cfg.model.remat = depth, remat
+    rep = compile_report.compile_for_topology(cfg, topology.tpu_topology("v5e:2x2"))
+    fl = rep["flops"]
+    analytic = fl["train_flops_per_chip"]
+    assert abs(fl["hlo_matmul_flops_per_chip"] / analytic - 1) < 0.005, (fl, analytic)
+    if depth == 1:
+        xla = fl["xla_cost_analysis_flops_per_chip"]
+        assert 0 <= xla / analytic - 1 <= 0.04, (xla, analytic)
+        assert fl["hlo_matmul_flops_per_chip"] <= xla
+    else:  # XLA's cost analysis sees one of the 3 blocks of the loop
+        assert fl["xla_cost_analysis_flops_per_chip"] < 0.6 * analytic
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -180,7 +178,7 @@ def test_s2_does_not_fit_v5e_2x2_exits_1_with_numbers(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "DOES NOT FIT" in r.stdout and "GiB" in r.stdout and "--config.model.remat=True" in r.stdout
+    assert "DOES NOT FIT" in r.stdout and "GiB" in r.stdout and "--config.model.remat_policy=full" in r.stdout
     rep = json.loads((wd / compile_report.REPORT_NAME).read_text())
     assert not rep["fits"] and rep["total_bytes_per_chip"] > 0.9 * rep["hbm_bytes_per_chip"]
     assert rep["hbm_bytes_per_chip"] == 16 * GIB and rep["chips"] == 4 and rep["hosts"] == 1
@@ -213,15 +211,20 @@ def test_s2_compiles_for_v4_megacore_and_state_bytes_add_up(tmp_path):
     st = rep["state_bytes_per_chip"]
     assert st["total"] == st["params"] + st["ema"] + st["optimizer"] and st["ema"] == st["params"]
     assert rep["temp_bytes_per_chip"] > 0 and rep["compile_seconds"] > 0
-    assert rep["flops"]["train_flops_per_step"] == pytest.approx(
-        6 * compile_report.forward_macs(env.model)["total"] * S2_BIG_BATCH)
     assert "all-reduce" in rep["collectives"]  # data parallel: gradients are all-reduced
+    assert rep["data_parallel_by_choice"] and rep["mesh"]["fsdp"] == 1  # auto: the state fits 32 GiB whole
+    # mesh_plan's estimate (what "auto" chose the mesh by) against XLA's memory analysis of the same program:
+    # "auto" multiplies the estimate by AUTO_MARGIN, so the program may need at most that much more; an
+    # estimate above 2x would make auto shard far more than needed.
+    est = rep["estimated_bytes_per_chip"]["total"]
+    assert rep["total_bytes_per_chip"] <= mesh_plan.AUTO_MARGIN * est and est <= 2 * rep["total_bytes_per_chip"], (
+        est, rep["total_bytes_per_chip"])
 
 
 @pytest.mark.slow
 def test_xl2_fsdp_256_compiles_on_v5e_16x16_and_fits():
     rep = compile_report.compile_for_topology(_xl2(fsdp=256), topology.tpu_topology("v5e:16x16"))
     assert rep["replicated_state_fraction"] < 0.01
-    assert rep["state_per_chip_vs_ideal"] <= 1.25
+    assert rep["state_per_chip_vs_even_split"] <= 1.25 and not rep["state_split"]["uneven"]
     assert rep["fits"]
     assert {"all-gather", "reduce-scatter"} & set(rep["collectives"])

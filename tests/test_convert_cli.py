@@ -79,3 +79,40 @@ def test_module_entry_point_and_no_torch_for_safetensors(tmp_path):
             "assert 'torch' not in sys.modules, 'torch was imported'; print(m.depth)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip() == "2", r.stderr
+
+
+def convert_command(*args):
+    """The installed dit-jax-convert as a user runs it."""
+    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "dit-jax-convert"), *map(str, args)],
+                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+
+
+def warning_lines(r):
+    return [l for l in r.stderr.splitlines() if "warning" in l.lower() and "TPU" not in l]
+
+
+def test_writing_into_the_other_format_family_warns_in_one_line_with_the_measured_size(tmp_path):
+    """release .pt -> diffusers folder, and that folder -> .pt: each one line naming the measured difference;
+    release -> release says nothing."""
+    from convert.diffusers_keys import GAP_RANDOM, GAP_TRAINED_FROM_DIFFUSERS, GAP_TRAINED_TO_DIFFUSERS
+
+    tiny_release_pt(tmp_path / "tiny.pt")
+    r = convert_command("to-torch", tmp_path / "tiny.pt", tmp_path / "diff", "--format", "diffusers")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = warning_lines(r)
+    assert len(lines) == 1 and lines[0].startswith("dit-jax-convert: warning: diffusers' DiTTransformer2DModel "
+                                                   "divides its timestep frequencies by (half - 1)"), r.stderr
+    for number in (f"{GAP_TRAINED_TO_DIFFUSERS:.1%}", f"{GAP_RANDOM['DiT-S/2']:.0%} (S/2)",
+                   f"{GAP_RANDOM['DiT-B/4']:.0%} (B/4)"):
+        assert number in lines[0], (number, lines[0])
+    assert "UserWarning" not in r.stderr and "warnings.warn" not in r.stderr
+
+    r = convert_command("to-torch", tmp_path / "diff", tmp_path / "back.pt")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = warning_lines(r)
+    assert len(lines) == 1 and lines[0].startswith("dit-jax-convert: warning: these weights come from diffusers "
+                                                   "(timestep_freq_shift=1.0, mlp_norm_eps=1e-06)"), r.stderr
+    assert f"{GAP_TRAINED_FROM_DIFFUSERS:.1%}" in lines[0] and "this pt file" in lines[0], lines[0]
+
+    r = convert_command("to-torch", tmp_path / "tiny.pt", tmp_path / "same.safetensors")
+    assert r.returncode == 0 and warning_lines(r) == [], r.stderr[-3000:]

@@ -9,7 +9,7 @@ from conftest import write_folder
 from dit_jax.data import DataError, make_source
 from dit_jax.data.folder import list_folder
 from dit_jax.data.preprocess import flip_mask, preprocess
-from dit_jax.utils.images import to_model_range
+from dit_jax.utils import paths as upaths
 
 
 def cfg(folder, **kw):
@@ -35,14 +35,14 @@ def test_batches_deterministic_and_correct(tmp_path, rng):
         # a jump (resume at step 3) gives the batch an uninterrupted run saw
         np.testing.assert_array_equal(b.batch(3)["image"], batches[3]["image"])
         for s, batch in enumerate(batches):
-            assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.float32
+            assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.uint8  # scaled in the step
             assert batch["y"].dtype == np.int32
             idx = a.order.local_indices(s)
             flips = flip_mask(7, s, 4)
             for k, i in enumerate(idx):
                 want = preprocess(paths[i], 16)
                 want = want[:, ::-1] if flips[k] else want
-                np.testing.assert_array_equal(batch["image"][k], to_model_range(want))
+                np.testing.assert_array_equal(batch["image"][k], want)
                 assert batch["y"][k] == labels[i]
     with make_source(cfg(root), global_batch_size=4, seed=8) as c:
         assert not np.array_equal(c.batch(0)["y"], batches[0]["y"]) or \
@@ -88,7 +88,7 @@ def test_corrupt_image_is_skipped_warned_counted(tmp_path, rng, caplog):
                 flips = flip_mask(0, 0, 12)
                 want = preprocess(paths[i + 1], 16)
                 want = want[:, ::-1] if flips[k] else want
-                np.testing.assert_array_equal(batch["image"][k], to_model_range(want))
+                np.testing.assert_array_equal(batch["image"][k], want)
         src.batch(1)
         assert src.num_skipped == 2  # known bad files are not re-warned or re-counted
     warned = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
@@ -117,3 +117,20 @@ def test_all_unreadable_is_a_clear_error(tmp_path):
     with make_source(cfg(tmp_path / "bad"), global_batch_size=2) as src:
         with pytest.raises(DataError, match=r"no readable example among 3 .*cls/[012]\.png: UnidentifiedImageError"):
             src.batch(0)
+
+
+def test_folder_in_a_bucket_reads_like_the_local_folder(tmp_path, rng, gcs_dir):
+    root = write_folder(tmp_path / "d", rng)
+    bucket = upaths.as_path(gcs_dir) / "train"
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            (bucket / f.relative_to(root).as_posix()).write_bytes(f.read_bytes())
+    local_paths, labels, classes = list_folder(str(root))
+    url_paths, url_labels, url_classes = list_folder(str(bucket))
+    assert url_classes == classes and url_labels.tolist() == labels.tolist()
+    assert [p[len(str(bucket)):] for p in url_paths] == [p[len(str(root)):] for p in local_paths]  # same order
+    with make_source(cfg(root), global_batch_size=6, seed=2) as a, make_source(cfg(bucket), global_batch_size=6,
+                                                                                seed=2) as b:
+        for s in (0, 3):
+            for key in ("image", "y"):
+                np.testing.assert_array_equal(b.batch(s)[key], a.batch(s)[key])

@@ -6,7 +6,6 @@ import tensorflow_datasets as tfds
 from dit_jax.data import tfds as data_tfds
 from dit_jax.data import DataError, make_source
 from dit_jax.data.preprocess import flip_mask, preprocess
-from dit_jax.utils.images import to_model_range
 
 N = 20
 
@@ -59,12 +58,13 @@ def test_array_record_random_access(prepared):
         assert src.num_examples == N
         for step in (0, 1, 7):
             batch = src.batch(step)
-            assert batch["image"].shape == (4, 16, 16, 3) and batch["y"].dtype == np.int32
+            assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.uint8
+            assert batch["y"].dtype == np.int32
             flips = flip_mask(3, step, 4)
             for k, i in enumerate(src.order.local_indices(step)):
                 # tfds stores PNG (lossless): the example decodes to the generated array
                 want = preprocess(tiny_image(gen_id[i]), 16)
-                np.testing.assert_array_equal(batch["image"][k], to_model_range(want[:, ::-1] if flips[k] else want))
+                np.testing.assert_array_equal(batch["image"][k], want[:, ::-1] if flips[k] else want)
                 assert batch["y"][k] == gen_id[i] % 3
 
 
@@ -82,29 +82,22 @@ def test_array_record_two_processes_cover_epoch(prepared):
         s.close()
 
 
-def test_tfrecord_stream(prepared):
-    c = cfg(prepared["tfrecord"])
-    labels = {p: [] for p in range(2)}
-    for p in range(2):
-        src = make_source(c, global_batch_size=4, process_index=p, process_count=2, seed=5)
-        assert isinstance(src, data_tfds.TfdsStreamSource) and src.num_examples == N
-        batches = [src.batch(s) for s in range(5)]  # one epoch of this process's half (10 examples / 2)
-        again = make_source(c, global_batch_size=4, process_index=p, process_count=2, seed=5)
-        np.testing.assert_array_equal(again.batch(3)["image"], batches[3]["image"])  # re-seek = same batch
-        again.close()
-        src.close()
-        for b in batches:
-            assert b["image"].shape == (2, 16, 16, 3) and -1 <= b["image"].min() and b["image"].max() <= 1
-        # identify examples by their pixels (unflipped or flipped) to check disjoint halves covering the set
-        ref = {i: preprocess(tiny_image(i), 16) for i in range(N)}
-        for b in batches:
-            for img in b["image"]:
-                u8 = np.round((img + 1) * 127.5).astype(np.uint8)
-                hits = [i for i, r in ref.items() if np.array_equal(u8, r) or np.array_equal(u8, r[:, ::-1])]
-                assert len(hits) == 1
-                labels[p].append(hits[0])
-    assert len(set(labels[0])) == len(labels[0]) == N // 2 and not set(labels[0]) & set(labels[1])
-    assert sorted(labels[0] + labels[1]) == list(range(N))
+def test_tfrecord_is_refused_for_training_with_the_fix(prepared):
+    """No random access in tfrecord: resuming would re-read every earlier record, so training refuses it."""
+    with pytest.raises(DataError, match=r"'dit_tiny_images' in .* is stored as tfrecord, which has no random "
+                                        r"access.*prepare_tfds dit_tiny_images --data_dir NEW_DIR.*convert_format"):
+        make_source(cfg(prepared["tfrecord"]), global_batch_size=4)
+
+
+def test_array_record_resume_reads_only_the_step(prepared, monkeypatch):
+    """A source created at step k reads the examples of step k (and the prefetched next ones), nothing before."""
+    read = []
+    original = data_tfds.TfdsReader.read
+    monkeypatch.setattr(data_tfds.TfdsReader, "read", lambda self, i: read.append(int(i)) or original(self, i))
+    with make_source(cfg(prepared["array_record"], prefetch=0), global_batch_size=4, seed=3) as src:
+        read.clear()  # the reader's open-time probe
+        src.batch(40)  # epoch 8
+        assert read == src.order.local_indices(40).tolist()
 
 
 def test_tfrecord_chunk_reader_for_extraction(prepared):

@@ -65,7 +65,8 @@ def test_five_lines_json_and_statistics(files):
     assert r2.returncode == 0, r2.stderr[-3000:]
     got = dict(l.split(": ") for l in r2.stdout.strip().splitlines())
     assert abs(float(got["FID"]) - scores["fid"]) <= 1e-6 * scores["fid"]
-    assert got["Precision"] == "not available" and got["Recall"] == "not available"
+    assert got["Precision"].startswith("not available (needs images on both sides; REF ")
+    assert got["Recall"] == got["Precision"]
 
 
 @pytest.mark.slow
@@ -82,6 +83,53 @@ def test_save_stats_of_a_folder_through_the_training_crop(files):
                "--inception", weights).returncode == 0
     a, b = load_stats(str(d / "crop_stats.npz")), load_stats(str(d / "crops_stats.npz"))
     np.testing.assert_allclose(a.mu, b.mu, rtol=1e-6, atol=1e-9)
+
+
+RANK = 16
+
+
+def random_stats(seed):
+    """FID statistics of the right shapes: random means, covariances A A^T / RANK of rank RANK (like 17 images),
+    with the factors A kept for an independent Fréchet distance."""
+    r = np.random.default_rng(seed)
+    stats, factors = {}, {}
+    for key, dim in (("", 2048), ("_s", 2023)):
+        factors[key] = r.standard_normal((dim, RANK))  # (D, RANK)
+        stats["mu" + key], stats["sigma" + key] = r.standard_normal(dim), factors[key] @ factors[key].T / RANK
+    return stats, factors
+
+
+def low_rank_frechet(s1, f1, s2, f2, key):
+    """||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2), with S = A A^T / k: the eigenvalues of S1 S2 are
+    those of (A1^T A2)(A2^T A1) / k^2, so the last trace is the sum of the singular values of A1^T A2 / k."""
+    a1, a2 = f1[key], f2[key]
+    cross = np.linalg.svd(a1.T @ a2 / RANK, compute_uv=False).sum()
+    return (np.sum((s1["mu" + key] - s2["mu" + key]) ** 2) + np.sum(a1 ** 2) / RANK + np.sum(a2 ** 2) / RANK
+            - 2 * cross)
+
+
+@pytest.mark.slow  # ~20 s of CPU: two Fréchet distances of 2048-d statistics
+def test_two_statistics_files_need_no_network(tmp_path):
+    """FID and sFID of two statistics-only files, offline, with an empty cache: the Inception weights are
+    never loaded (any download would fail: the URL points at a closed port), the other metrics say why not."""
+    (a, fa), (b, fb) = random_stats(1), random_stats(2)
+    ref, samples = npz(tmp_path / "ref_stats.npz", **a), npz(tmp_path / "sample_stats.npz", **b)
+    cache = tmp_path / "empty_cache"
+    cache.mkdir()
+    offline = {"DIT_JAX_CACHE": str(cache), "HF_HOME": str(cache), "XDG_CACHE_HOME": str(cache),
+               "TORCH_HOME": str(cache), "HOME": str(cache), "HF_HUB_OFFLINE": "1",
+               "DIT_JAX_INCEPTION_URL": "http://127.0.0.1:9/pt_inception-2015-12-05-6726825d.pth"}
+    r = run(ref, samples, "--json", tmp_path / "scores.json", env=offline)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = dict(l.split(": ", 1) for l in r.stdout.strip().splitlines())
+    want_fid, want_sfid = (low_rank_frechet(a, fa, b, fb, key) for key in ("", "_s"))
+    assert want_fid > 1000 and abs(float(got["FID"]) - want_fid) <= 1e-9 * want_fid, (got["FID"], want_fid)
+    assert abs(float(got["sFID"]) - want_sfid) <= 1e-9 * want_sfid, (got["sFID"], want_sfid)
+    for label in ("Inception Score", "Precision", "Recall"):
+        assert got[label].startswith("not available (") and "statistics but no arr_0 images" in got[label], got[label]
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["precision"] is None and "sample_stats.npz has statistics but no arr_0" in scores["not_available"]["inception_score"]
+    assert list(cache.iterdir()) == []  # nothing downloaded or cached
 
 
 @pytest.mark.parametrize("case", ["no_arr_0", "one_batch", "missing_weights", "float_images"])

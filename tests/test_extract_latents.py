@@ -15,6 +15,7 @@ from dit_jax.data import DataError, image_reader, make_source
 from dit_jax.data import latents as data_latents
 from dit_jax.data.preprocess import flip_mask
 from dit_jax.latent_extraction import extract
+from dit_jax.utils.images import to_model_range
 from dit_jax.vae import AutoencoderKL
 
 SIZE = 16  # images 16 px -> latents 2 x 2 x 4
@@ -44,13 +45,14 @@ def test_extracted_equals_on_the_fly(setup):
     for step in range(3):  # same seed: same examples and the same flips in both sources
         a, b = lat.batch(step), img.batch(step)
         np.testing.assert_array_equal(a["y"], b["y"])
-        mean, logvar = encode(b["image"])
+        assert b["image"].dtype == np.uint8  # scaled to [-1, 1] by the train step
+        mean, logvar = encode(to_model_range(b["image"]))
         assert a["latent_mean"].shape == (8, 2, 2, 4) and a["latent_mean"].dtype == np.float32
         # tolerance 1e-5 absolute (values are O(1)); the batch composition differs, so not bitwise
         np.testing.assert_allclose(a["latent_mean"], mean, atol=1e-5, rtol=0)
         np.testing.assert_allclose(a["latent_std"], np.exp(0.5 * np.asarray(logvar)), atol=1e-5, rtol=0)
         # the check can fail: a wrongly chosen mirror differs by far more than the tolerance
-        mirror = encode(b["image"][:, :, ::-1])[0]
+        mirror = encode(to_model_range(b["image"][:, :, ::-1]))[0]
         assert np.abs(np.asarray(mirror) - np.asarray(mean)).max(axis=(1, 2, 3)).min() > 1e-3
         flips.extend(flip_mask(11, step, 8))
     assert 0 < sum(flips) < len(flips)  # both plain and mirrored examples were compared
@@ -67,7 +69,8 @@ KILL_SCRIPT = textwrap.dedent("""
     reader = image_reader({{"name": "folder", "folder": sys.argv[1], "image_size": {size}}})
     def die(s):  # a real SIGKILL right after the second shard is in place: no cleanup runs
         if s == 1:
-            os.makedirs(os.path.join(sys.argv[2], ".shard-00002.tmp-dead"))  # as if killed mid-shard
+            os.makedirs(os.path.join(sys.argv[2], "shard-00002"))  # as if killed mid-shard: a part, no marker
+            open(os.path.join(sys.argv[2], "shard-00002", "latents.npy"), "wb").write(b"partial")
             os.kill(os.getpid(), signal.SIGKILL)
     extract(reader, sys.argv[2], vae, params, batch_size=8, shard_size=4, settings={{"data": "test"}},
             progress=False, on_shard=die)
@@ -82,17 +85,21 @@ def test_killed_extraction_resumes(setup, tmp_path):
     r = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(size=SIZE), str(root), out, str(tmp_path / "vae.pkl")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == -9, r.stderr[-2000:]
-    assert sorted(os.listdir(out)) == [".shard-00002.tmp-dead", "index.json", "shard-00000", "shard-00001"]
-    before = {s: os.stat(os.path.join(out, s, "mean.npy")).st_mtime_ns for s in ("shard-00000", "shard-00001")}
+    assert sorted(os.listdir(out)) == ["done", "index.json", "shard-00000", "shard-00001", "shard-00002"]
+    assert sorted(os.listdir(os.path.join(out, "done"))) == ["shard-00000", "shard-00001"]
+    with pytest.raises(DataError, match="incomplete: 1 of 3 shards missing"):  # the partial shard is not read
+        data_latents.LatentsReader(out)
+    before = {s: os.stat(os.path.join(out, s, "latents.npy")).st_mtime_ns for s in ("shard-00000", "shard-00001")}
     written = []
     stats = extract(image_reader(cfg(name="folder", folder=str(root))), out, vae, params, batch_size=8,
                     shard_size=4, settings={"data": "test"}, progress=False, on_shard=written.append)
     assert written == [2] and stats["already_done"] == 2
-    assert sorted(os.listdir(out)) == ["index.json", "shard-00000", "shard-00001", "shard-00002"]
+    assert sorted(os.listdir(os.path.join(out, "done"))) == ["shard-00000", "shard-00001", "shard-00002"]
+    assert sorted(os.listdir(os.path.join(out, "shard-00002"))) == ["latents.npy", "y.npy"]  # no temporaries
     for s, t in before.items():  # finished shards untouched
-        assert os.stat(os.path.join(out, s, "mean.npy")).st_mtime_ns == t
+        assert os.stat(os.path.join(out, s, "latents.npy")).st_mtime_ns == t
     for s in range(3):
-        for k in ("mean", "std", "y"):
+        for k in ("latents", "y"):
             a = np.load(os.path.join(out, f"shard-{s:05d}", k + ".npy"))
             b = np.load(os.path.join(full, f"shard-{s:05d}", k + ".npy"))
             np.testing.assert_array_equal(a, b)
@@ -110,8 +117,8 @@ def test_two_processes_split_shards(setup, tmp_path):
         got[p] = w
     assert got == {0: [0, 2], 1: [1]}
     for s in range(3):
-        np.testing.assert_array_equal(np.load(os.path.join(out, f"shard-{s:05d}", "mean.npy")),
-                                      np.load(os.path.join(full, f"shard-{s:05d}", "mean.npy")))
+        np.testing.assert_array_equal(np.load(os.path.join(out, f"shard-{s:05d}", "latents.npy")),
+                                      np.load(os.path.join(full, f"shard-{s:05d}", "latents.npy")))
 
 
 def test_errors(setup, tmp_path):
@@ -145,5 +152,5 @@ def test_cli(setup, tmp_path, monkeypatch, capsys):
     assert "3 shards written, 0 already done (of 3)" in capsys.readouterr().out
     assert cli.main(args) == 0
     assert "0 shards written, 3 already done (of 3)" in capsys.readouterr().out
-    np.testing.assert_array_equal(np.load(tmp_path / "cli" / "shard-00002" / "std.npy"),
-                                  np.load(os.path.join(full, "shard-00002", "std.npy")))
+    np.testing.assert_array_equal(np.load(tmp_path / "cli" / "shard-00002" / "latents.npy"),
+                                  np.load(os.path.join(full, "shard-00002", "latents.npy")))

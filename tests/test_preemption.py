@@ -1,7 +1,10 @@
-"""SIGTERM -> every process saves one agreed step and exits 0; the same command resumes it exactly."""
-import json
+"""Stopping together: SIGTERM or Ctrl-C to one process of a 2-process `dit-jax-train` on a bucket (gs:// on the
+GCS emulator) stops both at the same step, saved; SIGTERM exits 75 and the same command resumes exactly;
+a SIGTERM during an evaluation or a sample grid stops it between its batches."""
 import os
+import re
 import signal
+import subprocess
 import sys
 import time
 
@@ -9,38 +12,88 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import env_without_xla_flags, run_processes, tiny_config
-from dit_jax import train
+from conftest import ROOT, env_without_xla_flags, free_port, rel_err, tiny_config
+from dit_jax import checkpoint as ckpt_lib, train, train_eval
 
 STEPS = 12
+EXIT_PREEMPTED = 75  # the documented status of a preempted run (docs/training.md)
+LOCAL = ("cwd", "home", "tmp")  # the workers' working folder, HOME and TMPDIR
 
 
-def _run(workdir, sleep_s, on_start=None):
-    """The 2-process run (tests/preemption_worker.py); -> the last line each process printed."""
-    def cmd(port, i):
-        return [sys.executable, "-m", "tests.preemption_worker", str(port), str(i), "2", workdir, str(STEPS),
-                str(sleep_s)]
-
-    results = run_processes(cmd, 2, timeout=300, env=env_without_xla_flags(), on_start=on_start)
-    for i, (rc, out) in enumerate(results):
-        assert rc == 0, f"process {i} exited {rc}:\n{out[-3000:]}"
-    return [out.strip().splitlines()[-1] for _, out in results]
+@pytest.fixture
+def bucket(gcs_dir):
+    """A fresh gs:// folder on the emulator."""
+    return gcs_dir
 
 
-def _logged_steps(workdir):
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return {}
-    out = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                out[r["step"]] = r["loss"]
-    return out
+def run_two(workdir, tmp_path, sleep_s=0.0, flags=(), on_start=None, env=None):
+    """tests/preemption_worker.py as 2 processes, started in an empty folder -> [(returncode, output)].
+
+    Output goes to files (tmp_path/out.I): a pipe nobody reads while `on_start` waits would fill up and
+    stop that process in the middle of the run, and the other one with it at the next collective."""
+    progress = str(tmp_path / "progress")
+    local = {name: tmp_path / name for name in LOCAL}  # empty folders: the run must leave them empty
+    for d in local.values():
+        d.mkdir(parents=True, exist_ok=True)
+    cwd = local["cwd"]
+    env = env_without_xla_flags(PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+                                HOME=str(local["home"]), TMPDIR=str(local["tmp"]), **(env or {}))
+    for attempt in range(3):
+        port = free_port()
+        logs = [open(tmp_path / f"out.{i}", "w+") for i in range(2)]
+        procs = [subprocess.Popen([sys.executable, "-m", "tests.preemption_worker", str(port), str(i), "2", workdir,
+                                   str(sleep_s), progress, *flags], cwd=str(cwd), env=env, stdout=logs[i],
+                                  stderr=subprocess.STDOUT) for i in range(2)]
+        try:
+            if on_start is not None:
+                on_start(procs)
+            deadline = time.time() + 400
+            for p in procs:
+                p.wait(timeout=max(1.0, deadline - time.time()))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        outs = []
+        for f in logs:
+            f.seek(0)
+            outs.append(f.read())
+            f.close()
+        if not any("Address already in use" in out for out in outs):
+            break
+    return [(p.returncode, out) for p, out in zip(procs, outs)]
 
 
-def _state(workdir, step):
+def reached(tmp_path) -> int:
+    """The largest step any worker asked its data for."""
+    steps = [int(p.read_text() or 0) for p in tmp_path.glob("progress.*") if p.read_text()]
+    return max(steps, default=0)
+
+
+def signal_a_few_steps_in(tmp_path, sig, which=1):
+    def on_start(procs):
+        deadline = time.time() + 240
+        while reached(tmp_path) < 4:  # compiled and a few steps in
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "run did not get going"
+            time.sleep(0.1)
+        procs[which].send_signal(sig)  # by default the process that is not the coordinator
+    return on_start
+
+
+def bucket_steps(workdir):
+    d = ckpt_lib.checkpoint_dir(workdir)
+    ckpt_lib._refresh_listings(d)  # this process may have listed the folder before the run changed it
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())
+
+
+def saved_step(out: str, what: str) -> int:
+    m = re.findall(rf"{what}: saved step (\d+)", out)
+    assert len(m) == 1, out[-3000:]
+    return int(m[0])
+
+
+def final_state(workdir, step):
     cfg = tiny_config(num_steps=STEPS)
     cfg.mesh.data, cfg.mesh.fsdp = 2, 4
     got, state, _ = train.load_latest(workdir, train.setup(cfg), cfg)
@@ -48,36 +101,72 @@ def _state(workdir, step):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(state))]
 
 
+def assert_nothing_local(tmp_path):
+    """The run wrote nothing to the local disk: not in its working folder (a bucket path taken for a local
+    one would appear there as gs:/...), its home or its temporary folder."""
+    for name in LOCAL:
+        assert not os.listdir(tmp_path / name), (name, os.listdir(tmp_path / name))
+
+
 @pytest.mark.slow
-def test_sigterm_to_one_process_saves_an_agreed_step_and_resumes_exactly(tmp_path):
-    ref, run = str(tmp_path / "uninterrupted"), str(tmp_path / "preempted")
-    _run(ref, 0.0)
+def test_sigterm_to_one_process_on_a_bucket_stops_both_saved_and_resumes_exactly(bucket, tmp_path):
+    ref, run = f"{bucket}/uninterrupted", f"{bucket}/preempted"
+    for i, (rc, out) in enumerate(run_two(ref, tmp_path / "a", flags=[f"--config.num_steps={STEPS}"])):
+        assert rc == 0, f"process {i} exited {rc}:\n{out[-3000:]}"
 
-    def sigterm_a_few_steps_in(procs):
-        deadline = time.time() + 240
-        while not any(s >= 3 for s in _logged_steps(run)):  # a few steps in (compiled, training)
-            assert time.time() < deadline and all(p.poll() is None for p in procs), "run did not get going"
-            time.sleep(0.2)
-        procs[1].send_signal(signal.SIGTERM)  # the process that is not the coordinator
+    results = run_two(run, tmp_path, sleep_s=0.5, flags=[f"--config.num_steps={STEPS}"],
+                      on_start=signal_a_few_steps_in(tmp_path, signal.SIGTERM))
+    for i, (rc, out) in enumerate(results):
+        assert rc == EXIT_PREEMPTED, f"process {i} exited {rc}:\n{out[-3000:]}"
+    steps = {saved_step(out, r"preempted \(SIGTERM\)") for _, out in results}
+    assert len(steps) == 1, steps  # both processes stopped at the same step...
+    (step,) = steps
+    assert 4 <= step < STEPS, step
+    assert bucket_steps(run) == [step]  # ...and saved it (every_steps=0: nothing else before the end)
 
-    said = _run(run, 0.5, on_start=sigterm_a_few_steps_in)
-    stopped = {int(s.rsplit("=", 1)[1]) for s in said}
-    assert len(stopped) == 1, said  # both processes stopped at the same step...
-    (step,) = stopped
-    assert 3 < step < STEPS, said
-    saved = sorted(int(n) for n in os.listdir(os.path.join(run, "checkpoints")) if n.isdigit())
-    assert saved == [step]  # ...and saved it (every_steps=0: nothing else is saved before the end)
-
-    said = _run(run, 0.0)  # the same command again: resumes and finishes
-    assert all(line.endswith("preempted=None") for line in said), said
-    a, b = _logged_steps(ref), _logged_steps(run)
-    assert sorted(a) == list(range(1, STEPS + 1)) and set(range(step + 1, STEPS + 1)) <= set(b)
-    for s in range(1, STEPS + 1):
-        if s in b:
-            assert abs(a[s] - b[s]) <= 1e-6 * abs(a[s]), (s, a[s], b[s])
-    worst = max(float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(y))), 1e-30))
-                for x, y in zip(_state(run, STEPS), _state(ref, STEPS)))
+    results = run_two(run, tmp_path, flags=[f"--config.num_steps={STEPS}"])  # the same command again
+    for i, (rc, out) in enumerate(results):
+        assert rc == 0, f"process {i} exited {rc}:\n{out[-3000:]}"
+        assert f"resumed from checkpoint step {step}" in out
+    worst = max(rel_err(x, y) for x, y in zip(final_state(run, STEPS), final_state(ref, STEPS)) if np.abs(y).max())
     assert worst <= 1e-6, worst
+    assert_nothing_local(tmp_path)
+    assert_nothing_local(tmp_path / "a")
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_one_process_stops_both_at_the_same_step_saved(bucket, tmp_path):
+    run = f"{bucket}/interrupted"
+    results = run_two(run, tmp_path, sleep_s=0.5, flags=["--config.num_steps=1000"],
+                      on_start=signal_a_few_steps_in(tmp_path, signal.SIGINT))
+    for i, (rc, out) in enumerate(results):
+        assert rc == 130, f"process {i} exited {rc}:\n{out[-3000:]}"
+    steps = {saved_step(out, r"interrupted \(Ctrl-C\)") for _, out in results}
+    assert len(steps) == 1, steps
+    (step,) = steps
+    assert bucket_steps(run) == [step]
+    for _, out in results:
+        last = [line for line in out.strip().splitlines() if line][-1]
+        assert last.startswith(f"dit-jax-train: interrupted; the last checkpoint is step {step} in {run}/"), last
+    assert_nothing_local(tmp_path)
+
+
+@pytest.mark.slow
+def test_sigterm_during_evaluations_stops_both_processes_at_the_same_call(bucket, tmp_path):
+    """An evaluation after every step, 10 sampling calls each, so a SIGTERM mostly lands inside one: both
+    processes stop at the same step, inside the same evaluation or both at a step boundary."""
+    run = f"{bucket}/evaluating"
+    flags = ["--config.num_steps=1000", "--config.eval.every_steps=1", "--config.eval.num_samples=40",
+             "--config.eval.batch_size=4", "--config.eval.respacing=ddim2"]
+    results = run_two(run, tmp_path, sleep_s=0.0, flags=flags,
+                      on_start=signal_a_few_steps_in(tmp_path, signal.SIGTERM))
+    for i, (rc, out) in enumerate(results):
+        assert rc == EXIT_PREEMPTED, f"process {i} exited {rc}:\n{out[-3000:]}"
+    steps = {saved_step(out, r"preempted \(SIGTERM\)") for _, out in results}
+    assert len(steps) == 1, steps
+    inside = [re.findall(r"preempted: stopping the evaluation of step (\d+)", out) for _, out in results]
+    assert inside[0] == inside[1], inside
+    assert bucket_steps(run) == [steps.pop()]
 
 
 def test_sigterm_single_process_saves_and_stops(tmp_path, monkeypatch):
@@ -104,3 +193,41 @@ def test_sigterm_single_process_saves_and_stops(tmp_path, monkeypatch):
     assert out.preempted == 3
     assert sorted(int(n) for n in os.listdir(tmp_path / "w" / "checkpoints") if n.isdigit()) == [3]
     assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone again
+
+
+def _sigterm_on_call(real_make, module, name, monkeypatch, on_call=2):
+    """`module.name` (make_sampler) returns the real sampler, which sends this process SIGTERM during its
+    `on_call`-th call (the signal arrives while a grid or an evaluation is being sampled)."""
+    calls = []
+
+    def make(*args, **kwargs):
+        sample = real_make(*args, **kwargs)
+
+        def sample_and_maybe_kill(*a):
+            calls.append(1)
+            if len(calls) == on_call:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return sample(*a)
+        return sample_and_maybe_kill
+
+    monkeypatch.setattr(module, name, make)
+    return calls
+
+
+@pytest.mark.parametrize("during", ["evaluation", "sample grid"])
+def test_sigterm_during_evaluation_or_sampling_stops_it_and_saves(tmp_path, monkeypatch, during):
+    """The signal arrives in the 2nd of 5 sampling calls at step 2: the run stops before the 3rd, saves step
+    2 and reports it preempted (before, the evaluation or grid ran to its end and the run stopped a step later)."""
+    c = tiny_config(num_steps=6)
+    c.mesh.num_devices = 1
+    c.eval.batch_size = 4
+    if during == "evaluation":
+        c.eval.every_steps, c.eval.num_samples, c.eval.respacing = 2, 20, "ddim2"
+        calls = _sigterm_on_call(train_eval.make_sampler, train_eval, "make_sampler", monkeypatch)
+    else:
+        c.sample.every_steps, c.sample.classes, c.sample.per_class, c.sample.respacing = 2, (0, 1, 2, 3, 4), 4, "ddim2"
+        calls = _sigterm_on_call(train.make_sampler, train, "make_sampler", monkeypatch)
+    out = train.train_and_evaluate(c, str(tmp_path / "w"))
+    assert out.preempted == 2 and len(calls) == 2, (out.preempted, len(calls))
+    assert sorted(int(n) for n in os.listdir(tmp_path / "w" / "checkpoints") if n.isdigit()) == [2]
+    assert not any(k.startswith("eval/") for k in out.metrics.get(2, {}))

@@ -135,8 +135,8 @@ def test_rounding_the_parameters_to_the_compute_dtype_is_exact():
     params = block.init(jax.random.PRNGKey(0), h, c)["params"]
     params = jax.tree_util.tree_map(lambda a: a + 0.05 * jnp.asarray(r.standard_normal(a.shape), jnp.float32), params)
 
-    def plain(h, p):
-        return block.apply({"params": p}, h, c)
+    def plain(h, p):  # the same checkpointed block without the rounding
+        return remat.checkpoint_block(lambda h, p: (block.apply({"params": p}, h, c), None), "save_dots")(h, p)[0]
 
     def stepped(h, p):
         return block_step(block, c, "save_dots")(h, p)[0]

@@ -1,4 +1,5 @@
 """dit-jax-sample on a tiny converted PyTorch checkpoint: PNG grid, latents, seeding, errors, download path."""
+import argparse
 import functools
 import http.server
 import os
@@ -14,7 +15,7 @@ from PIL import Image
 
 from conftest import perturbed_torch_dit, rel_err
 from convert import load_any
-from dit_jax.cli import sample
+from dit_jax.cli import sample, sample_args
 from dit_jax.diffusion import create_diffusion
 from dit_jax.sampling import image_keys, latents_fn
 from dit_jax.utils import xla_cpu
@@ -94,6 +95,22 @@ def test_errors_name_the_bad_flag(ckpt, tmp_path, capsys):
         assert message in err[-1] and err[-1].startswith("dit-jax-sample: error:"), (flags, err)
         assert not any("Traceback" in line for line in err)
     assert not os.path.exists(out)
+
+
+def test_attention_impl_flag_picks_the_kernel_and_keeps_the_latents(ckpt, tmp_path):
+    """--attention-impl (default auto: the matmul kernel on CPU) reaches the model; xla gives the same latents."""
+    lat = {}
+    for impl in ("auto", "xla"):
+        lat[impl] = tmp_path / f"{impl}.npy"
+        flags = [] if impl == "auto" else ["--attention-impl", impl]
+        assert sample.main(["--ckpt", ckpt, "--vae", "none", "--class-labels", "1", "2", "--out",
+                            str(tmp_path / f"{impl}.png"), "--save-latents", str(lat[impl])] + flags + COMMON) == 0
+    assert rel_err(np.load(lat["xla"]), np.load(lat["auto"])) <= 1e-5
+    p = argparse.ArgumentParser()
+    sample_args.add_common_args(p)
+    assert p.parse_args([]).attention_impl == "auto"
+    model, _ = sample_args.load_model(p.parse_args(["--ckpt", ckpt, "--attention-impl", "pallas_tpu"]))
+    assert model.attention_impl == "pallas_tpu"
 
 
 def test_make_grid_layout():

@@ -1,12 +1,11 @@
 """Bad input fails with a clear error before any compute; NaN losses stop the run; TensorBoard files."""
 import glob
 import os
-import struct
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, train_command, tiny_config
+from conftest import ROOT, tfrecords, train_command, tiny_config
 from dit_jax import sharding as shd
 from dit_jax import train
 from dit_jax.utils.errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -105,23 +104,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, lo
     assert steps == [2]
 
 
-def _read_records(path):
-    """Minimal TFRecord reader: (uint64 length, crc, data, crc) records, checking the masked crc32c."""
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
-
-    out = []
-    with open(path, "rb") as f:
-        while True:
-            head = f.read(8)
-            if not head:
-                return out
-            (n,) = struct.unpack("<Q", head)
-            assert struct.unpack("<I", f.read(4))[0] == masked_crc32c(head)
-            data = f.read(n)
-            assert struct.unpack("<I", f.read(4))[0] == masked_crc32c(data)
-            out.append(data)
-
-
 def test_tensorboard_events_and_sample_grid(tmp_path):
     from tensorboard.compat.proto import event_pb2
 
@@ -134,7 +116,7 @@ def test_tensorboard_events_and_sample_grid(tmp_path):
     train.train_and_evaluate(c, wd)
     files = glob.glob(os.path.join(wd, "tb", "events.out.tfevents.*"))
     assert len(files) == 1
-    events = [event_pb2.Event.FromString(r) for r in _read_records(files[0])]
+    events = [event_pb2.Event.FromString(r) for r in tfrecords(open(files[0], "rb").read())]
     assert events[0].file_version == "brain.Event:2"
     tags = {(e.step, v.tag) for e in events for v in e.summary.value}
     for tag in ("loss", "grad_norm", "lr", "steps_per_sec", "images_per_sec"):

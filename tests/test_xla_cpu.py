@@ -7,7 +7,6 @@ release (tests/test_model_precision.py).
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from dit_jax.utils import xla_cpu
 

@@ -5,9 +5,13 @@
     dit-jax-convert to-torch out/DiT-XL-2-256 out/dit-xl-diffusers --format diffusers
     dit-jax-convert migrate old/DiT-XL-2-256 out/DiT-XL-2-256     # a directory of an older dit_jax
 
-Progress goes to stderr, the inferred configuration to stdout. Any error prints one line and exits 1 (the
+IN and OUT may be local paths or bucket URLs (gs://...). Progress goes to stderr, the inferred configuration
+to stdout. Any error prints one line and exits 1 (the
 traceback with --debug; 2 for a usage error, 130 on Ctrl-C); outputs are written atomically, so nothing is
-left at OUT after a failure.
+left at OUT after a failure (a folder on a bucket that a kill interrupted stays marked incomplete, and is
+refused until it is written again with --overwrite). Release weights written as a diffusers folder, or weights
+read from diffusers written in a release format, print one line `dit-jax-convert: warning: ...`: the two models
+compute their timestep features differently, and the line says by how much (docs/convert.md).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from typing import List, Optional
 
 from convert import writers
 from convert.api import flax_to_torch, load_torch_checkpoint
-from dit_jax.cli.common import run_command
+from dit_jax.cli.common import one_line_warnings, run_command
 from dit_jax.pretrained import PretrainedError, is_pretrained_dir, load_pretrained, model_config, save_pretrained
 from dit_jax.utils.atomic import check_target
 
@@ -124,7 +128,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         COMMANDS[args.command](args)
         _log(f"done in {time.time() - start:.1f} s")
 
-    return run_command(PROG, convert_command, argv, on_interrupt=lambda: "nothing was written")
+    with one_line_warnings(PROG):  # e.g. weights written to a format whose model computes differently
+        return run_command(PROG, convert_command, argv, on_interrupt=lambda: "nothing was written")
 
 
 if __name__ == "__main__":

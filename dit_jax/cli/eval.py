@@ -3,12 +3,15 @@
     dit-jax-eval VIRTUAL_imagenet256_labeled.npz samples/xl2.npz          # ADM's five lines
     dit-jax-eval ref_stats.npz samples/ --json scores.json                # a folder of PNGs; statistics-only REF
     dit-jax-eval samples/xl2.npz --save-stats xl2_stats.npz                # mu, sigma, mu_s, sigma_s (float64)
+    dit-jax-eval ref_stats.npz xl2_stats.npz                              # FID, sFID only; no Inception weights
     dit-jax-eval --folder /data/imagenet/val --image-size 256 --save-stats in256_val.npz   # the training crop
     dit-jax-eval --tfds imagenet2012 --split validation --image-size 256 --save-stats in256_val.npz
 
 REF and SAMPLES are ADM .npz batches (arr_0 uint8 NHWC, optionally mu/sigma/mu_s/sigma_s) or folders of
-images. The FID Inception weights are pytorch-fid's pt_inception-2015-12-05 file, downloaded once into the
-cache and converted (or --inception PATH). Features are computed on every local device (and every host with
+images; every path (inputs, --save-stats, --json, --inception) may be local or a bucket URL (gs://...). The FID
+Inception weights are pytorch-fid's pt_inception-2015-12-05 file, downloaded once into the cache and converted
+(or --inception PATH); two statistics-only files give FID and sFID without them (the metrics that need images
+read "not available" with the reason). Features are computed on every local device (and every host with
 --distributed). Exit codes: 0 done, 1 an error (one line on stderr; --debug for the traceback), 2 a usage
 error, 130 interrupted.
 """
@@ -22,11 +25,12 @@ import jax
 import numpy as np
 
 from convert.inception_weights import inception_params
-from dit_jax.cli.common import check_range, check_writable_file, log_line, run_command
+from dit_jax.cli.common import check_local_dir, check_range, check_writable_file, log_line, run_command
 from dit_jax.data import image_reader
 from dit_jax.evaluation.batches import Batch, save_stats
 from dit_jax.evaluation.evaluate import compute_stats, evaluate, format_results
 from dit_jax.model import DTYPES, parse_dtype
+from dit_jax.utils import paths
 from dit_jax.utils.atomic import atomic_path
 from dit_jax.utils.errors import ConfigError
 
@@ -73,6 +77,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def check_args(args) -> None:
     check_range(args.batch_size, "--batch-size", 1)
     check_range(args.image_size, "--image-size", 8)
+    check_local_dir(args.cache_dir, "--cache-dir")
     dataset = args.folder is not None or args.tfds is not None
     if args.folder is not None and args.tfds is not None:
         raise ConfigError("give --folder or --tfds, not both")
@@ -85,13 +90,19 @@ def check_args(args) -> None:
                           f"--save-stats")
     if args.json:
         check_writable_file(args.json, "--json")
+    if args.inception is not None and not paths.is_file(args.inception):  # checked even when not needed
+        raise ConfigError(f"--inception {args.inception}: no such file")
 
 
 def run(args) -> dict:
     check_args(args)
     if args.distributed:
         jax.distributed.initialize()
-    params = inception_params(args.inception, cache_dir=args.cache_dir, progress=not args.no_progress, log=log_line)
+
+    def params():  # only when some batch has images: statistics alone need neither the network nor its weights
+        return inception_params(args.inception, cache_dir=args.cache_dir, progress=not args.no_progress,
+                                log=log_line)
+
     common = dict(per_device_batch=args.batch_size, dtype=parse_dtype(args.dtype), progress=not args.no_progress)
     if args.save_stats:
         if args.batches:

@@ -3,52 +3,52 @@
     dit-jax-extract-latents --folder /data/imagenet/train --image_size 256 --vae ema --out /data/latents256
     dit-jax-extract-latents --tfds imagenet2012 --data_dir ~/tensorflow_datasets --out /data/latents256
 
-Each example is stored as the posterior mean and std of the image and of its mirror image (dit_jax/data/
-extract.py, layout in dit_jax/data/latents.py); a killed run, rerun with the same command, skips the
-finished shards. Each process of a multi-host job (--distributed) encodes its own shards.
+Each example is stored as the posterior mean and std of the image and of its mirror image
+(dit_jax/latent_extraction.py, layout in dit_jax/data/latents.py), locally or in a bucket (--out gs://...);
+a killed run, rerun with the same command, skips the finished shards. Each process of a multi-host job
+(--distributed) encodes and writes its own shards.
 Exit codes: 0 done, 1 an error (one line on stderr; --debug for the traceback), 2 a usage error,
 130 interrupted (finished shards are kept).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
-import os
 from typing import Optional, Sequence
 
 import jax
 
 from convert import vae_weights
 from dit_jax.cli.common import check_range, check_writable_dir, run_command
+from dit_jax.cli.config_file import load_config
 from dit_jax.data import image_reader
 from dit_jax.latent_extraction import extract
+from dit_jax.utils import paths
 from dit_jax.utils.errors import ConfigError
 
 PROG = "dit-jax-extract-latents"
 
 
-def load_config_data(path: str) -> dict:
-    """config.data of an ml_collections config file (get_config()), as a dict."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config {path!r} does not exist")
-    spec = importlib.util.spec_from_file_location("_dit_jax_extract_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return dict(mod.get_config().data)
+def load_config_data(spec: str) -> dict:
+    """config.data of a training config (PATH[:VARIANT] or a shipped name, as dit-jax-train's --config)."""
+    config = load_config(spec)
+    if "data" not in config:
+        raise ConfigError(f"--config {spec}: the config has no data section (config.data)")
+    return dict(config.data)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     src = p.add_argument_group("data (a folder of class sub-folders, or a tfds data set)")
-    src.add_argument("--config", default="", help="training config file; its config.data gives the defaults")
-    src.add_argument("--folder", default=None, help="DIR/<class>/<image> (the release's ImageFolder input)")
+    src.add_argument("--config", default="", help="a training config (PATH[:VARIANT] or a shipped name such as "
+                                                  "default:XL/2,512); its config.data gives the defaults")
+    src.add_argument("--folder", default=None, help="DIR/<class>/<image> (the release's ImageFolder input; a path or URL)")
     src.add_argument("--tfds", default=None, help="tfds data set name, e.g. imagenet2012")
     src.add_argument("--data-dir", "--data_dir", default=None, help="tfds data_dir")
     src.add_argument("--manual-dir", "--manual_dir", default=None, help="tfds manual_dir (imagenet2012 tars)")
     src.add_argument("--split", default=None, help="tfds split (default train)")
     src.add_argument("--image-size", "--image_size", type=int, default=None, help="256 or 512 (default 256)")
-    p.add_argument("--out", required=True, help="output directory (created; rerun to resume)")
+    p.add_argument("--out", required=True, help="output directory or bucket URL (gs://...; created; rerun to resume)")
     p.add_argument("--vae", default=None, help="mse | ema | path to a diffusers VAE (default ema)")
     p.add_argument("--batch-size", "--batch_size", type=int, default=64,
                    help="images per encode call (x2 for the mirrors); a multiple of the local device count")
@@ -87,12 +87,13 @@ def extract_latents(args) -> dict:
     check_range(args.num_workers, "--num-workers", 1)
     cfg = data_config(args)
     check_range(cfg["image_size"], "--image-size", 8)
-    check_writable_dir(args.out, "--out")
+    if not paths.is_url(args.out):  # a bucket is checked by the first write
+        check_writable_dir(args.out, "--out")
     if args.distributed:
         jax.distributed.initialize()
     reader = image_reader(cfg, jax.process_count())
     vae, params = vae_weights.load_vae(cfg["vae"])
-    data_desc = ({"name": "folder", "folder": os.path.abspath(cfg["folder"])} if cfg["name"] == "folder" else
+    data_desc = ({"name": "folder", "folder": paths.display(cfg["folder"])} if cfg["name"] == "folder" else
                  {"name": "tfds", "tfds_name": cfg["tfds_name"], "split": cfg["split"]})
     stats = extract(reader, args.out, vae, params, batch_size=args.batch_size, shard_size=args.shard_size,
                     process_index=jax.process_index(), process_count=jax.process_count(), dtype=args.dtype,

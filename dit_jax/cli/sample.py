@@ -37,8 +37,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help=f"one image per label (default: the release's {' '.join(map(str, RELEASE_CLASS_LABELS))})")
     p.add_argument("--batch-size", type=int, default=None, help="images per jitted call (default: all)")
     p.add_argument("--nrow", type=int, default=4, help="images per grid row (>= 1)")
-    p.add_argument("--out", default="sample.png", help="PNG grid to write")
-    p.add_argument("--save-latents", default=None, help="also write the sampled latents (N, h, w, C) as .npy")
+    p.add_argument("--out", default="sample.png", help="PNG grid to write (a local path or gs://...)")
+    p.add_argument("--save-latents", default=None,
+                   help="also write the sampled latents (N, h, w, C) as .npy (a local path or gs://...)")
     return p.parse_args(argv)
 
 

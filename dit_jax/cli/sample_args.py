@@ -5,17 +5,18 @@ Every value is checked here, before any weights are read or anything is computed
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any, Optional, Tuple
 
 import convert
 from convert import vae_weights
-from dit_jax.cli.common import check_range, log_line
+from dit_jax.attention import IMPLEMENTATIONS
+from dit_jax.cli.common import check_local_dir, check_range, log_line
 from dit_jax.diffusion import GaussianDiffusion
 from dit_jax.diffusion_schedules import parse_respacing
 from dit_jax.utils.errors import ConfigError
 from dit_jax.model import DTYPES, DiT, parse_dtype, parse_model_name
 from dit_jax.sampling import SAMPLERS, sampling_diffusion
+from dit_jax.utils import paths
 from dit_jax.utils.download import DIT_IMAGE_SIZES, dit_checkpoint_path
 from dit_jax.vae import AutoencoderKL
 
@@ -52,14 +53,18 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="a non-negative integer")
     p.add_argument("--ckpt", default=None,
                    help="dit_jax model directory or PyTorch .pt/.pth/.safetensors/diffusers folder "
-                        "(converted on the fly); default: download the released DiT-XL/2")
+                        "(converted on the fly), local or a bucket URL (gs://...); default: download the released "
+                        "DiT-XL/2")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read a .pt with full pickle (runs code from the file!) when weights_only fails")
     p.add_argument("--vae", default="mse",
                    help="mse | ema (downloaded via huggingface_hub) | PATH (diffusers folder or weights "
-                        "file) | none (no decoding: preview the raw latents)")
+                        "file, local or gs://...) | none (no decoding: preview the raw latents)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype of the DiT and VAE (params stay float32)")
+    p.add_argument("--attention-impl", choices=IMPLEMENTATIONS, default="auto",
+                   help="attention kernel: auto (CPU matmuls, GPU cuDNN flash attention with bfloat16, TPU Pallas "
+                        "flash attention at 512 px, else XLA's), or one everywhere (dit_jax/attention.py)")
     p.add_argument("--cache-dir", default=None, help="download cache (default $DIT_JAX_CACHE or ~/.cache/dit_jax)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--model-batch-chunk", default="auto", type=batch_chunk_arg,
@@ -76,10 +81,11 @@ def check_common_args(args) -> None:
     check_range(args.seed, "--seed", 0, 2**32 - 1)
     if args.image_size is not None:
         check_range(args.image_size, "--image-size", 8, None)
-    if args.vae.lower() not in ("mse", "ema", "none") and not os.path.exists(args.vae):
+    if args.vae.lower() not in ("mse", "ema", "none") and not paths.as_path(args.vae).exists():
         raise ConfigError(f"--vae {args.vae}: expected mse, ema, none or an existing path")
-    if args.ckpt is not None and not os.path.exists(args.ckpt):
+    if args.ckpt is not None and not paths.as_path(args.ckpt).exists():
         raise ConfigError(f"--ckpt {args.ckpt}: no such file or directory")
+    check_local_dir(args.cache_dir, "--cache-dir")
     if args.model is not None:
         try:
             parse_model_name(args.model)
@@ -117,6 +123,7 @@ def load_model(args) -> Tuple[DiT, Any]:
     log_line(f"loading DiT weights from {path}")
     model, params = convert.load_any(path, dtype=parse_dtype(args.dtype), allow_pickle=args.allow_pickle,
                                      log=log_line)
+    model = model.clone(attention_impl=args.attention_impl)
     if args.model is not None:
         depth, hidden, _, patch = parse_model_name(args.model)
         got = (model.depth, model.hidden_size, model.patch_size)

@@ -2,16 +2,19 @@
 
     dit-jax-sample-many --ckpt DiT-XL-2-256x256.pt --num-images 50000 --cfg-scale 1.5 --out-dir samples/run1
     # -> samples/run1/000000.png ... 049999.png and samples/run1.npz (arr_0: uint8 (N, H, W, 3))
+    dit-jax-sample-many --distributed ... --out-dir gs://bucket/samples/run1     # every host of a TPU pod
 
 Determinism: image i uses the key fold_in(PRNGKey(seed), i) and, with --labels random, a class drawn from
 that key, so it does not depend on the number of devices or hosts. The indices are cut into chunks of
 (per-device batch x local devices); chunk c runs on host c % process_count, each device taking
 `--per-device-batch-size` consecutive indices (shard_map: every device runs the same single-device program).
 
-Resuming: PNGs are written atomically (temporary name, then rename) and a chunk whose PNGs all exist is
-skipped, so rerunning the same command after a kill only does the missing work; an image counts as done
-only if it is a readable PNG of the expected size (a 0-byte or cut-off file is made again). run.json in the
-output folder records the settings that change images; a rerun with different settings is refused.
+Resuming: PNGs are written atomically (temporary name, then rename; on a bucket one object, which appears
+only when its upload is complete) and a chunk whose PNGs all exist is skipped, so rerunning the same command
+after a kill only does the missing work; a local image counts as done only if it is a readable PNG of the
+expected size (a 0-byte or cut-off file is made again). run.json in the output folder records the settings
+that change images; a rerun with different settings is refused. --out-dir and --npz may be bucket URLs
+(gs://...): every host writes its own PNGs there, host 0 reads them all back for the .npz.
 Exit codes: 0 all images and the .npz written (or stopped by --stop-after-batches), 1 an error (one line on
 stderr), 2 a usage error, 130 interrupted (finished images are kept; rerun to continue).
 """
@@ -19,9 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence, Tuple
 
 import jax
@@ -32,15 +35,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dit_jax.cli import sample_args
-from dit_jax.cli.common import check_range, check_writable_dir, check_writable_file, log_line, run_command
+from dit_jax.cli.common import (add_distributed_args, check_range, check_writable_dir, check_writable_file,
+                                init_distributed, log_line, run_command)
 from dit_jax.utils.errors import ConfigError
 from dit_jax.sampling import image_keys, image_labels, images_fn, latents_fn
-from dit_jax.utils.atomic import atomic_path
-from dit_jax.utils import xla_cpu
+from dit_jax.utils import paths, xla_cpu
+from dit_jax.utils.atomic import atomic_path, write_text
 from dit_jax.utils.images import save_png
 
 PROG = "dit-jax-sample-many"
 RUN_FILE = "run.json"
+READ_THREADS = 16  # PNGs read back at once from a bucket for the .npz (one request each)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -51,25 +56,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--per-device-batch-size", type=int, default=16, help="images per device per call")
     p.add_argument("--labels", choices=("random", "balanced"), default="random",
                    help="random: a class drawn from each image's key; balanced: class = index %% num_classes")
-    p.add_argument("--out-dir", default="samples", help="folder of the PNGs (000000.png, ...)")
+    p.add_argument("--out-dir", default="samples", help="folder of the PNGs (000000.png, ...); local or gs://...")
     p.add_argument("--npz", default=None, help="the .npz to write at the end (default: <out-dir>.npz)")
     p.add_argument("--num-local-devices", type=int, default=None,
                    help="use only the first k local devices (default: all)")
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host jobs)")
+    add_distributed_args(p)
     p.add_argument("--stop-after-batches", type=int, default=None,
                    help="testing aid: stop (as if killed) after this many computed batches")
     return p.parse_args(argv)
 
 
+def png_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
 def png_path(out_dir: str, index: int) -> str:
-    return os.path.join(out_dir, f"{index:06d}.png")
+    return paths.join(out_dir, png_name(index))
 
 
 def png_done(path: str, size: int) -> bool:
     """A finished image: a PNG that decodes completely and is size x size (0-byte and cut-off files are not)."""
     try:
-        with Image.open(path) as im:
+        with paths.as_path(path).open("rb") as f, Image.open(f) as im:
             if im.size != (size, size):
                 return False
             im.verify()  # reads every chunk and checks the CRCs
@@ -82,7 +90,7 @@ def run_settings(args, model) -> dict:
     """What decides the pixels of image i (the batch size and device count do not)."""
     cfg = {k: getattr(model, k) for k in ("input_size", "patch_size", "hidden_size", "depth", "num_classes",
                                           "learn_sigma")}
-    return {"ckpt": os.path.abspath(args.ckpt) if args.ckpt else f"release DiT-XL/2 {args.image_size or 256}px",
+    return {"ckpt": paths.display(args.ckpt) if args.ckpt else f"release DiT-XL/2 {args.image_size or 256}px",
             "model": cfg, "vae": args.vae, "sampler": args.sampler, "steps": args.respacing or args.num_sampling_steps,
             "eta": args.eta, "cfg_scale": args.cfg_scale, "guide_all_channels": args.guide_all_channels,
             "seed": args.seed, "labels": args.labels, "dtype": args.dtype}
@@ -90,10 +98,9 @@ def run_settings(args, model) -> dict:
 
 def check_run_file(out_dir: str, settings: dict) -> None:
     """Writes run.json on the first run; refuses to mix images made with other settings."""
-    path = os.path.join(out_dir, RUN_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    path = paths.join(out_dir, RUN_FILE)
+    if paths.as_path(path).exists():
+        old = json.loads(paths.as_path(path).read_text())
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             detail = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
@@ -101,8 +108,7 @@ def check_run_file(out_dir: str, settings: dict) -> None:
                               f"or delete {path} and the PNGs")
         return
     if jax.process_index() == 0:
-        with atomic_path(path) as tmp, open(tmp, "w") as f:
-            json.dump(settings, f, indent=2)
+        write_text(path, json.dumps(settings, indent=2))
 
 
 def sync(name: str) -> None:
@@ -110,16 +116,30 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def present_names(out_dir: str) -> set:
+    """Names of the files in out_dir (one listing; on a bucket far cheaper than a request per image)."""
+    folder = paths.as_path(out_dir)
+    return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+
+def read_png(path: str) -> np.ndarray:
+    with paths.as_path(path).open("rb") as f, Image.open(f) as im:
+        return np.asarray(im.convert("RGB"))
+
+
 def write_npz(out_dir: str, num_images: int, path: str) -> str:
     """All PNGs 0..N-1 -> one .npz with arr_0 uint8 (N, H, W, 3), written atomically."""
-    missing = [i for i in range(num_images) if not os.path.exists(png_path(out_dir, i))]
+    present = present_names(out_dir)
+    missing = [i for i in range(num_images) if png_name(i) not in present]
     if missing:
         raise ConfigError(f"cannot write {path}: {len(missing)} PNGs are missing in {out_dir} "
                           f"(first {png_path(out_dir, missing[0])}); rerun the command to finish them")
-    first = np.asarray(Image.open(png_path(out_dir, 0)).convert("RGB"))
+    first = read_png(png_path(out_dir, 0))
     arr = np.empty((num_images,) + first.shape, np.uint8)
-    for i in range(num_images):
-        arr[i] = np.asarray(Image.open(png_path(out_dir, i)).convert("RGB"))
+    threads = READ_THREADS if paths.is_url(out_dir) else 1  # a bucket: requests overlap, order is kept
+    with ThreadPoolExecutor(threads) as pool:
+        for i, img in enumerate(pool.map(read_png, (png_path(out_dir, i) for i in range(num_images)))):
+            arr[i] = img
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz"
         np.savez(f, arr_0=arr)
     return path
@@ -136,18 +156,27 @@ def check_args(args) -> None:
     check_writable_file(args.npz or f"{args.out_dir.rstrip('/') or '.'}.npz", "--npz")
 
 
-def todo_batches(out_dir: str, n: int, chunk: int, size: int) -> Tuple[List[List[int]], int]:
-    """This host's index batches that still miss an image, and how many images this host owns."""
+def finished(out_dir: str, indices: List[int], size: int) -> set:
+    """The indices whose PNG is done. On a bucket an object exists only once its upload is complete, so
+    being listed is enough; a local file must also decode completely at the right size."""
+    present = present_names(out_dir)
+    trust = paths.is_url(out_dir)
+    return {i for i in indices if png_name(i) in present and (trust or png_done(png_path(out_dir, i), size))}
+
+
+def todo_batches(out_dir: str, n: int, chunk: int, size: int) -> Tuple[List[List[int]], int, set]:
+    """This host's index batches that still miss an image, how many images this host owns, and which of
+    them are finished."""
     host, hosts = jax.process_index(), jax.process_count()
     mine = [list(range(c * chunk, min((c + 1) * chunk, n))) for c in range(-(-n // chunk)) if c % hosts == host]
-    todo = [idx for idx in mine if not all(png_done(png_path(out_dir, i), size) for i in idx)]
-    return todo, sum(len(idx) for idx in mine)
+    done = finished(out_dir, [i for idx in mine for i in idx], size)
+    todo = [idx for idx in mine if not all(i in done for i in idx)]
+    return todo, sum(len(idx) for idx in mine), done
 
 
 def sample_many(args) -> Optional[str]:
     """Samples the images of `args` and writes the .npz; returns its path (None when stopped early)."""
-    if args.distributed:  # before anything touches a device
-        jax.distributed.initialize()
+    init_distributed(args)  # before anything touches a device
     check_args(args)
     model, params = sample_args.load_model(args)
     vae, vae_params = sample_args.load_vae(args)
@@ -155,7 +184,7 @@ def sample_many(args) -> Optional[str]:
     size = model.input_size * (vae.downsample_factor if vae is not None else 1)  # PNG side (latent preview: 1x)
     out_dir = args.out_dir.rstrip("/") or "."
     npz = args.npz or f"{out_dir}.npz"
-    os.makedirs(out_dir, exist_ok=True)
+    paths.as_path(out_dir).mkdir(parents=True, exist_ok=True)  # (a bucket has no folders to make)
     check_run_file(out_dir, run_settings(args, model))
     sync("dit_jax_sample_many_start")
 
@@ -180,7 +209,7 @@ def sample_many(args) -> Optional[str]:
     vae_params = jax.device_put(vae_params, replicated) if vae_params is not None else None
 
     n, host = args.num_images, jax.process_index()
-    todo, mine = todo_batches(out_dir, n, chunk, size)
+    todo, mine, done = todo_batches(out_dir, n, chunk, size)
     left = sum(len(i) for i in todo)
     log_line(f"host {host}/{jax.process_count()}: {len(devices)} devices x {per_dev} images per call; {mine} "
              f"images for this host, {left} to do in {len(todo)} batches; {diffusion.num_timesteps} "
@@ -195,7 +224,7 @@ def sample_many(args) -> Optional[str]:
             images = np.asarray(step(params, vae_params, jax.device_put(labels, batched),
                                      jax.device_put(keys, batched)))
             for j, i in enumerate(idx):
-                if not png_done(png_path(out_dir, i), size):  # finished images are never rewritten
+                if i not in done:  # finished images are never rewritten
                     save_png(images[j], png_path(out_dir, i))
             bar.update(len(idx))
             if args.stop_after_batches is not None and done_batches >= args.stop_after_batches:

@@ -1,16 +1,23 @@
 """dit-jax-train: flags -> train.train_and_evaluate(config, workdir).
 
-    dit-jax-train --config configs/digits.py --workdir runs/digits [--config.optim.lr=2e-4 ...]
-    dit-jax-train --config configs/default.py:B/2 --workdir gs://bucket/run --export-torch dit.pt
+    dit-jax-train --config digits --workdir runs/digits [--config.optim.lr=2e-4 ...]
+    dit-jax-train --config default:B/2 --workdir gs://bucket/run --export-torch dit.pt
     dit-jax-train --config configs/default.py --workdir /tmp/check --compile-only --topology v5e:16x16
+    dit-jax-train --config my_experiment.py:variant --workdir runs/mine
+
+--config takes a file with get_config() (PATH[:VARIANT]) or the name of a shipped config (digits, default);
+a PATH that does not exist but names a shipped config (configs/digits.py) reads the installed one, so the
+commands above work from any directory. A missing or broken config file is one line naming it (exit 1).
 
 Multi-host: on TPU pods, SLURM and Open MPI `jax.distributed.initialize()` finds the cluster itself
 (--distributed=auto); elsewhere pass --coordinator_address HOST:PORT --num_processes N --process_id I on
 every process (or the env variables DIT_COORDINATOR_ADDRESS, DIT_NUM_PROCESSES, DIT_PROCESS_ID).
 --compile-only compiles the training step for a TPU pod on this machine (docs/tpu.md) and exits 0 when it fits,
-1 when it does not. SIGTERM (a preempted spot VM) saves a checkpoint at a step all processes agree on and
-exits 0. Exit codes: 0 trained (or nothing left to train), 1 an error (one line on stderr; --debug for the
-traceback), 2 a usage error, 130 interrupted (the newest checkpoint is kept; rerun to resume).
+1 when it does not. SIGTERM (a preempted spot VM) or Ctrl-C on any process stops every process at the same
+step, saved. Exit codes: 0 trained (or nothing left to train), 1 an error (one line on stderr; --debug for the
+traceback), 2 a usage error, 75 preempted (EX_TEMPFAIL of sysexits.h, "try again": a restart loop reruns the
+same command while it exits 75 and stops on anything else), 130 interrupted with Ctrl-C (the step it stopped
+at is saved; rerun to resume).
 """
 from __future__ import annotations
 
@@ -23,22 +30,24 @@ import jax
 from absl import flags
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 
 import convert
 from convert import vae_weights, writers
 from convert.inception_weights import inception_params
 from dit_jax import build, checkpoint as ckpt_lib, compile_report, topology
-from dit_jax.cli.common import EXIT_USAGE, check_writable_file, run_command, setup_console_logging
+from dit_jax.cli.common import EXIT_USAGE, check_writable_file, report_error, run_command, setup_console_logging
+from dit_jax.cli.config_file import ConfigFileError, define_config_flag
 from dit_jax.utils.errors import ConfigError
 from dit_jax.pretrained import model_config
 from dit_jax.train import train_and_evaluate
-from dit_jax.utils import cpu_malloc
+from dit_jax.utils import cpu_malloc, paths
 
 PROG = "dit-jax-train"
+# A run stopped by SIGTERM on any process: saved, rerun it to resume. Not 0, so that a restart loop can tell
+# "preempted" from "finished"; 75 is sysexits.h's EX_TEMPFAIL ("a temporary failure; try again").
+EXIT_PREEMPTED = 75
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "a configs/*.py file with get_config() (PATH[:VARIANT])",
-                                lock_config=True)
+define_config_flag("config")  # PATH[:VARIANT] or a shipped config's name (dit_jax/cli/config_file.py)
 flags.DEFINE_string("workdir", None, "checkpoints, logs, TensorBoard events and sample grids go here")
 flags.DEFINE_string("export-torch", None, "write the final EMA weights as a release-format PyTorch .pt here")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
@@ -96,7 +105,7 @@ def export_torch(path: str, result) -> None:
     host = (multihost_utils.process_allgather(result.state.ema_params, tiled=True) if jax.process_count() > 1
             else jax.device_get(result.state.ema_params))
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        paths.as_path(path).parent.mkdir(parents=True, exist_ok=True)  # local folders; a bucket needs none
         state = convert.flax_to_torch(host, model_config(result.model), as_numpy=True)
         writers.write_pt(state, path, overwrite=True)
         logging.getLogger("dit_jax.train").info("exported EMA weights to %s", path)
@@ -136,7 +145,9 @@ def train(config, workdir: str) -> int:
     init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                      FLAGS.cpu_collectives)
     result = train_and_evaluate(config, workdir, load_vae=vae_weights.load_vae, load_inception=inception_params)
-    if export and result.preempted is None:
+    if result.preempted is not None:
+        return EXIT_PREEMPTED
+    if export:
         export_torch(export, result)
     return 0
 
@@ -152,7 +163,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
         print(__doc__.strip() + "\n\nflags:\n" + FLAGS.module_help(sys.modules[__name__]))
         return 0
-    error = parse_flags(argv)
+    try:
+        error = parse_flags(argv)
+    except ConfigFileError as e:  # the --config file itself: one line naming it (exit 1), not a usage error
+        return report_error(PROG, e, argv[1:])
     if error is None and (FLAGS.config is None or FLAGS.workdir is None):
         error = "--config and --workdir are required (pass --help for usage)"
     if error is not None:

@@ -4,12 +4,14 @@ The source contract (what dit_jax.train relies on): `source.batch(step)` returns
 global batch of `step` as NumPy arrays, a function of (seed, step) only, so a resumed or re-sharded run sees
 the same data; `source.num_examples`; `source.close()`. Batches are one of
   digits                                  -> {"x": (n, S, S, 1) float32 in [-1, 1], "y": int32 (n,)}
-  folder / tfds, encode_on_the_fly=True   -> {"image": (n, S, S, 3) float32 in [-1, 1], "y"}
-  folder / tfds, encode_on_the_fly=False  -> {"x": the same pixels (a pixel-space model), "y"}
+  folder / tfds, encode_on_the_fly=True   -> {"image": (n, S, S, 3) uint8, "y"} (the step scales to [-1, 1])
+  folder / tfds, encode_on_the_fly=False  -> {"x": the same uint8 pixels (a pixel-space model), "y"}
   latents                                 -> {"latent_mean", "latent_std": (n, S/8, S/8, 4) float32, "y"}
 
-Modules: source (the shared random-access source: order, flips, skipping corrupt files), digits, folder,
-latents, tfds (the only one that imports tensorflow, and only when asked for), preprocess (decode, crop).
+Every path (data.folder, data.data_dir, data.latents_dir) may be a local path or a URL (gs://...).
+Modules: source (the shared random-access sources: order, flips, prefetch, skipping corrupt files), digits,
+folder, latents (+ byte_ranges: ranged reads), tfds (the only one that imports tensorflow, and only when
+asked for), preprocess (decode, crop).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Any
 from dit_jax.data.digits import DigitsReader
 from dit_jax.data.folder import FolderReader
 from dit_jax.data.latents import LatentsReader
-from dit_jax.data.source import IndexedSource
+from dit_jax.data.source import IndexedSource, LatentSource
 from dit_jax.utils.errors import DataError
 
 __all__ = ["DataError", "SOURCES", "make_source", "image_reader"]
@@ -69,18 +71,14 @@ def make_source(cfg: Any, *, global_batch_size: int, process_index: int = 0, pro
         r = DigitsReader(int(_get(cfg, "image_size", 8)))
         return IndexedSource(r.read, len(r), r.describe, kind="pixels", random_flip=flip, **common)
     if name == "latents":
-        r = LatentsReader(_get(cfg, "latents_dir", ""))
-        return IndexedSource(r.read, len(r), r.describe, kind="latent", random_flip=flip, **common)
+        common.pop("num_workers")  # one ranged read per batch; its requests run concurrently
+        return LatentSource(LatentsReader(_get(cfg, "latents_dir", "")), random_flip=flip, **common)
     if name == "tfds":
         tfds = _tfds_module()
         builder = tfds.load_builder(_get(cfg, "tfds_name", "imagenet2012"), _get(cfg, "data_dir", ""),
                                     _get(cfg, "manual_dir", ""), process_count)
-        split = _get(cfg, "split", "train")
-        if tfds.file_format(builder) != "array_record":  # tfrecord: no random access, stream it
-            common.pop("prefetch")
-            return tfds.TfdsStreamSource(builder, split, int(_get(cfg, "image_size", 256)), random_flip=flip,
-                                         image_key_out=image_key, **common)
-        r = tfds.TfdsReader(builder, split, int(_get(cfg, "image_size", 256)))
+        tfds.require_random_access(builder, _get(cfg, "data_dir", ""))
+        r = tfds.TfdsReader(builder, _get(cfg, "split", "train"), int(_get(cfg, "image_size", 256)))
     elif name == "folder":
         r = FolderReader(_get(cfg, "folder", ""), int(_get(cfg, "image_size", 256)))
     else:

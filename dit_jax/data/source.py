@@ -1,4 +1,4 @@
-"""Random-access data source shared by the digits, folder, tfds (array_record) and latents readers.
+"""Random-access data sources shared by the digits, folder, tfds (array_record) and latents readers.
 
 Order: the global example stream is the concatenation of epochs, epoch e being a permutation of the data
 set seeded by (seed, e). The global batch of step s is stream positions [s * B, (s + 1) * B); process p of P
@@ -16,7 +16,6 @@ import numpy as np
 
 from dit_jax.data.preprocess import flip_mask
 from dit_jax.utils.errors import DataError
-from dit_jax.utils.images import to_model_range
 
 log = logging.getLogger(__name__)
 
@@ -103,54 +102,28 @@ class SkipCorrupt:
                         f"Check that the files are images PIL can open.")
 
 
-class IndexedSource:
-    """source.batch(step) for any random-access reader; threaded decode and `prefetch` batches ahead.
+class StepSource:
+    """source.batch(step) over a GlobalOrder, with `prefetch` whole batches assembled ahead in background
+    threads, concurrently (the Python step loop only picks up finished batches). Subclasses define
+    `_assemble(step) -> dict`."""
 
-    kind "image": reader returns {"pixels": uint8 (S, S, 3), "y"} -> {"image" (or "x"): float32 [-1, 1], "y"}
-    kind "pixels": reader returns {"x": float32 (S, S, C) in [-1, 1], "y"} -> {"x", "y"} (in-memory digits)
-    kind "latent": reader returns {"mean","std": (2, h, w, 4) [unflipped, flipped], "y"}
-                   -> {"latent_mean", "latent_std", "y"}
-    """
-    KINDS = ("image", "pixels", "latent")
-
-    def __init__(self, read: Callable[[int], dict], num_examples: int, describe: Callable[[int], str], *,
-                 kind: str, global_batch_size: int, process_index: int = 0, process_count: int = 1, seed: int = 0,
-                 random_flip: bool = True, image_key: str = "image", num_workers: int = 8, prefetch: int = 2,
-                 shuffle: bool = True):
-        if kind not in self.KINDS:
-            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
-        self.kind, self.image_key, self.random_flip = kind, image_key, random_flip
-        self.num_examples = int(num_examples)
+    def __init__(self, num_examples: int, *, global_batch_size: int, process_index: int = 0, process_count: int = 1,
+                 seed: int = 0, random_flip: bool = True, prefetch: int = 2, shuffle: bool = True):
+        self.num_examples, self.seed, self.random_flip = int(num_examples), int(seed), random_flip
         self.order = GlobalOrder(num_examples, global_batch_size, process_index, process_count, seed, shuffle)
-        self.reader = SkipCorrupt(read, num_examples, describe)
-        self.seed = int(seed)
-        self._pool = cf.ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="dit-decode")
-        self._ahead = cf.ThreadPoolExecutor(1, thread_name_prefix="dit-prefetch") if prefetch > 0 else None
-        self._prefetch = prefetch
+        self._prefetch = int(prefetch)
+        self._ahead = (cf.ThreadPoolExecutor(self._prefetch, thread_name_prefix="dit-prefetch")
+                       if self._prefetch > 0 else None)
         self._pending: dict[int, cf.Future] = {}
 
-    @property
-    def num_skipped(self) -> int:
-        """How many corrupt examples were found (and replaced by the next valid one) so far."""
-        return self.reader.num_skipped
+    def flips(self, step: int) -> np.ndarray:
+        """bool (local_batch,): which examples of this process's slice of `step` are mirrored."""
+        if not self.random_flip:
+            return np.zeros(self.order.local_batch, bool)
+        return flip_mask(self.seed, step, self.order.global_batch)[self.order.local_positions(step)]
 
     def _assemble(self, step: int) -> dict:
-        idx = self.order.local_indices(step)
-        examples = list(self._pool.map(self.reader, idx))
-        y = np.asarray([ex["y"] for ex in examples], np.int32)  # (n,)
-        flips = (flip_mask(self.seed, step, self.order.global_batch)[self.order.local_positions(step)]
-                 if self.random_flip else np.zeros(len(idx), bool))
-        if self.kind == "image":
-            pixels = np.stack([ex["pixels"] for ex in examples])  # (n, S, S, 3) uint8
-            pixels = np.where(flips[:, None, None, None], pixels[:, :, ::-1], pixels)
-            return {self.image_key: to_model_range(pixels), "y": y}
-        if self.kind == "pixels":
-            x = np.stack([ex["x"] for ex in examples])  # (n, S, S, C) float32
-            return {"x": np.where(flips[:, None, None, None], x[:, :, ::-1], x), "y": y}
-        which = flips.astype(np.int64)  # index 1 holds the latent of the mirrored image
-        mean = np.stack([np.asarray(ex["mean"][w], np.float32) for ex, w in zip(examples, which)])  # (n, h, w, 4)
-        std = np.stack([np.asarray(ex["std"][w], np.float32) for ex, w in zip(examples, which)])
-        return {"latent_mean": mean, "latent_std": std, "y": y}
+        raise NotImplementedError
 
     def batch(self, step: int) -> dict:
         """This process's slice of the global batch of `step` (NumPy arrays)."""
@@ -161,6 +134,8 @@ class IndexedSource:
                 f.cancel()
             self._pending.clear()
         out = fut.result() if fut is not None else self._assemble(step)
+        for s in [s for s in self._pending if s < step]:
+            self._pending.pop(s).cancel()
         if self._ahead is not None:
             for s in range(step + 1, step + 1 + self._prefetch):
                 if s not in self._pending:
@@ -173,10 +148,71 @@ class IndexedSource:
         self._pending.clear()
         if self._ahead is not None:
             self._ahead.shutdown(wait=True, cancel_futures=True)
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+class IndexedSource(StepSource):
+    """source.batch(step) for a per-example random-access reader, decoding in `num_workers` threads.
+
+    kind "image": reader returns {"pixels": uint8 (S, S, 3), "y"} -> {"image" (or "x"): uint8 (n, S, S, 3), "y"}
+                  (the train step scales to [-1, 1] on the device: a quarter of float32's bytes to send)
+    kind "pixels": reader returns {"x": float32 (S, S, C) in [-1, 1], "y"} -> {"x", "y"} (in-memory digits)
+    """
+    KINDS = ("image", "pixels")
+
+    def __init__(self, read: Callable[[int], dict], num_examples: int, describe: Callable[[int], str], *,
+                 kind: str, global_batch_size: int, process_index: int = 0, process_count: int = 1, seed: int = 0,
+                 random_flip: bool = True, image_key: str = "image", num_workers: int = 8, prefetch: int = 2,
+                 shuffle: bool = True):
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+        super().__init__(num_examples, global_batch_size=global_batch_size, process_index=process_index,
+                         process_count=process_count, seed=seed, random_flip=random_flip, prefetch=prefetch,
+                         shuffle=shuffle)
+        self.kind, self.image_key = kind, image_key
+        self.reader = SkipCorrupt(read, num_examples, describe)
+        self._pool = cf.ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="dit-decode")
+
+    @property
+    def num_skipped(self) -> int:
+        """How many corrupt examples were found (and replaced by the next valid one) so far."""
+        return self.reader.num_skipped
+
+    def _assemble(self, step: int) -> dict:
+        idx = self.order.local_indices(step)
+        examples = list(self._pool.map(self.reader, idx))
+        y = np.asarray([ex["y"] for ex in examples], np.int32)  # (n,)
+        flips = self.flips(step)
+        if self.kind == "image":
+            pixels = np.stack([ex["pixels"] for ex in examples])  # (n, S, S, 3) uint8
+            return {self.image_key: np.where(flips[:, None, None, None], pixels[:, :, ::-1], pixels), "y": y}
+        x = np.stack([ex["x"] for ex in examples])  # (n, S, S, C) float32
+        return {"x": np.where(flips[:, None, None, None], x[:, :, ::-1], x), "y": y}
+
+    def close(self):
+        super().close()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class LatentSource(StepSource):
+    """source.batch(step) for pre-extracted latents: one ranged read of the step's rows per batch.
+
+    reader.read_rows(indices, flips) -> {"latent_mean", "latent_std": float32 (n, h, w, 4), "y"}; the mirror
+    image's latent is a stored row of its own, so a flip is the choice of row, not an array operation.
+    """
+
+    def __init__(self, reader, **kw):
+        super().__init__(len(reader), **kw)
+        self.reader, self.num_skipped = reader, 0
+
+    def _assemble(self, step: int) -> dict:
+        return self.reader.read_rows(self.order.local_indices(step), self.flips(step))
+
+    def close(self):
+        super().close()
+        self.reader.close()

@@ -1,25 +1,23 @@
 """tensorflow-datasets input: any prepared tfds image data set, or imagenet2012 prepared from manual_dir.
 
 array_record data sets are read with random access (tfds data sources) through the same IndexedSource as a
-folder: batches depend only on (seed, step). tfrecord data sets (the tfds default) are streamed with tf.data
-(TfdsStreamSource): each process reads an even split of its own, deterministic for a fixed process count.
+folder: batches depend only on (seed, step), and a run resumed at step k reads step k's examples directly.
+tfrecord data sets (the tfds default) have no random access, so training refuses them with the command that
+prepares an array_record copy (`require_random_access`); the latent extraction, which reads in data set
+order, still takes them (TfdsChunkReader).
 tensorflow and tfds are imported here only, and dit_jax.data imports this module only for tfds sources.
 Preparing a data set: `python -m dit_jax.cli.prepare_tfds NAME --data_dir DIR [--manual_dir DIR]`.
 """
 from __future__ import annotations
 
 import collections
-import concurrent.futures as cf
 import logging
 import threading
 
-import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from dit_jax.data.preprocess import flip_mask, preprocess
+from dit_jax.data.preprocess import preprocess
 from dit_jax.utils.errors import DataError
-from dit_jax.utils.images import to_model_range
 
 log = logging.getLogger(__name__)
 PREPARE = "python -m dit_jax.cli.prepare_tfds"
@@ -79,6 +77,22 @@ def file_format(builder) -> str:
     return getattr(fmt, "value", str(fmt))
 
 
+def require_random_access(builder, data_dir: str) -> None:
+    """Training reads examples by index (O(1) resume at any step): a tfrecord data set is refused with how to
+    get an array_record one."""
+    fmt = file_format(builder)
+    if fmt == "array_record":
+        return
+    where = data_dir or "the default tfds data_dir"
+    raise DataError(
+        f"tfds data set {builder.name!r} in {where} is stored as {fmt}, which has no random access: a run "
+        f"resumed at step k would re-read every record before it. Prepare it as array_record once "
+        f"({PREPARE} {builder.name} --data_dir NEW_DIR [--manual_dir DIR], or convert this copy with "
+        f"`tfds convert_format --dataset_version_dir {builder.data_dir} --out_file_format array_record`, which "
+        f"needs apache-beam), or extract latents from it (dit-jax-extract-latents --tfds {builder.name}) and "
+        f"train on those")
+
+
 class TfdsReader:
     """Random access to an array_record tfds split: read(i) -> {"pixels": uint8 (S, S, 3), "y"}."""
 
@@ -87,6 +101,14 @@ class TfdsReader:
         self.image_key, self.label_key = feature_keys(builder)
         # Raw bytes out of tfds; PIL decodes them so the crop is exactly the folder path's.
         self.source = builder.as_data_source(split=split, decoders={self.image_key: tfds.decode.SkipDecoding()})
+        try:
+            if len(self.source):
+                self.source[0]
+        except Exception as e:  # noqa: BLE001 - ArrayRecord raises bare runtime errors on unreadable files
+            raise DataError(f"tfds data set {self.name!r} ({builder.data_dir}) cannot be read by index: "
+                            f"{type(e).__name__}: {e}. ArrayRecord opens files through the local file "
+                            f"system: for a bucket, mount it (gcsfuse) and set data.data_dir to the mount, or "
+                            f"train on extracted latents (docs/data.md)") from e
 
     def __len__(self) -> int:
         return len(self.source)
@@ -137,75 +159,3 @@ class TfdsChunkReader:
 
     def describe(self, i: int) -> str:
         return f"{self.name}[{self.split}] example {i}"
-
-
-class TfdsStreamSource:
-    """tfrecord tfds split streamed through tf.data; same batch(step) interface as IndexedSource.
-
-    Process p reads tfds.even_splits(split, P)[p], shuffled with the seed, repeated; batch(step) re-seeks
-    with skip() when the step is not the next one. A corrupt image is replaced by the next valid image of
-    the same batch (cyclically), warned and counted.
-    """
-
-    def __init__(self, builder, split: str, image_size: int, *, global_batch_size: int, process_index: int,
-                 process_count: int, seed: int, random_flip: bool, image_key_out: str = "image",
-                 num_workers: int = 8, shuffle_buffer: int = 10_000):
-        if global_batch_size % process_count:
-            raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
-                             f"process_count={process_count}")
-        self.builder, self.image_size, self.seed = builder, int(image_size), int(seed)
-        self.global_batch, self.local_batch = global_batch_size, global_batch_size // process_count
-        self.process_index, self.random_flip, self.out_key = process_index, random_flip, image_key_out
-        self.image_key, self.label_key = feature_keys(builder)
-        self.split = tfds.even_splits(split, n=process_count, drop_remainder=True)[process_index]
-        self.num_examples = builder.info.splits[split].num_examples
-        self.shuffle_buffer, self.num_skipped = shuffle_buffer, 0
-        self._pool = cf.ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="dit-decode")
-        self._it, self._next_step = None, None
-
-    def _iterator(self, step: int):
-        options = tf.data.Options()
-        options.deterministic = True
-        read_config = tfds.ReadConfig(shuffle_seed=self.seed, shuffle_reshuffle_each_iteration=True,
-                                      options=options)
-        ds = self.builder.as_dataset(split=self.split, shuffle_files=True, read_config=read_config,
-                                     decoders={self.image_key: tfds.decode.SkipDecoding()})
-        # shuffle within an epoch, then repeat: each epoch covers this process's split exactly once
-        ds = ds.shuffle(self.shuffle_buffer, seed=self.seed, reshuffle_each_iteration=True).repeat()
-        ds = ds.skip(step * self.local_batch).batch(self.local_batch).prefetch(2)
-        return ds.as_numpy_iterator()
-
-    def _decode(self, data: bytes):
-        try:
-            return preprocess(data, self.image_size)
-        except Exception as e:  # noqa: BLE001
-            return e
-
-    def batch(self, step: int) -> dict:
-        step = int(step)
-        if self._it is None or step != self._next_step:
-            self._it = self._iterator(step)
-        raw = next(self._it)
-        self._next_step = step + 1
-        decoded = list(self._pool.map(self._decode, list(raw[self.image_key])))
-        good = [i for i, d in enumerate(decoded) if not isinstance(d, Exception)]
-        if not good:
-            raise DataError(f"no readable image in batch {step} of {self.builder.name!r}: {decoded[0]}")
-        for i, d in enumerate(decoded):
-            if isinstance(d, Exception):
-                self.num_skipped += 1
-                log.warning("skipping unreadable image in %s batch %d (%s); %d skipped so far",
-                            self.builder.name, step, d, self.num_skipped)
-                decoded[i] = decoded[min(good, key=lambda g: (g - i) % len(decoded))]
-        pixels = np.stack(decoded)  # (n, S, S, 3) uint8
-        if self.random_flip:
-            pos = slice(self.process_index * self.local_batch, (self.process_index + 1) * self.local_batch)
-            flips = flip_mask(self.seed, step, self.global_batch)[pos]
-            pixels = np.where(flips[:, None, None, None], pixels[:, :, ::-1], pixels)
-        y = (raw[self.label_key].astype(np.int32) if self.label_key
-             else np.zeros(len(pixels), np.int32))
-        return {self.out_key: to_model_range(pixels), "y": y}
-
-    def close(self):
-        self._it = None
-        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -9,7 +9,8 @@ ADM's format: `arr_0` uint8 (N, H, W, 3) (what dit-jax-sample-many writes), opti
 statistics `mu`, `sigma` (pool_3, 2048) and `mu_s`, `sigma_s` (spatial, 2023), as in ADM's reference
 batches (VIRTUAL_imagenet256_labeled.npz). arr_0 is streamed from the zip member in batches, so a 50,000-image
 file is never in memory whole. A folder: every image file below it (recursively, sorted paths), RGB, all of
-one size. Every problem is an EvalInputError whose message names the file and what was expected.
+one size. Paths may be local or bucket URLs (gs://...). Every problem is an EvalInputError whose message names
+the file and what was expected.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from dit_jax.data.preprocess import IMAGE_EXTENSIONS
 from dit_jax.evaluation.inception import POOL_DIM, SPATIAL_DIM
+from dit_jax.utils import paths
 from dit_jax.utils.atomic import atomic_path
 from dit_jax.utils.errors import DitJaxError
 
@@ -70,9 +72,9 @@ def _check_image_shape(shape: tuple, dtype: np.dtype, where: str) -> None:
 class NpzImages:
     """Streams `arr_0` of an .npz (stored or deflated) in batches; only the header is read up front."""
 
-    def __init__(self, path: str):
-        self.path = path
-        with zipfile.ZipFile(path) as z, z.open("arr_0.npy") as f:
+    def __init__(self, path: paths.PathLike):
+        self.path = os.fspath(path)
+        with paths.as_path(path).open("rb") as raw, zipfile.ZipFile(raw) as z, z.open("arr_0.npy") as f:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
                 shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
@@ -90,7 +92,7 @@ class NpzImages:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         stop = min(stop, len(self))
-        with zipfile.ZipFile(self.path) as z, z.open("arr_0.npy") as f:
+        with paths.as_path(self.path).open("rb") as raw, zipfile.ZipFile(raw) as z, z.open("arr_0.npy") as f:
             f.seek(self.offset + start * self.image_bytes)
             want = (stop - start) * self.image_bytes
             data = f.read(want)
@@ -102,13 +104,10 @@ class NpzImages:
 class FolderImages:
     """Every image file below a folder (sorted, recursive), read as RGB uint8; all must share one size."""
 
-    def __init__(self, root: str):
-        self.root = root
-        self.paths: List[str] = []
-        for dirpath, dirs, files in os.walk(root, followlinks=True):
-            dirs.sort()
-            self.paths += [os.path.join(dirpath, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
-        self.paths.sort()
+    def __init__(self, root: paths.PathLike):
+        self.root = os.fspath(root)
+        self.paths: List[str] = [os.fspath(p) for p in paths.files_below(root)
+                                 if p.name.lower().endswith(IMAGE_EXTENSIONS)]
         if not self.paths:
             raise EvalInputError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
         self.size = self._load(0).shape
@@ -119,7 +118,7 @@ class FolderImages:
     def _load(self, i: int) -> np.ndarray:
         path = self.paths[i]
         try:
-            with Image.open(path) as im:
+            with paths.as_path(path).open("rb") as f, Image.open(f) as im:
                 im.load()
                 if im.mode in ("1", "L", "LA", "I", "I;16", "F"):
                     raise EvalInputError(f"{path}: grayscale image (mode {im.mode}); the Inception network needs RGB "
@@ -156,19 +155,20 @@ def _stats_from(data: Dict[str, np.ndarray], where: str) -> Optional[Stats]:
     return Stats(**out)
 
 
-def open_batch(path: str) -> Batch:
-    """An ADM .npz (images and/or statistics) or a folder of images."""
+def open_batch(path: paths.PathLike) -> Batch:
+    """An ADM .npz (images and/or statistics) or a folder of images; local or on a bucket."""
+    where = paths.as_path(path)
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if where.is_dir():
         return Batch(path, FolderImages(path), None)
-    if not os.path.exists(path):
+    if not where.exists():
         raise EvalInputError(f"{path}: no such file or folder (expected an ADM .npz batch or a folder of images)")
     try:
-        with zipfile.ZipFile(path) as z:
+        with where.open("rb") as raw, zipfile.ZipFile(raw) as z:
             members = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
     except (zipfile.BadZipFile, OSError) as e:
         raise EvalInputError(f"{path}: not an .npz file ({e}); expected {ADM_FORMAT}") from None
-    with np.load(path, allow_pickle=False) as data:
+    with where.open("rb") as raw, np.load(raw, allow_pickle=False) as data:
         stats = _stats_from({k: data[k] for k in STATS_KEYS if k in members}, path)
     images = NpzImages(path) if "arr_0" in members else None
     if images is None and stats is None:
@@ -176,7 +176,7 @@ def open_batch(path: str) -> Batch:
     return Batch(path, images, stats)
 
 
-def save_stats(path: str, stats: Stats) -> str:
+def save_stats(path: paths.PathLike, stats: Stats) -> str:
     """mu, sigma, mu_s, sigma_s (float64) to an .npz, atomically (nothing is left at `path` on failure)."""
     data = {k: np.asarray(getattr(stats, k), np.float64) for k in STATS_KEYS}
     _stats_from(data, path)  # the shapes a later evaluation will expect
@@ -185,7 +185,7 @@ def save_stats(path: str, stats: Stats) -> str:
     return path
 
 
-def load_stats(path: str) -> Stats:
+def load_stats(path: paths.PathLike) -> Stats:
     batch = open_batch(path)
     if batch.stats is None:
         raise EvalInputError(f"{path}: no statistics (mu, sigma, mu_s, sigma_s)")

@@ -11,10 +11,12 @@ REF and SAMPLES are ADM .npz files (arr_0 and/or mu, sigma, mu_s, sigma_s), fold
 and arr_0 is still read for precision/recall (and for the Inception Score of SAMPLES). A metric whose inputs
 are missing (a side with statistics only) is None, reported as "not available". Every input is checked
 before the network runs: too few images for a metric is an EvalInputError that names the minimum.
+`inception` may be a loader (a function of no arguments returning the params), called only when some
+batch needs features: two statistics-only files give FID and sFID without the network or its weights.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Union
 
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +31,13 @@ LABELS = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "p
           "recall": "Recall"}
 
 
-def _params(inception: Union[str, Dict[str, Any]]) -> Dict[str, Any]:
+Inception = Union[str, Dict[str, Any], Callable[[], Dict[str, Any]], None]
+
+
+def _params(inception: Inception) -> Dict[str, Any]:
+    """A converted .npz path, a params tree, or a loader of either (called here, when features are needed)."""
+    if callable(inception):
+        inception = inception()
     return load_params(inception) if isinstance(inception, str) else inception
 
 
@@ -57,20 +65,36 @@ def _check_counts(ref: Batch, samples: Batch, wanted) -> None:
                                      f"{need} images per batch")
 
 
-def evaluate(ref: Union[str, Batch], samples: Union[str, Batch], inception: Union[str, Dict[str, Any], None], *,
+def _no_images(batch: Batch, side: str) -> str:
+    what = "statistics but no arr_0 images" if batch.stats is not None else "neither arr_0 images nor statistics"
+    return f"{side} {batch.name} has {what}"
+
+
+def unavailable_reasons(ref: Batch, samples: Batch) -> Dict[str, str]:
+    """{metric: why it cannot be computed from these batches} for the metrics that cannot."""
+    out = {}
+    if samples.images is None:
+        out["inception_score"] = f"needs the sample images; {_no_images(samples, 'SAMPLES')}"
+    for side, b in (("REF", ref), ("SAMPLES", samples)):
+        if b.images is None:
+            if b.stats is None:
+                out.setdefault("fid", _no_images(b, side))
+                out.setdefault("sfid", _no_images(b, side))
+            out.setdefault("precision", f"needs images on both sides; {_no_images(b, side)}")
+            out.setdefault("recall", out["precision"])
+    return out
+
+
+def evaluate(ref: Union[str, Batch], samples: Union[str, Batch], inception: Inception, *,
              per_device_batch: int = 32, dtype: Any = jnp.float32, progress: bool = True,
-             log: Callable[[str], None] = lambda s: None, extractor: Any = None) -> Dict[str, Optional[float]]:
+             log: Callable[[str], None] = lambda s: None, extractor: Any = None) -> Dict[str, Any]:
     """{"inception_score", "fid", "sfid", "precision", "recall"} (None where not available), plus
-    "num_ref_images" and "num_sample_images". `inception`: the params tree or a converted .npz path.
-    `extractor`: an existing FeatureExtractor (or anything with its `extract`) to use instead."""
+    "num_ref_images", "num_sample_images" and "not_available" ({metric: reason}).
+    `inception`: the params tree, a converted .npz path, or a loader of either, used only when features are
+    needed. `extractor`: an existing FeatureExtractor (or anything with its `extract`) to use instead."""
     ref, samples = _batch(ref), _batch(samples)
-    possible = {
-        "inception_score": samples.images is not None,
-        "fid": (ref.stats is not None or ref.images is not None)
-        and (samples.stats is not None or samples.images is not None),
-        "precision": ref.images is not None and samples.images is not None,
-    }
-    possible.update(sfid=possible["fid"], recall=possible["precision"])
+    reasons = unavailable_reasons(ref, samples)
+    possible = {m: m not in reasons for m in METRICS}
     _check_counts(ref, samples, [m for m in METRICS if possible[m]])
     need_ref = ref.images is not None and (possible["precision"] or ref.stats is None)
     need_samples = samples.images is not None
@@ -83,7 +107,7 @@ def evaluate(ref: Union[str, Batch], samples: Union[str, Batch], inception: Unio
     if need_samples:
         log(f"computing sample batch activations ({samples.num_images} images of {samples.name})")
         samples_feats = extractor.extract(samples.images, progress=progress, desc="samples")
-    out: Dict[str, Optional[float]] = {m: None for m in METRICS}
+    out: Dict[str, Any] = {m: None for m in METRICS}
     if possible["inception_score"]:
         out["inception_score"] = M.inception_score(samples_feats["logits_unbiased"])
     if possible["fid"]:
@@ -96,10 +120,11 @@ def evaluate(ref: Union[str, Batch], samples: Union[str, Batch], inception: Unio
         log("computing precision and recall")
         out["precision"], out["recall"] = M.precision_recall(ref_feats["pool"], samples_feats["pool"])
     out["num_ref_images"], out["num_sample_images"] = ref.num_images, samples.num_images
+    out["not_available"] = reasons
     return out
 
 
-def compute_stats(source: Union[str, Batch], inception: Union[str, Dict[str, Any], None], *,
+def compute_stats(source: Union[str, Batch], inception: Inception, *,
                   per_device_batch: int = 32, dtype: Any = jnp.float32, progress: bool = True,
                   extractor: Any = None) -> Stats:
     """FID statistics (float64 mu, sigma, mu_s, sigma_s) of a batch's images (what --save-stats writes)."""
@@ -114,6 +139,13 @@ def compute_stats(source: Union[str, Batch], inception: Union[str, Dict[str, Any
     return stats_of(extractor.extract(batch.images, progress=progress, desc="statistics"))
 
 
-def format_results(results: Dict[str, Optional[float]]) -> str:
-    """ADM's report lines, in ADM's order; a metric without inputs reads "not available"."""
-    return "\n".join(f"{LABELS[m]}: {'not available' if results.get(m) is None else results[m]}" for m in METRICS)
+def format_results(results: Dict[str, Any]) -> str:
+    """ADM's report lines, in ADM's order; a metric without inputs reads "not available (reason)"."""
+    reasons = results.get("not_available", {})
+
+    def value(m: str) -> str:
+        if results.get(m) is not None:
+            return str(results[m])
+        return "not available" + (f" ({reasons[m]})" if m in reasons else "")
+
+    return "\n".join(f"{LABELS[m]}: {value(m)}" for m in METRICS)

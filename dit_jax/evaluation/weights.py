@@ -18,6 +18,7 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 
 from dit_jax.evaluation.inception import param_shapes
+from dit_jax.utils import paths
 from dit_jax.utils.atomic import atomic_path
 from dit_jax.utils.download import DownloadError, default_cache_dir, download_file
 from dit_jax.utils.errors import DitJaxError
@@ -70,8 +71,8 @@ def check_params(params: Mapping[str, Any], where: str) -> None:
                                         f"expected {shape}")
 
 
-def save_params(params: Mapping[str, Any], path: str) -> str:
-    """Writes the converted tree as one .npz (written to a temporary name, then renamed)."""
+def save_params(params: Mapping[str, Any], path: paths.PathLike) -> str:
+    """Writes the converted tree as one .npz, atomically (a local path or a bucket URL)."""
     check_params(params, path)
     flat = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz"
@@ -79,10 +80,10 @@ def save_params(params: Mapping[str, Any], path: str) -> str:
     return path
 
 
-def load_params(path: str) -> Dict[str, Any]:
-    """The converted tree from `save_params`' .npz (float32 NumPy arrays)."""
+def load_params(path: paths.PathLike) -> Dict[str, Any]:
+    """The converted tree from `save_params`' .npz (float32 NumPy arrays); a local path or a bucket URL."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with paths.as_path(path).open("rb") as raw, np.load(raw, allow_pickle=False) as data:
             flat = {k: data[k] for k in data.files}
     except FileNotFoundError:
         raise InceptionWeightsError(f"{path}: no such file") from None
@@ -97,9 +98,9 @@ def load_params(path: str) -> Dict[str, Any]:
     return params
 
 
-def sha256_hex(path: str) -> str:
+def sha256_hex(path: paths.PathLike) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with paths.as_path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

@@ -1,2 +1,3 @@
-"""Small helpers shared by the library and the command lines: atomic writes, images, progress bars,
-downloads, metric logging and the CPU allocator settings. Nothing here imports the model or the data."""
+"""Small helpers shared by the library and the command lines: the one path type (local or gs://), atomic
+writes, images, progress bars, downloads, metric logging and the CPU allocator settings. Nothing here imports
+the model or the data."""

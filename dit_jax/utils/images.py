@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from dit_jax.utils.atomic import atomic_path
+from dit_jax.utils import paths
+from dit_jax.utils.atomic import write_bytes
 
 
 def _xp(x):
@@ -62,8 +63,6 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def save_png(image: np.ndarray, path: str) -> None:
-    """Writes a uint8 (H, W, C) PNG atomically (a temporary name beside `path`, then rename)."""
-    data = png_bytes(image)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
+def save_png(image: np.ndarray, path: paths.PathLike) -> None:
+    """Writes a uint8 (H, W, C) PNG atomically to a local path or a bucket URL (dit_jax.utils.atomic)."""
+    write_bytes(path, png_bytes(image))

@@ -13,6 +13,7 @@ from typing import Dict, Tuple
 import ml_dtypes
 import numpy as np
 
+from dit_jax.utils import paths
 from dit_jax.utils.errors import DitJaxError
 
 MAX_HEADER_BYTES = 100 * 2**20
@@ -24,17 +25,20 @@ class WeightsFileError(DitJaxError, ValueError):
     """A weights file that cannot be read; the message names the file and what is wrong with it."""
 
 
-def looks_like_safetensors(path: str) -> bool:
+def looks_like_safetensors(path: paths.PathLike) -> bool:
     """True when the file starts like a .safetensors file (an 8-byte length, then a JSON object)."""
-    with open(path, "rb") as f:
+    with paths.as_path(path).open("rb") as f:
         head = f.read(9)
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def read_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
-    """(state dict of NumPy arrays with floating point ones as float32, the file's __metadata__)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+def read_safetensors(path: paths.PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """(state dict of NumPy arrays with floating point ones as float32, the file's __metadata__); a local path
+    or a bucket URL."""
+    where = paths.as_path(path)
+    path = os.fspath(path)
+    size = where.stat().length
+    with where.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise WeightsFileError(f"{path}: {size}-byte file is too short for a .safetensors file")
@@ -62,7 +66,10 @@ def read_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
                 dtype = np.dtype(_DTYPES[info["dtype"]])
                 start, end = (int(o) for o in info["data_offsets"])
                 f.seek(8 + n + start)
-                arr = np.fromfile(f, dtype=dtype, count=(end - start) // dtype.itemsize).reshape(info["shape"])
+                buf = bytearray(end - start)  # writable, filled in place (also from a bucket's file object)
+                if f.readinto(buf) != len(buf):
+                    raise ValueError(f"{len(buf)} bytes at offset {8 + n + start} cannot be read")
+                arr = np.frombuffer(buf, dtype=dtype).reshape(info["shape"])
             except (KeyError, ValueError, TypeError) as e:
                 raise WeightsFileError(f"{path}: bad .safetensors entry for key {key!r} ({e!r})") from None
             floating = np.issubdtype(arr.dtype, np.floating) or info["dtype"] == "BF16"

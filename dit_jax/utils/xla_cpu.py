@@ -1,13 +1,15 @@
-"""XLA:CPU options for the programs dit_jax compiles itself: YNNPACK library fusions off.
+"""XLA:CPU options for the programs dit_jax compiles itself: YNNPACK library fusions off (and the hook through
+which dit_jax's GPU programs get dit_jax.utils.xla_gpu's options).
 
 Since about jaxlib 0.9, XLA:CPU hands dots and convolutions to YNNPACK by default. Measured on this project's
-CPU (2-core AMD EPYC, AVX2, no AVX-512; jax 0.10.2), against XLA's own Eigen kernels that the option below
+CPU (2-core AMD EPYC with AVX-512; jax 0.10.2), against XLA's own Eigen kernels that the option below
 restores:
 - convolutions: YNNPACK runs several single-threaded and 1.3-3.8x slower (Inception's Conv2d_2a 447 vs
   117 ms at batch 16); the FID Inception forward takes 4.4 s instead of 2.95 s per 16 images.
-- dots: YNNPACK sums each output of a float32 dot in one long accumulation; DiT's output lands 1.4-2.4x
+- dots: YNNPACK sums each output of a float32 dot in one long accumulation; DiT's output landed 1.4-2.4x
   further from a float64 evaluation than the release's float32 (MKL) output at small t, Eigen's blocked
-  sums within 1.43x (issue 13; benchmarks/precision.py).
+  sums within 1.43x (issue 13). Most of that was the final linear, which since issue 19 is always summed
+  in slices: now up to 1.24x under YNNPACK, 1.27x with Eigen (256 px; benchmarks/precision.py).
 - DiT forward and training step: the same speed either way (benchmarks/throughput.py).
 
 The option is set per compiled program (`jax.jit(..., compiler_options=...)`), never process-wide, so a
@@ -23,6 +25,8 @@ from typing import Any, Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
+
+from dit_jax.utils import xla_gpu
 
 OPTION = "xla_cpu_experimental_ynn_fusion_type"
 NO_LIBRARY_FUSIONS = {OPTION: ""}  # an empty list of fusion kinds: YNNPACK gets no dot or convolution
@@ -41,10 +45,13 @@ def _option_known() -> bool:
 
 def compiler_options(platform: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """`compiler_options` for a top-level jax.jit whose program runs on `platform` (default: JAX's default
-    backend): {OPTION: ""} on CPU when it applies (see the module docstring), else None."""
+    backend): {OPTION: ""} on CPU when it applies (see the module docstring), xla_gpu.compiler_options() on
+    a GPU, else None."""
+    platform = platform or jax.default_backend()
+    if platform == "gpu":
+        return xla_gpu.compiler_options()
     if os.environ.get("DIT_JAX_CPU_YNNPACK", "0") == "1" or OPTION in os.environ.get("XLA_FLAGS", ""):
         return None
-    platform = platform or jax.default_backend()
     if platform != "cpu" or jax.default_backend() != "cpu":
         return None
     return dict(NO_LIBRARY_FUSIONS) if _option_known() else None
