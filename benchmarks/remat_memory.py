@@ -22,17 +22,18 @@ GIB = 2**30
 POLICIES = ("none", "save_dots", "save_dots_except_fc1", "save_qkv_proj", "full")
 
 
-def command(resolution: int, policy: str, batch: int, workdir: str, topology: str, model: str) -> list:
+def command(resolution: int, policy: str, batch: int, workdir: str, topology: str, model: str,
+            depth=None) -> list:
     cfg = f"configs/default.py:{model}" + (",512" if resolution == 512 else "")
     return ["dit-jax-train", f"--config={cfg}", f"--workdir={workdir}", "--compile-only", f"--topology={topology}",
             "--config.data.name=latents", "--config.model.dtype=bfloat16", f"--config.model.remat_policy={policy}",
             "--config.mesh.data=4", "--config.mesh.fsdp=1", "--config.mesh.tensor=1",
-            f"--config.global_batch_size={batch}"]
+            f"--config.global_batch_size={batch}"] + ([f"--config.model.depth={depth}"] if depth else [])
 
 
-def compile_report(resolution, policy, batch, topology, model) -> dict:
+def compile_report(resolution, policy, batch, topology, model, depth=None) -> dict:
     with tempfile.TemporaryDirectory() as wd:
-        cmd = command(resolution, policy, batch, wd, topology, model)
+        cmd = command(resolution, policy, batch, wd, topology, model, depth)
         r = subprocess.run(cmd, capture_output=True, text=True)
         path = os.path.join(wd, "compile_report.json")
         if not os.path.exists(path):
@@ -48,6 +49,7 @@ def main(argv=None) -> list:
     ap.add_argument("--resolutions", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--policies", nargs="+", default=list(POLICIES))
     ap.add_argument("--batches", type=int, nargs=2, default=[16, 64])
+    ap.add_argument("--depth", type=int, help="fewer blocks than the model's (a quick look; not the targets)")
     args = ap.parse_args(argv)
     chips = 4  # data 4
     rows = []
@@ -56,7 +58,7 @@ def main(argv=None) -> list:
     print("|---|---|---|---|---|---|---|")
     for res in args.resolutions:
         for policy in args.policies:
-            reps = [compile_report(res, policy, b, args.topology, args.model) for b in args.batches]
+            reps = [compile_report(res, policy, b, args.topology, args.model, args.depth) for b in args.batches]
             temp = [r["temp_bytes_per_chip"] for r in reps]
             total = [r["total_bytes_per_chip"] for r in reps]
             per_chip = [b / chips for b in args.batches]

@@ -11,9 +11,10 @@ config.mesh.data / fsdp / tensor: a positive size, -1 for "the devices left over
   communicates least (one gradient all-reduce, where fsdp adds parameter all-gathers in the forward and
   backward passes). Without a memory limit (CPU: host memory) fsdp auto is 1.
 - data auto: whatever data x fsdp x tensor leaves.
-The estimate is a model of what XLA allocates (state, gradients, the activations the remat policy keeps),
-fitted to compiled TPU programs (docs/tpu.md, docs/performance.md); `dit-jax-train --compile-only`
-measures the real number.
+The estimate is a model of what XLA allocates: the state and gradients from the shardings (exact), the
+activations the remat policy keeps counted from the traced program (dit_jax/block_memory.py, the same on
+every platform), plus libtpu's second copy of them on TPU (measured with --compile-only; docs/performance.md);
+`dit-jax-train --compile-only` measures the real number.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
+from dit_jax import block_memory
 from dit_jax import remat as remat_lib
 from dit_jax import sharding as shd
 
@@ -51,33 +53,27 @@ def _divisors(n: int) -> List[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-# Values a remat policy keeps per token and block beyond the float32 block input, in widths of the hidden size
-# (compute-dtype matmul outputs: qkv 3, attention output 1, proj 1, fc1 4, fc2 1), and whether it keeps the
-# attention rows' float32 log-sum-exp (dit_jax/remat.py).
-SAVED_WIDTHS = {"save_dots": (10, True), "save_dots_except_fc1": (6, True), "save_qkv_proj": (4, False)}
-
-
-def activation_bytes_per_example(model, data_parallel_only: bool = False) -> int:
+def activation_bytes_per_example(model, data_parallel_only: bool = False, platform: str = "tpu") -> int:
     """Activations of one example through the DiT blocks (bytes), the part that grows with the batch, under
     the model's remat policy (docs/performance.md, "Activation memory and remat policies").
 
-    What the backward pass keeps of each block is exact (the residuals autodiff saves, tests/test_remat_policies.py):
-    policy "none" t*d*(31b + 32) bytes plus the attention probabilities h*t*t*b (b: bytes of the compute
-    dtype), "full" the float32 block input t*d*4, a selective policy that plus its matmul outputs. Added:
-    the backward pass of one block at a time (twice "none"'s block) and, with the parameters replicated
-    (`data_parallel_only`: fsdp 1), a second copy of the kept values: libtpu holds that much more when it
-    overlaps each block's gradient all-reduce with the next block (measured with --compile-only; XLA's
-    own buffer assignment shows one copy)."""
-    b = 2 if "bfloat16" in str(model.dtype) else 4
-    t = (model.input_size // model.patch_size) ** 2
-    d, h, depth = model.hidden_size, model.num_heads, model.depth
-    every = t * d * (31 * b + 32) + h * t * t * b  # what "none" keeps of a block
+    What the backward pass keeps of each block is counted exactly, from JAX's list of the residuals one block
+    saves (dit_jax/block_memory.py; the same on every platform). Added: the backward pass of one block at a
+    time (twice "none"'s block) and, on TPU with the parameters replicated (`data_parallel_only`: fsdp 1), a
+    second copy of the kept values: libtpu holds that much more when it overlaps each block's gradient
+    all-reduce with the next block (measured with --compile-only; XLA's own buffer assignment shows one copy).
+    On GPU no such copy is assumed (no GPU program of this step has been measured yet)."""
+    every = block_memory.model_kept_bytes(model, "none")[0]  # what "none" keeps of a block
     policy = remat_lib.resolve(model.remat_policy, model.remat)
     if policy == "none":
-        return depth * every
-    widths, lse = SAVED_WIDTHS.get(policy, (0, False))
-    kept = t * d * (4 + widths * b) + (h * t * 4 if lse else 0)
-    return depth * kept * (2 if data_parallel_only else 1) + 2 * every
+        return model.depth * every
+    kept = block_memory.model_kept_bytes(model, policy)[0]
+    copies = 2 if data_parallel_only and platform == "tpu" else 1
+    return model.depth * kept * copies + 2 * every
+
+
+def _total_bytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
 def estimate_bytes(config, model, abstract_params, mesh, micro_batch: int, image_batch: bool) -> Dict[str, int]:
@@ -87,12 +83,14 @@ def estimate_bytes(config, model, abstract_params, mesh, micro_batch: int, image
                                                        jax.tree_util.tree_leaves(p_sh)))
     state = 4 * params  # params, EMA, Adam mu and nu
     # The float32 gradients (the blocks' parameters are stacked, so the step copies neither them nor their
-    # gradients); "none" also keeps each block's compute-dtype weights; accumulation adds the gradients' sum.
-    none = remat_lib.resolve(model.remat_policy, model.remat) == "none"
-    low = (2 if "bfloat16" in str(model.dtype) else 4) / 4 if none else 0.0
-    temps = int((1 + low + (int(config.grad_accum_steps) > 1)) * params)
+    # gradients); accumulation adds the gradients' sum; what the blocks keep whatever the batch ("none": each
+    # block's compute-dtype weights; split like the parameters).
+    policy = remat_lib.resolve(model.remat_policy, model.remat)
+    fixed = model.depth * block_memory.model_kept_bytes(model, policy)[1] * params // max(1, _total_bytes(abstract_params))
+    temps = int((1 + (int(config.grad_accum_steps) > 1)) * params) + fixed
     per_chip = max(1, micro_batch // shd.data_parallel_size(mesh))
-    acts = per_chip * activation_bytes_per_example(model, shd.axis_size(mesh, "fsdp") == 1)
+    platform = mesh.devices.flat[0].platform
+    acts = per_chip * activation_bytes_per_example(model, shd.axis_size(mesh, "fsdp") == 1, platform)
     if image_batch:  # the VAE (float32, replicated) and its encoder's largest activations
         acts += 340 * 2**20 + per_chip * (8 * model.input_size) ** 2 * 128 * 4 * 3
     return {"state": state, "temps": temps, "activations": acts, "total": state + temps + acts}
