@@ -59,7 +59,7 @@ def activation_bytes_per_example(model, data_parallel_only: bool = False, platfo
 
     What the backward pass keeps of each block is counted exactly, from JAX's list of the residuals one block
     saves (dit_jax/block_memory.py; the same on every platform). Added: the backward pass of one block at a
-    time (twice "none"'s block) and, on TPU with the parameters replicated (`data_parallel_only`: fsdp 1), a
+    time (what "none" keeps of one block: the recomputed block's values) and, on TPU with the parameters replicated (`data_parallel_only`: fsdp 1), a
     second copy of the kept values: libtpu holds that much more when it overlaps each block's gradient
     all-reduce with the next block (measured with --compile-only; XLA's own buffer assignment shows one copy).
     On GPU no such copy is assumed (no GPU program of this step has been measured yet)."""
@@ -69,7 +69,7 @@ def activation_bytes_per_example(model, data_parallel_only: bool = False, platfo
         return model.depth * every
     kept = block_memory.model_kept_bytes(model, policy)[0]
     copies = 2 if data_parallel_only and platform == "tpu" else 1
-    return model.depth * kept * copies + 2 * every
+    return model.depth * kept * copies + every
 
 
 def _total_bytes(tree) -> int:

@@ -34,7 +34,7 @@ def test_activations_grow_with_depth_and_tpu_data_parallel_keeps_a_second_copy()
             remat_policy="save_dots")
     every = block_memory.model_kept_bytes(m, "none")[0]
     kept = block_memory.model_kept_bytes(m, "save_dots")[0]
-    assert mesh_plan.activation_bytes_per_example(m, False, "gpu") == 4 * kept + 2 * every
-    assert mesh_plan.activation_bytes_per_example(m, True, "gpu") == 4 * kept + 2 * every  # no libtpu copy
-    assert mesh_plan.activation_bytes_per_example(m, True, "tpu") == 8 * kept + 2 * every
+    assert mesh_plan.activation_bytes_per_example(m, False, "gpu") == 4 * kept + every
+    assert mesh_plan.activation_bytes_per_example(m, True, "gpu") == 4 * kept + every  # no libtpu copy
+    assert mesh_plan.activation_bytes_per_example(m, True, "tpu") == 8 * kept + every
     assert mesh_plan.activation_bytes_per_example(m.clone(remat_policy="none"), True, "tpu") == 4 * every
