@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from dit_jax import block_memory
+from dit_jax import attention, block_memory
 from dit_jax import remat as remat_lib
 from dit_jax import sharding as shd
 
@@ -59,16 +59,19 @@ def activation_bytes_per_example(model, data_parallel_only: bool = False, platfo
 
     What the backward pass keeps of each block is counted exactly, from JAX's list of the residuals one block
     saves (dit_jax/block_memory.py; the same on every platform). Added: the backward pass of one block at a
-    time (what "none" keeps of one block: the recomputed block's values) and, on TPU with the parameters replicated (`data_parallel_only`: fsdp 1), a
-    second copy of the kept values: libtpu holds that much more when it overlaps each block's gradient
-    all-reduce with the next block (measured with --compile-only; XLA's own buffer assignment shows one copy).
-    On GPU no such copy is assumed (no GPU program of this step has been measured yet)."""
+    time (what "none" keeps of one block: the recomputed block's values) and, on TPU with the parameters
+    replicated (`data_parallel_only`: fsdp 1) and XLA's attention (256 px), a second copy of the kept values:
+    measured with --compile-only for DiT-XL/2 on v5p (every policy but "none" at 256 px; not with the Pallas
+    kernel at 512 px; docs/performance.md). On GPU no such copy is assumed (not measured on a GPU yet)."""
     every = block_memory.model_kept_bytes(model, "none")[0]  # what "none" keeps of a block
     policy = remat_lib.resolve(model.remat_policy, model.remat)
     if policy == "none":
         return model.depth * every
     kept = block_memory.model_kept_bytes(model, policy)[0]
-    copies = 2 if data_parallel_only and platform == "tpu" else 1
+    t = (model.input_size // model.patch_size) ** 2
+    kernel = attention.resolve(model.attention_impl, platform, t, model.hidden_size // model.num_heads,
+                               model.dtype)
+    copies = 2 if data_parallel_only and platform == "tpu" and kernel == "xla" else 1
     return model.depth * kept * copies + every
 
 

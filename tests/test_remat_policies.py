@@ -111,7 +111,7 @@ def test_config_default_by_platform_and_alias():
     c = tiny_config()
     assert c.model.remat_policy is None
     assert build.build_model(c, "cpu").remat_policy == "none"
-    assert build.build_model(c, "tpu").remat_policy == "save_dots"
+    assert build.build_model(c, "tpu").remat_policy == "save_qkv_proj"
     assert build.build_model(c, "gpu").remat_policy == "save_dots"
     c.model.remat_policy = "save_qkv_proj"
     assert build.build_model(c, "tpu").remat_policy == "save_qkv_proj"
