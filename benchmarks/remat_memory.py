@@ -7,7 +7,8 @@
 For each resolution and policy, DiT-XL/2 in bfloat16 on latent batches is compiled for v5p:2x2x1 with mesh
 data 4 x fsdp 1 at two global batches. Printed per row: temporaries and total per chip at each batch, the
 slope (temporaries per image per chip: the difference over the difference of the per-chip batches) and the
-batch-independent temporaries (the line through both points at zero images), next to the float32 gradients.
+batch-independent temporaries (the line through both points at zero images), next to the float32 gradients,
+and mesh_plan's estimate of the totals (computed here, in-process).
 """
 from __future__ import annotations
 
@@ -42,6 +43,23 @@ def compile_report(resolution, policy, batch, topology, model, depth=None) -> di
             return json.load(f)
 
 
+def estimate(resolution, policy, batch, topology, model, depth=None) -> int:
+    """mesh_plan's estimate of the same run's bytes per chip (what an auto mesh is chosen by)."""
+    from configs import default
+    from dit_jax import build, mesh_plan
+    from dit_jax import sharding as shd
+    from dit_jax import topology as topo_lib
+    from dit_jax.model import abstract_params
+
+    c = default.get_config(model + (",512" if resolution == 512 else ""))
+    c.data.name, c.model.dtype, c.model.remat_policy, c.global_batch_size = "latents", "bfloat16", policy, batch
+    if depth:
+        c.model.depth = depth
+    m = build.build_model(c, "tpu")
+    mesh = shd.make_mesh((4, 1, 1), topo_lib.tpu_topology(topology).devices[:4])
+    return mesh_plan.estimate_bytes(c, m, abstract_params(m), mesh, batch, False)["total"]
+
+
 def main(argv=None) -> list:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="XL/2")
@@ -54,8 +72,8 @@ def main(argv=None) -> list:
     chips = 4  # data 4
     rows = []
     print("| px | policy | temp GiB/chip (b%d / b%d) | total GiB/chip (b%d / b%d) | activations GiB/image/chip | "
-          "batch-independent temp GiB | f32 grads GiB |" % (*args.batches, *args.batches))
-    print("|---|---|---|---|---|---|---|")
+          "batch-independent temp GiB | f32 grads GiB | mesh_plan estimate GiB/chip |" % (*args.batches, *args.batches))
+    print("|---|---|---|---|---|---|---|---|")
     for res in args.resolutions:
         for policy in args.policies:
             reps = [compile_report(res, policy, b, args.topology, args.model, args.depth) for b in args.batches]
@@ -65,11 +83,13 @@ def main(argv=None) -> list:
             slope = (temp[1] - temp[0]) / (per_chip[1] - per_chip[0])
             fixed = temp[0] - slope * per_chip[0]
             grads = reps[0]["state_bytes_per_chip"]["params"]  # float32, as large as the parameters
+            est = [estimate(res, policy, b, args.topology, args.model, args.depth) for b in args.batches]
             row = dict(resolution=res, policy=policy, temp=temp, total=total, slope=slope, fixed=fixed, grads=grads,
-                       estimate=[r.get("estimated_bytes_per_chip") for r in reps])
+                       estimate=est)
             rows.append(row)
             print(f"| {res} | {policy} | {temp[0] / GIB:.2f} / {temp[1] / GIB:.2f} | {total[0] / GIB:.2f} / "
-                  f"{total[1] / GIB:.2f} | {slope / GIB:.3f} | {fixed / GIB:.2f} | {grads / GIB:.2f} |", flush=True)
+                  f"{total[1] / GIB:.2f} | {slope / GIB:.3f} | {fixed / GIB:.2f} | {grads / GIB:.2f} | "
+                  f"{est[0] / GIB:.2f} / {est[1] / GIB:.2f} |", flush=True)
     return rows
 
 
