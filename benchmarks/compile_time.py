@@ -53,8 +53,7 @@ def main(argv=None) -> dict:
     params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), args.batch))
     res = {"model": args.model, "latent": latent, "batch": args.batch, "dtype": args.dtype,
            "depth": model.depth, "backend": jax.default_backend()}
-    fwd_model = model.clone(scan_blocks=False)  # the samplers' forward (diffusion.dit_model_fn): unrolled
-    fwd = jax.jit(lambda p, x, t, y: fwd_model.apply({"params": p}, x, t, y))
+    fwd = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))  # the samplers' forward (scanned)
     res["forward_s"] = compile_seconds(fwd, params, x, t, y)
     cfg = bench_config(args.model, args.image_size, args.batch, depth=args.depth, dtype=args.dtype)
     variants = [("train_step_s", None)] + ([("train_step_unrolled_s", lambda m: m.clone(scan_blocks=False))]

@@ -12,7 +12,7 @@
 The training step: PyTorch runs the release's (diffusion loss (MSE + VB, learned sigma), backward, AdamW, EMA
 update); JAX runs the one `dit-jax-train` runs, built by the same code (configs/default.py -> train.setup ->
 train.jit_train_step; benchmarks/product_step.py), which also samples the latent posterior and draws t and
-the noise inside the step. The forward is the samplers' (blocks unrolled, as diffusion.dit_model_fn runs them).
+the noise inside the step. The forward is the samplers' (the same scan, as guidance.dit_model_fn runs it).
 JAX and PyTorch calls alternate (A B A B ...) so that load from other processes hits both alike; the median
 wall time is reported, with its min-max and the median process CPU time per call.
 """
@@ -74,7 +74,7 @@ def jax_callables(args, model, params, inputs):
     step = ProductStep(cfg, model_transform=variant)
     step.compile()
     step.init_state(params)
-    fwd_model = variant(step.model).clone(scan_blocks=False)  # the samplers' forward
+    fwd_model = variant(step.model)  # the samplers' forward (guidance.dit_model_fn: the blocks' scan)
     x = jnp.asarray(inputs["x"].transpose(0, 2, 3, 1))  # (N, H, W, C)
     y, t = jnp.asarray(inputs["y"], jnp.int32), jnp.asarray(inputs["t"], jnp.int32)
     fwd = xla_cpu.jit(lambda p, x, t, y: fwd_model.apply({"params": p}, x, t, y))  # as dit_jax compiles it

@@ -2,7 +2,7 @@
 
     --config configs/default.py              DiT-XL/2, 256 px (the paper's headline model)
     --config configs/default.py:B/2          any of the 12 sizes: S|B|L|XL / 2|4|8
-    --config configs/default.py:XL/2,512     512 px (64x64x4 latents; bfloat16 compute and remat)
+    --config configs/default.py:XL/2,512     512 px (64x64x4 latents; bfloat16 compute)
 
 Change a field on the command line with `--config.optim.lr=2e-4`; a field that does not exist here is an
 error. Fields that default to None ("unset") take their value from another field, as their comment says.
@@ -47,8 +47,11 @@ def get_config(variant: Optional[str] = None) -> ml_collections.ConfigDict:
     c.model.learn_sigma = True  # predict the variance too (output has 2 * in_channels channels)
     # compute dtype: "float32" or "bfloat16" (parameters stay float32); 512 px uses bfloat16 to fit
     c.model.dtype = "bfloat16" if resolution == 512 else "float32"
-    # rematerialise each block in the backward pass (less memory, ~30% more compute); 1024 tokens at 512 px
-    c.model.remat = resolution == 512
+    # what the backward pass keeps of each block (dit_jax/remat.py): "none", "full" (only the block's input;
+    # ~30% more compute), "save_dots" (the matmul outputs), "save_dots_except_fc1", "save_qkv_proj";
+    # None: by platform, "none" on CPU, "save_qkv_proj" on TPU, "save_dots" on GPU (docs/performance.md)
+    c.model.remat_policy = ml_collections.FieldReference(None, field_type=str)
+    c.model.remat = False  # older name: True means remat_policy="full"
     # "auto": per platform (CPU head-major matmuls; GPU cuDNN flash attention; TPU Pallas flash attention at
     # 512 px, else XLA's); or one kernel everywhere: "matmul", "xla", "cudnn", "pallas_tpu" (dit_jax/attention.py)
     c.model.attention_impl = "auto"

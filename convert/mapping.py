@@ -2,6 +2,10 @@
 
 Pure NumPy: nothing here imports torch, so the mapping is usable (and testable) without it. Arrays come in
 as anything `np.asarray` takes (torch tensors are turned into NumPy by convert.io first).
+
+The rename table maps block i's keys to the per-block paths `blocks_i/...`; the Flax tree stacks them into
+`blocks/...` with a leading depth axis (dit_jax/param_layout.py), and `params_to_state_dict` unstacks them
+again (it also takes trees in the older per-block layout).
 """
 from __future__ import annotations
 
@@ -15,13 +19,15 @@ from flax.traverse_util import flatten_dict
 from dit_jax.utils.errors import DitJaxError
 from dit_jax.model import HEADS_BY_WIDTH
 from dit_jax.model_ops import get_2d_sincos_pos_embed
+from dit_jax.param_layout import stack_blocks, unstack_blocks
 
 
 class ConversionError(DitJaxError, ValueError):
     """A checkpoint that cannot be converted; the message names the key/shape/file and what was expected."""
 
 
-# One line per key family: torch key regex -> (flax path template, how the array is laid out).
+# One line per key family: torch key regex -> (flax path template, how the array is laid out); `blocks_i`
+# paths are then stacked into `blocks` (block i is slice i of the depth axis).
 #   "linear": torch (out, in) -> flax kernel (in, out); "vector": copied as is;
 #   "conv": torch (D, C, p, q) -> flax (p, q, C, D); "table": embedding rows copied as is.
 RENAME_TABLE = [
@@ -193,7 +199,7 @@ def _set(tree: dict, path: str, value) -> None:
 
 
 def state_dict_to_params(state: Mapping[str, np.ndarray], cfg: Mapping[str, Any], check_pos_embed: bool = True) -> dict:
-    """Release-layout state_dict (NumPy arrays) -> nested Flax params dict (float32 NumPy)."""
+    """Release-layout state_dict (NumPy arrays) -> nested Flax params dict (float32 NumPy), blocks stacked."""
     check_state_dict(state, cfg, require_pos_embed=False)
     if check_pos_embed and POS_EMBED_KEY in state:
         fixed = get_2d_sincos_pos_embed(cfg["hidden_size"], cfg["input_size"] // cfg["patch_size"])
@@ -208,7 +214,7 @@ def state_dict_to_params(state: Mapping[str, np.ndarray], cfg: Mapping[str, Any]
             continue
         path, kind = _flax_path(key)
         _set(params, path, np.ascontiguousarray(_to_flax_layout(np.asarray(value), kind)))
-    return params
+    return stack_blocks(params)
 
 
 def _torch_key(flax_path: str) -> Tuple[str, str]:
@@ -239,7 +245,10 @@ def params_to_state_dict(params: Mapping, cfg: Optional[Mapping[str, Any]] = Non
             "pos_embed cannot be sized: pass the model config, e.g. convert.flax_to_torch(params, cfg) with "
             "the cfg from convert.torch_to_flax or the converted model's config.json (input_size 32 for "
             "256 px, 64 for 512 px)")
-    flat = flatten_dict(params, sep="/")
+    try:
+        flat = flatten_dict(unstack_blocks(dict(params)), sep="/")
+    except ValueError as e:
+        raise ConversionError(f"Flax params: {e}") from None
     state = {}
     for path, value in flat.items():
         try:

@@ -35,7 +35,8 @@ try:  # the mesh of a legacy `with mesh:` block has no public accessor
 except ImportError:  # a JAX that moved it: only jax.set_mesh meshes are seen
     jax_mesh = None
 
-from dit_jax.model_ops import head_major_attention
+from dit_jax.model_ops import head_major_attention, recomputing_attention
+from dit_jax.remat import ATTN_OUT, checkpoint_name
 
 log = logging.getLogger("dit_jax.attention")
 
@@ -109,25 +110,30 @@ def resolve(impl: Optional[str], platform: str, seq_len: int, head_dim: int, dty
 # The kernels
 # ----------------------------------------------------------------------------------------------------
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: Optional[str] = "auto",
-                          platform: Optional[str] = None) -> jax.Array:
-    """Softmax attention, q/k/v (N, T, H, Dh) -> (N, T, H, Dh); `platform` default: computation_platform()."""
+                          platform: Optional[str] = None, recompute_probs: bool = False) -> jax.Array:
+    """Softmax attention, q/k/v (N, T, H, Dh) -> (N, T, H, Dh); `platform` default: computation_platform().
+
+    The output is named remat.ATTN_OUT for the remat policies. recompute_probs: the "matmul" kernel's
+    backward recomputes the probabilities instead of keeping them (model_ops.recomputing_attention)."""
     _, t, _, dh = q.shape
     name = check_impl(impl)
     if name == "auto":
         name = resolve(name, platform or computation_platform(), t, dh, q.dtype)
         if name == "cudnn":
             try:
-                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+                out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+                return checkpoint_name(out, ATTN_OUT)
             except (RuntimeError, NotImplementedError, ValueError) as e:  # no cuDNN, too old, a ROCm GPU...
                 _warn_once(f"cuDNN attention unavailable ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                            f"using attention_impl='xla'")
                 name = "xla"
     if name == "matmul":
         to_heads = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731  (N, T, H, Dh) <-> (N, H, T, Dh)
-        return to_heads(head_major_attention(to_heads(q), to_heads(k), to_heads(v)))
+        kernel = recomputing_attention if recompute_probs else head_major_attention
+        return to_heads(kernel(to_heads(q), to_heads(k), to_heads(v)))  # named ATTN_OUT inside (head-major)
     if name in ("xla", "cudnn"):
-        return jax.nn.dot_product_attention(q, k, v, implementation=name)
-    return pallas_tpu_attention(q, k, v)  # traces anywhere (shapes, init); compiles for TPU only
+        return checkpoint_name(jax.nn.dot_product_attention(q, k, v, implementation=name), ATTN_OUT)
+    return checkpoint_name(pallas_tpu_attention(q, k, v), ATTN_OUT)  # traces anywhere; compiles for TPU only
 
 
 @functools.lru_cache(maxsize=None)

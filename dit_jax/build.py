@@ -10,6 +10,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from dit_jax import remat as remat_lib
 from dit_jax import sharding as shd
 from dit_jax.diffusion import GaussianDiffusion, create_diffusion
 from dit_jax.utils.errors import ConfigError
@@ -54,7 +55,25 @@ def state_config(config) -> Dict[str, object]:
     return out
 
 
-def build_model(config) -> DiT:
+def remat_policy(config, platform: str) -> str:
+    """config.model.remat_policy, or the default for devices of `platform` when it is unset (dit_jax/remat.py);
+    the older boolean config.model.remat=True means "full"."""
+    m = config.model
+    name = m.get("remat_policy")
+    if name is not None and name not in remat_lib.POLICIES:
+        raise ConfigError(f"config.model.remat_policy={name!r}; expected one of {list(remat_lib.POLICIES)} "
+                          f"(or unset: {remat_lib.default_policy(platform)!r} on {platform})")
+    if m.get("remat"):
+        if name not in (None, "full"):
+            raise ConfigError(f"config.model.remat=True (the older name of remat_policy='full') conflicts with "
+                              f"config.model.remat_policy={name!r}; set only remat_policy")
+        return "full"
+    return name or remat_lib.default_policy(platform)
+
+
+def build_model(config, platform: Optional[str] = None) -> DiT:
+    """The DiT of config.model; `platform` ("cpu", "tpu", "gpu"; default: JAX's default backend) picks the
+    remat policy when config.model.remat_policy is unset."""
     m = config.model
     if m.dtype not in DTYPES:
         raise ConfigError(f"config.model.dtype={m.dtype!r}; expected one of {sorted(DTYPES)}")
@@ -66,7 +85,8 @@ def build_model(config) -> DiT:
         raise ConfigError(f"config.model.class_dropout_prob={m.class_dropout_prob}: must be in [0, 1)")
     return DiT(input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
                class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma, dtype=DTYPES[m.dtype],
-               remat=m.remat, attention_impl=m.attention_impl, **dims)
+               remat_policy=remat_policy(config, platform or jax.default_backend()),
+               attention_impl=m.attention_impl, **dims)
 
 
 def build_diffusion(config, respacing: str = "") -> GaussianDiffusion:

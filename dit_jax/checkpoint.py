@@ -35,6 +35,10 @@ commit_success.txt last, then deletes the step's commit_success.txt first and th
 half way, either the copy or the step lacks its commit file, so orbax treats that folder as an incomplete
 save and removes it at the next start, and the other one is complete. Restoring takes the *target*
 shardings, so a checkpoint written on one mesh restores onto any other.
+
+A checkpoint of an older dit_jax, whose parameters (and EMA and Adam moments) are one subtree per block
+(`blocks_0` ...; meta has no "param_layout"), is restored and verified in that layout, then stacked
+(dit_jax/param_layout.py) onto the target shardings, with a log line.
 """
 from __future__ import annotations
 
@@ -47,17 +51,21 @@ import zlib
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from etils.epath import backend as epath_backend
+from jax.sharding import NamedSharding, PartitionSpec
 
+from dit_jax.param_layout import is_per_block, stack_blocks, unstack_blocks
 from dit_jax.utils import checksum
 from dit_jax.utils.errors import CheckpointError
 from dit_jax.utils.paths import PathLike, as_path, is_url
 
 log = logging.getLogger("dit_jax.train")
 DAMAGED_PREFIX = "damaged-"
+LAYOUT_KEY = "param_layout"  # in meta: "stacked" (absent: the older per-block layout)
 COMMIT_FILE = "commit_success.txt"  # orbax's marker of a complete save on a bucket
 ATTEMPTS = 3  # tries of one restore phase before the run stops (storage clients also retry inside each)
 BACKOFF_S = 2.0  # wait before the second try, doubled for each further one
@@ -83,7 +91,8 @@ def make_manager(workdir: PathLike, keep: int, async_save: bool = True) -> ocp.C
 def save(manager: ocp.CheckpointManager, step: int, state: Dict[str, Any], meta: Dict[str, Any]) -> None:
     """Save `state` (a dict of arrays) with `meta` plus the checksums of its arrays (computed before the
     asynchronous write starts, from the arrays being saved; every process calls it)."""
-    meta = dict(meta, checksums=checksum.tree_fingerprints(state))
+    meta = dict(meta, checksums=checksum.tree_fingerprints(state),
+                **{LAYOUT_KEY: "per_block" if is_per_block(state) else "stacked"})
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -195,6 +204,24 @@ def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> Dict[s
     return {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v}
 
 
+def _per_block_target(abstract_state: Any) -> Any:
+    """The abstract state in the older per-block layout: each stacked array's slices, sharded like it but
+    without the (never sharded) depth axis."""
+    def take(x, i):
+        sharding = x.sharding
+        if isinstance(sharding, NamedSharding):
+            sharding = NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
+
+    return unstack_blocks(abstract_state, take)
+
+
+def _stacked_like(state: Any, abstract_state: Any) -> Any:
+    """A restored per-block state stacked on the devices, placed with `abstract_state`'s shardings."""
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, abstract_state)
+    return jax.jit(lambda s: stack_blocks(s, lambda xs: jnp.stack(xs)), out_shardings=shardings)(state)
+
+
 def _verify(where: str, step_dir: epath.Path, abstract_state: Any, state_config: Dict[str, Any]):
     """(state, meta) of one step, or _Damaged / CheckpointError, the same on every process."""
     meta, digests = _together("reading its meta", "its meta cannot be read", where, lambda: _read_meta(step_dir),
@@ -207,10 +234,12 @@ def _verify(where: str, step_dir: epath.Path, abstract_state: Any, state_config:
         fields = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
         raise CheckpointError(f"checkpoint {where} was trained with another config ({fields}); "
                               f"resume with the same values, or use a new --workdir (nothing was changed)")
-    n = len(jax.tree_util.tree_leaves(abstract_state))
+    per_block = meta.get(LAYOUT_KEY, "per_block") == "per_block"  # written before the stacked layout
+    target = _per_block_target(abstract_state) if per_block else abstract_state
+    n = len(jax.tree_util.tree_leaves(target))
 
     def restore_and_sum():
-        state = _restore_state(step_dir, abstract_state)
+        state = _restore_state(step_dir, target)
         return state, checksum.local_partials(state)
 
     (state, partials), shares = _together("restoring it", "it cannot be restored", where, restore_and_sum,
@@ -221,6 +250,10 @@ def _verify(where: str, step_dir: epath.Path, abstract_state: Any, state_config:
             raise _Damaged(f"checksums of {len(bad)} arrays differ, e.g. {bad[0]}")
     if int(meta.get("step", -1)) != int(step_dir.name):
         raise CheckpointError(f"checkpoint {where}: meta says step {meta.get('step')}")
+    if per_block and is_per_block(state):
+        log.info("checkpoint %s holds the per-block parameter layout of older dit_jax versions (blocks_0 ...); "
+                 "stacked into 'blocks' on restore", where)
+        state = _stacked_like(state, abstract_state)
     return state, meta
 
 

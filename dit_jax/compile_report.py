@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dit_jax import mesh_plan, mfu, state_split, train
+from dit_jax import remat as remat_lib
 from dit_jax import sharding as shd
 from dit_jax import topology as topo_lib
 from dit_jax.hlo_collectives import MOVED_LABEL, collectives, collectives_by_op, moved_bytes_per_step
@@ -105,11 +106,19 @@ def state_accounting(abstract_state, state_sh, chips: int) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 # FLOPs
 # ----------------------------------------------------------------------------------------------------
+def model_policy(model) -> str:
+    """The remat policy the model runs (dit_jax/remat.py)."""
+    return remat_lib.resolve(model.remat_policy, model.remat)
+
+
 def training_flops(config, model, vae=None, vae_params=None) -> Dict[str, float]:
     """Analytic FLOPs (2 per multiply-add) of one optimizer step: forward + backward (2x forward) + the
-    rematerialised block forwards, for the global batch; plus the VAE encoder for image batches."""
+    parts of the block forwards that the remat policy recomputes, for the global batch; plus the VAE encoder for image batches."""
     macs = forward_macs(model)
-    per_example = 2 * (3 * macs["total"] + (macs["blocks"] if config.model.remat else 0))
+    t = (model.input_size // model.patch_size) ** 2
+    recomputed = model.depth * remat_lib.recomputed_block_macs(model_policy(model), t, model.hidden_size,
+                                                               int(model.hidden_size * model.mlp_ratio))
+    per_example = 2 * (3 * macs["total"] + recomputed)
     b = int(config.global_batch_size)
     out = {"forward_macs_per_example": macs["total"], "dit_flops_per_step": per_example * b}
     vae_flops = 0.0
@@ -214,7 +223,8 @@ def compile_for_topology(config, topo: topo_lib.Topology, workdir: str = "") -> 
         "devices_per_chip": 1, "tensorcores_per_chip": topo.tensorcores_per_chip, "megacore": topo.megacore,
         "model": config.model.name or "custom", "image_size": 8 * model.input_size if kind != "x" else model.input_size,
         "global_batch_size": int(config.global_batch_size), "grad_accum_steps": int(config.grad_accum_steps),
-        "dtype": config.model.dtype, "remat": bool(config.model.remat), "batch_kind": kind,
+        "dtype": config.model.dtype, "remat": model_policy(model) != "none", "remat_policy": model_policy(model),
+        "batch_kind": kind,
         "mesh": plan.as_dict(), "mesh_axes": dict(mesh.shape),
         "hbm_bytes_per_chip": topo.hbm_bytes, "hbm_source": topo.hbm_source,
         "state_bytes_per_chip": acct["per_chip"], "state_bytes_total": acct["total"],
@@ -301,9 +311,9 @@ def suggestions(config, report: Dict[str, Any], env) -> List[str]:
         f = dp
         out.append(f"shard the state over more chips: --config.mesh.fsdp={f} --config.mesh.data={dp // f} "
                    f"(state {state / GIB:.2f} GiB per chip now, ~{state * mesh['fsdp'] / f / GIB:.2f} GiB then)")
-    if not report["remat"]:
-        out.append("rematerialise the blocks: --config.model.remat=True (keeps only each block's input for the "
-                   f"backward pass; temporaries are {report['temp_bytes_per_chip'] / GIB:.2f} GiB per chip now)")
+    if report.get("remat_policy", "full") != "full":
+        out.append("rematerialise the blocks: --config.model.remat_policy=full (keeps only each block's input for "
+                   f"the backward pass; temporaries are {report['temp_bytes_per_chip'] / GIB:.2f} GiB per chip now)")
     if report["dtype"] == "float32":
         out.append("compute in bfloat16: --config.model.dtype=bfloat16 (parameters stay float32)")
     micro = report["global_batch_size"] // report["grad_accum_steps"]
@@ -347,7 +357,7 @@ def format_report(r: Dict[str, Any]) -> str:
     ms = lambda x: "n/a" if x is None else f"{x * 1e3:.0f} ms"  # noqa: E731
     lines = [
         f"{r['model']} {r['image_size']} px, batch {r['global_batch_size']} ({r['batch_kind']}), {r['dtype']}"
-        f"{', remat' if r['remat'] else ''} on {r['topology']}: {r['chips']} chips, {r['hosts']} hosts",
+        f"{', remat ' + r.get('remat_policy', '') if r['remat'] else ''} on {r['topology']}: {r['chips']} chips, {r['hosts']} hosts",
         f"mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}{sub}; {m['reason']}",
         f"per chip: state {g(st['total'])} (params {g(st['params'])}, EMA {g(st['ema'])}, optimizer "
         f"{g(st['optimizer'])}; {split}), batch {g(r['batch_bytes_per_chip'])}"

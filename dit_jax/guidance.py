@@ -60,14 +60,13 @@ def dit_model_fn(model: DiT, params: Any, labels: jax.Array, cfg_scale: float = 
     `model.num_classes`), runs the DiT on it and guides like `DiT.forward_with_cfg`, returning the guided
     first half, so the sampling loop itself only carries N examples. Use it inside jit with `params` as a
     traced argument. batch_chunk: examples per DiT call ("auto": `CPU_BATCH_CHUNK` on CPU, whole batch on
-    accelerators; 0/None: whole batch), see `apply_in_chunks`. The DiT's blocks run unrolled (forward only).
+    accelerators; 0/None: whole batch), see `apply_in_chunks`.
     """
     variables = {"params": params}
     chunk = resolve_batch_chunk(batch_chunk)
-    # Sampling only runs the forward: the blocks unrolled are a few % faster there than the lax.scan that
-    # DiT uses by default for differentiated programs (docs/performance.md).
-    if model.scan_blocks:
-        model = model.clone(scan_blocks=False)
+    # The blocks run as the model says (by default one lax.scan over the stacked parameters): for a forward
+    # alone the scan and a Python loop over the blocks take the same time on CPU (DiT-S/2, docs/performance.md),
+    # and the scan compiles one block instead of depth of them.
 
     def dit(x, t, y):
         return model.apply(variables, x, t, y, train=False)

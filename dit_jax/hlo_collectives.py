@@ -42,7 +42,7 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r"\bcalls=%?([\w.\-]+)")
 _OP_NOISE = re.compile(r"jit\([^)]*\)/|(?:while/body|closed_call|cond/branch_\d+_fun|checkpoint|rematted_computation|"
-                       r"DiT\._scan_blocks)/")
+                       r"DiT\._(?:scan|run)_blocks)/")
 _PARTITIONS = re.compile(r"\bnum_partitions=(\d+)")
 _REPLICAS = re.compile(r"\breplica_count=(\d+)")
 # replica_groups, three spellings: explicit {{0,1},{2,3}}; iota [groups,size]<=[...]; a mesh and its axes

@@ -11,9 +11,10 @@ config.mesh.data / fsdp / tensor: a positive size, -1 for "the devices left over
   communicates least (one gradient all-reduce, where fsdp adds parameter all-gathers in the forward and
   backward passes). Without a memory limit (CPU: host memory) fsdp auto is 1.
 - data auto: whatever data x fsdp x tensor leaves.
-The estimate is a model of what XLA allocates (state, gradients, the scan's stacked block parameters,
-saved activations), fitted to compiled TPU programs (docs/tpu.md); `dit-jax-train --compile-only`
-measures the real number.
+The estimate is a model of what XLA allocates: the state and gradients from the shardings (exact), the
+activations the remat policy keeps counted from the traced program (dit_jax/block_memory.py, the same on
+every platform), plus libtpu's second copy of them on TPU (measured with --compile-only; docs/performance.md);
+`dit-jax-train --compile-only` measures the real number.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
+from dit_jax import attention, block_memory
+from dit_jax import remat as remat_lib
 from dit_jax import sharding as shd
 
 GIB = 2**30
@@ -50,19 +53,30 @@ def _divisors(n: int) -> List[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def activation_bytes_per_example(model, remat: bool) -> int:
-    """Saved activations of one example through the DiT blocks (bytes), the part that grows with the batch.
+def activation_bytes_per_example(model, data_parallel_only: bool = False, platform: str = "tpu") -> int:
+    """Activations of one example through the DiT blocks (bytes), the part that grows with the batch, under
+    the model's remat policy (docs/performance.md, "Activation memory and remat policies").
 
-    Fitted to XLA's TPU temporaries: without remat each block keeps ~(24 x compute bytes + 8) bytes per
-    token and channel plus the attention probabilities; with remat only each block's float32 input is kept
-    and one block at a time is recomputed."""
-    b = 2 if "bfloat16" in str(model.dtype) else 4
+    What the backward pass keeps of each block is counted exactly, from JAX's list of the residuals one block
+    saves (dit_jax/block_memory.py; the same on every platform). Added: the backward pass of one block at a
+    time (what "none" keeps of one block: the recomputed block's values) and, on TPU with the parameters
+    replicated (`data_parallel_only`: fsdp 1) and XLA's attention (256 px), a second copy of the kept values:
+    measured with --compile-only for DiT-XL/2 on v5p (every policy but "none" at 256 px; not with the Pallas
+    kernel at 512 px; docs/performance.md). On GPU no such copy is assumed (not measured on a GPU yet)."""
+    every = block_memory.model_kept_bytes(model, "none")[0]  # what "none" keeps of a block
+    policy = remat_lib.resolve(model.remat_policy, model.remat)
+    if policy == "none":
+        return model.depth * every
+    kept = block_memory.model_kept_bytes(model, policy)[0]
     t = (model.input_size // model.patch_size) ** 2
-    d, h, depth = model.hidden_size, model.num_heads, model.depth
-    block = t * d * (24 * b + 8) + h * t * t * (4 + b)
-    if remat:
-        return depth * t * d * 4 + 2 * block
-    return depth * block
+    kernel = attention.resolve(model.attention_impl, platform, t, model.hidden_size // model.num_heads,
+                               model.dtype)
+    copies = 2 if data_parallel_only and platform == "tpu" and kernel == "xla" else 1
+    return model.depth * kept * copies + every
+
+
+def _total_bytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
 def estimate_bytes(config, model, abstract_params, mesh, micro_batch: int, image_batch: bool) -> Dict[str, int]:
@@ -71,9 +85,15 @@ def estimate_bytes(config, model, abstract_params, mesh, micro_batch: int, image
     params = sum(shd.shard_bytes(x, s) for x, s in zip(jax.tree_util.tree_leaves(abstract_params),
                                                        jax.tree_util.tree_leaves(p_sh)))
     state = 4 * params  # params, EMA, Adam mu and nu
-    temps = (3 + (int(config.grad_accum_steps) > 1)) * params  # gradients, stacked block params and their gradients
+    # The float32 gradients (the blocks' parameters are stacked, so the step copies neither them nor their
+    # gradients); accumulation adds the gradients' sum; what the blocks keep whatever the batch ("none": each
+    # block's compute-dtype weights; split like the parameters).
+    policy = remat_lib.resolve(model.remat_policy, model.remat)
+    fixed = model.depth * block_memory.model_kept_bytes(model, policy)[1] * params // max(1, _total_bytes(abstract_params))
+    temps = int((1 + (int(config.grad_accum_steps) > 1)) * params) + fixed
     per_chip = max(1, micro_batch // shd.data_parallel_size(mesh))
-    acts = per_chip * activation_bytes_per_example(model, bool(config.model.remat))
+    platform = mesh.devices.flat[0].platform
+    acts = per_chip * activation_bytes_per_example(model, shd.axis_size(mesh, "fsdp") == 1, platform)
     if image_batch:  # the VAE (float32, replicated) and its encoder's largest activations
         acts += 340 * 2**20 + per_chip * (8 * model.input_size) ** 2 * 128 * 4 * 3
     return {"state": state, "temps": temps, "activations": acts, "total": state + temps + acts}

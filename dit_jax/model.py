@@ -5,8 +5,9 @@ works in NHWC: inputs (N, H, W, C), outputs (N, H, W, out_channels).
 
 The numerical kernels (sin-cos tables, timestep features, LayerNorm, attention with its backward) live in
 dit_jax/model_ops.py; this file holds the modules and the size registry. Parameter names follow the
-release's state_dict keys (`blocks_3/attn/qkv` <-> `blocks.3.attn.qkv`,
-`t_embedder/mlp_0` <-> `t_embedder.mlp.0`), so the converter's rename table stays one line per family.
+release's state_dict keys (`t_embedder/mlp_0` <-> `t_embedder.mlp.0`), so the converter's rename table stays
+one line per family; the blocks' parameters are stacked along a leading depth axis (`blocks/attn/qkv/kernel`
+is (depth, D, 3D); block i is `blocks.i.attn.qkv` in the release, see dit_jax/param_layout.py).
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dit_jax import attention
+from dit_jax import remat as remat_lib
 from dit_jax.model_ops import (chunked_dot_general, get_2d_sincos_pos_embed, layer_norm, modulate, timestep_embedding,
                                token_dot_general)
+from dit_jax.remat import checkpoint_name
 
 Dtype = Any
 
@@ -109,6 +112,9 @@ class Attention(nn.Module):
 
     attention_impl: "auto" (default: chosen per platform when traced), "matmul" (None/"" too), "xla",
     "cudnn" or "pallas_tpu"; see dit_jax/attention.py.
+    recompute_probs: with the "matmul" kernel, the backward pass recomputes the probabilities from q, k and
+    their rows' log-sum-exp instead of keeping them (model_ops.recomputing_attention); DiT sets it for every
+    remat policy but "none". The other kernels keep no probabilities anyway.
     """
 
     hidden_size: int
@@ -117,6 +123,7 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_impl: Optional[str] = "auto"
     precise_cpu_dots: bool = False  # see DiT
+    recompute_probs: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -124,10 +131,12 @@ class Attention(nn.Module):
         head_dim = d // self.num_heads
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=xavier,
                                   bias_init=zeros, dot_general=token_dot_general(self.precise_cpu_dots))
-        qkv = dense(3 * d, name="qkv")(x).reshape(n, t, 3, self.num_heads, head_dim)  # (N, T, 3, H, Dh)
+        qkv = checkpoint_name(dense(3 * d, name="qkv")(x), remat_lib.QKV)
+        qkv = qkv.reshape(n, t, 3, self.num_heads, head_dim)  # (N, T, 3, H, Dh)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (N, T, H, Dh)
-        out = attention.dot_product_attention(q, k, v, self.attention_impl)  # (N, T, H, Dh)
-        return dense(d, name="proj")(out.reshape(n, t, d))
+        # (N, T, H, Dh), named remat_lib.ATTN_OUT for the policies
+        out = attention.dot_product_attention(q, k, v, self.attention_impl, recompute_probs=self.recompute_probs)
+        return checkpoint_name(dense(d, name="proj")(out.reshape(n, t, d)), remat_lib.PROJ)
 
 
 class Mlp(nn.Module):
@@ -141,9 +150,9 @@ class Mlp(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=xavier,
                                   bias_init=zeros, dot_general=token_dot_general(self.precise_cpu_dots))
-        x = dense(self.mlp_hidden, name="fc1")(x)
+        x = checkpoint_name(dense(self.mlp_hidden, name="fc1")(x), remat_lib.FC1)
         x = nn.gelu(x, approximate=True)  # tanh approximation, as in the release
-        return dense(self.hidden_size, name="fc2")(x)
+        return checkpoint_name(dense(self.hidden_size, name="fc2")(x), remat_lib.FC2)
 
 
 class DiTBlock(nn.Module):
@@ -157,6 +166,7 @@ class DiTBlock(nn.Module):
     attention_impl: Optional[str] = "auto"
     mlp_norm_eps: float = 1e-6
     precise_cpu_dots: bool = False  # see DiT
+    recompute_probs: bool = False  # see Attention
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
@@ -164,10 +174,11 @@ class DiTBlock(nn.Module):
         d = self.hidden_size
         mod = nn.Dense(6 * d, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=zeros, bias_init=zeros,
                        dot_general=chunked_dot_general, name="adaLN_modulation_1")(nn.silu(c)).astype(jnp.float32)
+        mod = checkpoint_name(mod, remat_lib.ADALN)  # (N, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         h = modulate(layer_norm(x), shift_msa, scale_msa).astype(self.dtype)
         h = Attention(d, self.num_heads, self.dtype, self.param_dtype, self.attention_impl, self.precise_cpu_dots,
-                      name="attn")(h)
+                      self.recompute_probs, name="attn")(h)
         x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
         h = modulate(layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp).astype(self.dtype)
         h = Mlp(d, int(d * self.mlp_ratio), self.dtype, self.param_dtype, self.precise_cpu_dots, name="mlp")(h)
@@ -217,12 +228,16 @@ class DiT(nn.Module):
     learn_sigma: bool = True
     dtype: Dtype = jnp.float32  # compute dtype of the matmuls
     param_dtype: Dtype = jnp.float32
-    remat: bool = False  # rematerialise each block in the backward pass (saves activation memory)
-    # Run the blocks as one `lax.scan` over their stacked parameters (names and values unchanged: each block
-    # keeps its own `blocks_i` parameters): a 2x faster backward on CPU (see docs/performance.md) and a
-    # compile time that does not grow with depth. True (default): every program, so any differentiated one,
-    # whatever `train` says (train only switches label dropout). False: a Python loop over the blocks, a
-    # few % faster for a forward alone; the samplers (diffusion.dit_model_fn) use it, they never differentiate.
+    # What the backward pass keeps of each block (dit_jax/remat.py): "none" (everything autodiff needs),
+    # "full" (only the block's input), or a selective policy such as "save_dots" (the matmul outputs in the
+    # compute dtype; norms, modulation, GELU and softmax recomputed). Only differentiated programs change.
+    remat_policy: str = "none"
+    remat: bool = False  # the older name of remat_policy="full" (True), kept as an alias
+    # Run the blocks as one `lax.scan` over their stacked parameters (`blocks`, (depth, ...) arrays, sliced in
+    # place): a 2x faster backward on CPU (see docs/performance.md) and a compile time that does not grow with
+    # depth. True (default): every program, so any differentiated one, whatever `train` says (train only
+    # switches label dropout). False: a Python loop over the blocks, each reading its slice of the stacked
+    # parameters; the samplers (diffusion.dit_model_fn) use it for their forward (docs/performance.md).
     scan_blocks: bool = True
     # "auto": per platform when traced (CPU head-major matmuls, GPU cuDNN flash attention, TPU Pallas flash
     # attention from 1024 tokens, else XLA's); "matmul" (None too), "xla", "cudnn", "pallas_tpu": that
@@ -256,39 +271,47 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(self.hidden_size, freq_shift=self.timestep_freq_shift, **kw)
         self.y_embedder = LabelEmbedder(self.num_classes, self.hidden_size, self.class_dropout_prob,
                                         param_dtype=self.param_dtype)
-        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
-        self.blocks = [
-            block_cls(**self._block_kwargs(), name=f"blocks_{i}") for i in range(self.depth)
-        ]
+        remat_lib.resolve(self.remat_policy, self.remat)  # an unknown name fails here, before any compute
+        # Creates the blocks' parameters at init, stacked along a leading depth axis (one vmapped DiTBlock);
+        # every call then reads them (`_run_blocks`), so the block module itself is never called again.
+        self.blocks = nn.vmap(DiTBlock, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=None,
+                              axis_size=self.depth)(**self._block_kwargs(), name="blocks")
         self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels, **kw)
 
     def pos_embed(self) -> np.ndarray:
         """(T, D) fixed sin-cos table; a constant, not a parameter (the release never trains it)."""
         return get_2d_sincos_pos_embed(self.hidden_size, self.input_size // self.patch_size)
 
+    def block(self) -> DiTBlock:
+        """An unbound DiTBlock as the blocks of this DiT run it (apply it to one block's parameters)."""
+        return DiTBlock(**self._block_kwargs(), parent=None)
+
     def _block_kwargs(self) -> dict:
         return dict(hidden_size=self.hidden_size, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                     dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-                    mlp_norm_eps=self.mlp_norm_eps, precise_cpu_dots=self.precise_cpu_dots)
+                    mlp_norm_eps=self.mlp_norm_eps, precise_cpu_dots=self.precise_cpu_dots,
+                    recompute_probs=remat_lib.resolve(self.remat_policy, self.remat) != "none")
 
-    def _scan_blocks(self, h: jax.Array, c: jax.Array) -> jax.Array:
-        """The blocks as one `lax.scan`: h (N, T, D) float32 -> (N, T, D).
+    def _run_blocks(self, h: jax.Array, c: jax.Array) -> jax.Array:
+        """The blocks on h (N, T, D) float32 with conditioning c (N, D) -> (N, T, D), from the stacked params.
 
-        Why: unrolled, XLA's CPU fusion recomputes the residual-stream gradient, a chain of elementwise adds
-        over all later blocks, inside every consumer of it, so the backward pass costs O(depth^2)
-        elementwise work (2/3 of a DiT-S/2 training step). A loop body is a fusion boundary: each block's
-        gradient is materialised once. The per-block parameters are stacked here (a copy, cheap next to the
-        blocks' matmuls) so the parameter tree keeps the release's layout and names.
+        Why a `lax.scan` (scan_blocks=True): unrolled, XLA's CPU fusion recomputes the residual-stream
+        gradient, a chain of elementwise adds over all later blocks, inside every consumer of it, so the
+        backward pass costs O(depth^2) elementwise work (2/3 of a DiT-S/2 training step). A loop body is a
+        fusion boundary: each block's gradient is materialised once. The scan slices the stacked parameters
+        in place and writes each block's gradient into its slice of the stacked gradient: no copy of either.
         """
-        stacked = jax.tree_util.tree_map(lambda *p: jnp.stack(p), *[b.variables["params"] for b in self.blocks])
-        block = DiTBlock(**self._block_kwargs(), parent=None)
-
-        def body(h, params):
-            return block.apply({"params": params}, h, c), None
-
-        if self.remat:
-            body = jax.checkpoint(body)
-        h, _ = jax.lax.scan(body, h, stacked)
+        if self.is_initializing():
+            self.blocks(h, c)  # creates the stacked parameters; its (depth, N, T, D) output is not used
+        stacked = self.variables["params"]["blocks"]  # arrays (depth, ...)
+        block = self.block()
+        policy = remat_lib.resolve(self.remat_policy, self.remat)
+        if self.scan_blocks:
+            h, _ = jax.lax.scan(block_step(block, c, policy, prevent_cse=False), h, stacked)
+            return h
+        step = block_step(block, c, policy)
+        for i in range(self.depth):
+            h, _ = step(h, jax.tree_util.tree_map(lambda p: p[i], stacked))
         return h
 
     def unpatchify(self, x: jax.Array) -> jax.Array:
@@ -308,11 +331,7 @@ class DiT(nn.Module):
             raise ValueError(f"expected {self.in_channels} input channels (NHWC, last axis), got shape {x.shape}")
         h = self.x_embedder(x).astype(jnp.float32) + jnp.asarray(self.pos_embed())[None]  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, train, force_drop_ids)  # (N, D)
-        if self.scan_blocks and self.depth > 1 and not self.is_initializing():
-            h = self._scan_blocks(h, c)
-        else:
-            for block in self.blocks:
-                h = block(h, c)
+        h = self._run_blocks(h, c)
         h = self.final_layer(h, c)  # (N, T, p*q*C_out)
         return self.unpatchify(h)
 
@@ -327,6 +346,28 @@ class DiT(nn.Module):
         combined = jnp.concatenate([half, half], axis=0)
         out = self(combined, t, y, train=False)
         return apply_guidance(out, cfg_scale, self.in_channels if guidance_channels is None else guidance_channels)
+
+
+def block_step(block: DiTBlock, c: jax.Array, policy: str, prevent_cse: bool = True) -> Callable:
+    """One block as a scan body, `(h (N, T, D), one block's params) -> (h, None)`, under the remat policy
+    (dit_jax/remat.py); c (N, D) is the conditioning, the same for every block."""
+    low = jnp.dtype(block.dtype)
+    # ("none" keeps each block's compute-dtype weights for the backward pass anyway.)
+    rounded = policy != "none" and low != jnp.dtype(block.param_dtype) and jnp.issubdtype(low, jnp.floating)
+
+    def step(h, params):
+        if rounded:
+            # Rounds this block's parameters to the compute dtype's precision (in their own dtype; the layers'
+            # cast that follows is then exact, and so are the gradients: their cotangents come from
+            # compute-dtype matmuls already). Why: XLA (TPU) moves a plain cast of a slice of the stacked
+            # parameters before the slice and out of the loop, i.e. casts all of them once, a compute-dtype
+            # copy of every block (1.26 GiB for DiT-XL/2) that lives through the forward and backward passes.
+            # An optimization barrier does not stop it (XLA removes barriers first); this does.
+            fi = jnp.finfo(low)
+            params = jax.tree_util.tree_map(lambda p: jax.lax.reduce_precision(p, fi.nexp, fi.nmant), params)
+        return block.apply({"params": params}, h, c), None
+
+    return remat_lib.checkpoint_block(step, policy, prevent_cse)
 
 
 def apply_guidance(out: jax.Array, cfg_scale: float, guided_channels: int) -> jax.Array:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax.remat import ATTN_LSE, ATTN_OUT, ATTN_PROBS, checkpoint_name
 from dit_jax.timestep_frequencies import timestep_frequencies
 
 
@@ -119,15 +120,17 @@ def _swap_last(x: jax.Array) -> jax.Array:
 
 
 def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array):
-    """-> (out (N, H, T, Dh), unnormalised probabilities e (N, H, T, S) float32, row sums l (N, H, T, 1))."""
+    """-> (out (N, H, T, Dh), unnormalised probabilities e (N, H, T, S) float32, row sums l (N, H, T, 1),
+    row maxima m (N, H, T, 1) float32)."""
     scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     logits = jnp.matmul(q * scale, _swap_last(k), preferred_element_type=jnp.float32)  # (N, H, T, S)
-    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - m)
     l = jnp.sum(e, axis=-1, keepdims=True)  # (N, H, T, 1)
     # Normalise after the value product: a (T, Dh) division instead of a (T, S) one (same maths; on CPU the
     # forward is ~2x faster than softmax-then-matmul, faster than PyTorch's SDPA on the same shapes).
     out = jnp.matmul(e.astype(v.dtype), v, preferred_element_type=jnp.float32) / l
-    return out.astype(v.dtype), e, l
+    return out.astype(v.dtype), e, l, m
 
 
 @jax.custom_vjp
@@ -137,27 +140,108 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     The same maths as `jax.nn.dot_product_attention`'s XLA path, written as plain batched matmuls over
     (N, H) (which XLA's CPU dot kernels run ~1.5x faster than the (N, T, H, Dh) einsums) with a hand-written
     backward pass: dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K / sqrt(Dh), dK = dS^T Q / sqrt(Dh).
-    Gradients equal autodiff of the plain softmax formula (tests/test_attention.py).
+    Gradients equal autodiff of the plain softmax formula (tests/test_attention.py). The backward pass keeps
+    the probabilities P (N, H, T, S); `recomputing_attention` keeps only their row statistics.
     """
     return _attention_forward(q, k, v)[0]
 
 
 def _attention_fwd_rule(q, k, v):
-    out, e, l = _attention_forward(q, k, v)
-    return out, (q, k, v, out, (e / l).astype(v.dtype))  # keeps the probabilities P (N, H, T, S)
+    out, e, l, _ = _attention_forward(q, k, v)
+    out = checkpoint_name(out, ATTN_OUT)  # named for the remat policies (dit_jax/remat.py)
+    return out, (q, k, v, out, checkpoint_name((e / l).astype(v.dtype), ATTN_PROBS))  # P (N, H, T, S)
+
+
+def _attention_grads(q, k, v, g, p, delta, p_lowp):
+    """dq, dk, dv (float32) of one group of heads from the probabilities p and delta = rowsum(dO * O)."""
+    f32 = jnp.float32
+    scale = q.shape[-1] ** -0.5
+    dv = jnp.matmul(_swap_last(p_lowp), g.astype(p_lowp.dtype), preferred_element_type=f32)  # (N, H, S, Dh)
+    dp = jnp.matmul(g, _swap_last(v), preferred_element_type=f32)  # (N, H, T, S)
+    ds = (p.astype(f32) * (dp - delta) * scale).astype(q.dtype)  # gradient of the scaled logits
+    dq = jnp.matmul(ds, k, preferred_element_type=f32)  # (N, H, T, Dh)
+    dk = jnp.matmul(_swap_last(ds), q, preferred_element_type=f32)  # (N, H, S, Dh)
+    return dq, dk, dv
 
 
 def _attention_bwd_rule(res, g):
     q, k, v, out, p = res  # g: (N, H, T, Dh)
-    f32 = jnp.float32
-    scale = q.shape[-1] ** -0.5
-    dv = jnp.matmul(_swap_last(p), g.astype(p.dtype), preferred_element_type=f32)  # (N, H, S, Dh)
-    dp = jnp.matmul(g, _swap_last(v), preferred_element_type=f32)  # (N, H, T, S)
-    delta = jnp.sum(g.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # (N, H, T, 1)
-    ds = (p.astype(f32) * (dp - delta) * scale).astype(q.dtype)  # gradient of the scaled logits
-    dq = jnp.matmul(ds, k, preferred_element_type=f32)  # (N, H, T, Dh)
-    dk = jnp.matmul(_swap_last(ds), q, preferred_element_type=f32)  # (N, H, S, Dh)
+    delta = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)  # (N, H, T, 1)
+    dq, dk, dv = _attention_grads(q, k, v, g, p, delta, p)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 head_major_attention.defvjp(_attention_fwd_rule, _attention_bwd_rule)
+
+
+# Largest (T, S) float32 logits, times heads, that one step of `recomputing_attention` materialises per
+# example: 2^20 elements (4 MiB). 256 px (T = 256): all 16 heads at once; 512 px (T = 1024): one head a step.
+ATTENTION_CHUNK_ELEMENTS = 2**20
+
+
+def _heads_per_step(heads: int, t: int, s: int) -> int:
+    n = max(1, min(heads, ATTENTION_CHUNK_ELEMENTS // (t * s)))
+    while heads % n:
+        n -= 1
+    return n
+
+
+def _over_head_groups(fn, heads_per_step: int, *arrays):
+    """fn(*arrays) computed `heads_per_step` heads at a time (a `lax.map`); arrays are (N, H, ...)."""
+    h = arrays[0].shape[1]
+    if heads_per_step >= h:
+        return fn(*arrays)
+    groups = h // heads_per_step
+
+    def split(a):  # (N, H, ...) -> (G, N, H/G, ...)
+        return jnp.moveaxis(a.reshape(a.shape[0], groups, heads_per_step, *a.shape[2:]), 1, 0)
+
+    def join(a):  # (G, N, H/G, ...) -> (N, H, ...)
+        a = jnp.moveaxis(a, 0, 1)
+        return a.reshape(a.shape[0], h, *a.shape[3:])
+
+    out = jax.lax.map(lambda xs: fn(*xs), tuple(split(a) for a in arrays))
+    return jax.tree_util.tree_map(join, out)
+
+
+def _forward_with_lse(q, k, v):
+    """-> (out (N, H, T, Dh), log-sum-exp of the scaled logits (N, H, T, 1) float32), a group of heads a step."""
+    def one(q, k, v):
+        out, _, l, m = _attention_forward(q, k, v)
+        return out, m + jnp.log(l)
+
+    return _over_head_groups(one, _heads_per_step(q.shape[1], q.shape[2], k.shape[2]), q, k, v)
+
+
+@jax.custom_vjp
+def recomputing_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """`head_major_attention` whose backward pass keeps only the output and the rows' log-sum-exp L and
+    recomputes the probabilities P = exp(q k^T / sqrt(Dh) - L), as flash attention does: no (N, H, T, S)
+    array outlives a block. Forward and backward run over groups of heads whose float32 (T, S) logits stay
+    under ATTENTION_CHUNK_ELEMENTS per example, so the largest temporary is bounded at 512 px as well.
+    The same outputs as head_major_attention; gradients equal to rounding (tests/test_attention.py).
+    """
+    return _forward_with_lse(q, k, v)[0]
+
+
+def _recomputing_fwd_rule(q, k, v):
+    out, lse = _forward_with_lse(q, k, v)
+    out, lse = checkpoint_name(out, ATTN_OUT), checkpoint_name(lse, ATTN_LSE)
+    return out, (q, k, v, out, lse)
+
+
+def _recomputing_bwd_rule(res, g):
+    q, k, v, out, lse = res  # g: (N, H, T, Dh)
+
+    def one(q, k, v, g, out, lse):
+        delta = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)  # (N, h, T, 1)
+        scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+        logits = jnp.matmul(q * scale, _swap_last(k), preferred_element_type=jnp.float32)  # as in the forward
+        p = jnp.exp(logits - lse)  # (N, h, T, S) float32
+        return _attention_grads(q, k, v, g, p, delta, p.astype(v.dtype))
+
+    dq, dk, dv = _over_head_groups(one, _heads_per_step(q.shape[1], q.shape[2], k.shape[2]), q, k, v, g, out, lse)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+recomputing_attention.defvjp(_recomputing_fwd_rule, _recomputing_bwd_rule)

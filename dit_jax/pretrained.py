@@ -5,7 +5,8 @@ A dit_jax model directory holds
                   checksum of every parameter array ("_checksums", dit_jax.utils.checksum)
     params/       the Flax `params` tree saved with orbax (float32 NumPy arrays)
 Loading verifies the checksums, so flipped or truncated bytes are an error naming the arrays, never
-silently wrong weights.
+silently wrong weights. Directories written before the blocks' parameters were stacked (`blocks_0` ...,
+dit_jax/param_layout.py) load too: their parameters are stacked on load, with a log line.
 
     save_pretrained(params, cfg, "out/DiT-XL-2-256")
     model, params = load_pretrained("out/DiT-XL-2-256")
@@ -17,6 +18,7 @@ there itself, and a bucket directory whose write was interrupted is refused (dit
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Dict, Mapping, Tuple
 
 import jax
@@ -27,10 +29,12 @@ from flax.traverse_util import flatten_dict
 
 from dit_jax.utils.errors import DitJaxError
 from dit_jax.model import DiT, abstract_params
+from dit_jax.param_layout import is_per_block, stack_blocks
 from dit_jax.utils import paths
 from dit_jax.utils.atomic import atomic_dir, check_complete, write_text
 from dit_jax.utils.checksum import mismatches, tree_fingerprints
 
+log = logging.getLogger("dit_jax")
 CONFIG_NAME = "config.json"
 PARAMS_NAME = "params"
 FORMAT_TAG = "dit_jax"
@@ -79,7 +83,7 @@ def save_pretrained(params: Mapping, cfg: Any, directory: paths.PathLike, overwr
     if "params" in params and len(params) == 1:  # accept {"params": ...} too
         params = params["params"]
     cfg = model_config(cfg)
-    host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), dict(params))
+    host = stack_blocks(jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), dict(params)))
     check_params(host, cfg, directory)
     with atomic_dir(directory, overwrite) as tmp:
         write_text(tmp / CONFIG_NAME, json.dumps(dict(config_to_json(cfg), _checksums=tree_fingerprints(host)),
@@ -142,9 +146,14 @@ def load_pretrained(directory: paths.PathLike, dtype: Any = None, **model_kwargs
     except Exception as e:  # noqa: BLE001 -- orbax raises many kinds; name the directory
         raise PretrainedError(f"{params_dir}: cannot restore the orbax parameters ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    saved = params  # the checksums are of the tree as it was written
+    if is_per_block(params):
+        log.info("%s: parameters in the per-block layout of older dit_jax versions (blocks_0 ...); stacking "
+                 "them into 'blocks' (`dit-jax-convert migrate` rewrites the directory once)", params_dir)
+        params = stack_blocks(params)
     check_params(params, cfg, params_dir)
     expected = read_checksums(directory)
-    bad = mismatches(expected, tree_fingerprints(params)) if expected else []
+    bad = mismatches(expected, tree_fingerprints(saved)) if expected else []
     if bad:
         raise PretrainedError(f"{params_dir}: {len(bad)} parameter arrays do not match the checksums in "
                               f"{CONFIG_NAME} (first: {bad[0]}); the directory is damaged, convert it again")

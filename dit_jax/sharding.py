@@ -19,6 +19,10 @@ this reaches the largest shard count an even split allows), and neighbouring pri
 treats alike are merged. The sub-axes are a reshape of the one fsdp axis of the device array, so their
 product in order is exactly the device order a plain fsdp axis would have.
 
+The blocks' parameters are stacked (`blocks/attn/qkv/kernel` is (depth, D, 3D), dit_jax/param_layout.py):
+their leading depth axis is never sharded (the scan over the blocks slices it), and both passes treat the
+rest of the shape as they would one block's parameter.
+
 The optimizer state and the EMA get the same shardings as the parameters they track. Batches are sharded
 along their first axis over ("data", fsdp sub-axes...).
 """
@@ -46,6 +50,10 @@ PARAM_AXES: Tuple[Tuple[str, Tuple[Optional[str], ...]], ...] = (
     (r"mlp/fc1/bias$", ("mlp",)),
     (r"mlp/fc2/kernel$", ("mlp", "embed")),
 )
+
+
+# Parameters with a leading depth axis (one slice per block): the stacked blocks.
+STACKED_PATH = re.compile(r"(^|/)blocks/")
 
 
 class MeshError(DitJaxError, ValueError):
@@ -195,9 +203,16 @@ def _prime_factors(n: int) -> List[int]:
     return out
 
 
+def stacked_dims(path: str) -> int:
+    """How many leading dimensions of the parameter at `path` index blocks (1 for `blocks/...`, else 0);
+    no rule or fsdp group ever shards them."""
+    return 1 if STACKED_PATH.search(path) else 0
+
+
 def _rule_spec(path: str, shape: Sequence[int], sizes: Dict[str, int],
                rules: Sequence[Tuple[str, Optional[str]]]) -> list:
-    """Pass 1: logical axis rules -> one mesh axis name (or None) per dimension."""
+    """Pass 1: logical axis rules -> one mesh axis name (or None) per dimension of one block's parameter
+    (`shape` without the stacked depth axis)."""
     spec: list = [None] * len(shape)
     rule_map = dict(rules)
     for pattern, names in PARAM_AXES:
@@ -245,10 +260,11 @@ def fsdp_groups(param_shapes: Any, fsdp_size: int, sharding_cfg, tensor_size: in
     min_size = int(sharding_cfg.fsdp_min_size)
     columns = []  # per parameter: the dimension of each prime
     for path, x in jax.tree_util.tree_flatten_with_path(param_shapes)[0]:
-        shape = tuple(x.shape)
+        path = path_str(path)
+        shape = tuple(x.shape)[stacked_dims(path):]
         if not _fsdp_eligible(shape, min_size):
             continue
-        spec = _rule_spec(path_str(path), shape, sizes, rules)
+        spec = _rule_spec(path, shape, sizes, rules)
         columns.append(_assign(shape, [i for i in range(len(shape)) if spec[i] is None], primes))
     groups = [primes[0]]
     for k in range(1, len(primes)):
@@ -261,7 +277,9 @@ def fsdp_groups(param_shapes: Any, fsdp_size: int, sharding_cfg, tensor_size: in
 
 def param_spec(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[Tuple[str, Optional[str]]],
                fsdp_min_size: int) -> P:
-    """PartitionSpec of one parameter (see the module docstring)."""
+    """PartitionSpec of one parameter (see the module docstring); a stacked one's depth axis stays whole."""
+    lead = stacked_dims(path)
+    shape = tuple(shape)[lead:]
     spec = _rule_spec(path, shape, {"tensor": axis_size(mesh, "tensor")}, rules)
     f_axes = fsdp_axes(mesh)
     if axis_size(mesh, "fsdp") > 1 and _fsdp_eligible(shape, fsdp_min_size):
@@ -273,6 +291,7 @@ def param_spec(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[Tupl
                 per_dim.setdefault(d, []).append(a)
         for d, names in per_dim.items():
             spec[d] = names[0] if len(names) == 1 else tuple(names)
+    spec = [None] * lead + spec
     while spec and spec[-1] is None:  # P(None, "fsdp") stays, P(None) becomes P()
         spec.pop()
     return P(*spec)

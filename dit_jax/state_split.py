@@ -26,7 +26,7 @@ _log = logging.getLogger("dit_jax.state_split")
 
 def split_report(abstract_params: Any, mesh, sharding_cfg, top: int = 5) -> Dict[str, Any]:
     """Parameter bytes per chip against the even split (total / the fsdp x tensor chips) and the tensors
-    that leave it, grouped over blocks ("blocks_*/mlp/fc1/kernel"), the most excess bytes first.
+    that leave it, grouped over blocks (the stacked "blocks/mlp/fc1/kernel", or "blocks_*/..." of the older layout), the most excess bytes first.
 
     mesh: a `Mesh` or an `AbstractMesh` with dit_jax.sharding's axis names."""
     shardings = shd.param_shardings(abstract_params, mesh, sharding_cfg)
@@ -40,7 +40,8 @@ def split_report(abstract_params: Any, mesh, sharding_cfg, top: int = 5) -> Dict
         total, per_chip = total + nb, per_chip + sb
         if sb * group > nb:  # split fewer ways than there are chips sharing the state
             name = re.sub(r"blocks_\d+", "blocks_*", shd.path_str(path))
-            small = int(np.prod(x.shape, dtype=np.int64)) < int(sharding_cfg.fsdp_min_size)  # replicated by choice
+            one = x.shape[shd.stacked_dims(shd.path_str(path)):]  # one block's shape decides (sharding.py)
+            small = int(np.prod(one, dtype=np.int64)) < int(sharding_cfg.fsdp_min_size)  # replicated by choice
             e = excess.setdefault(name, {"name": name, "shape": list(x.shape), "split_ways": nb // sb,
                                          "below_fsdp_min_size": small, "tensors": 0, "excess_bytes_per_chip": 0})
             e["tensors"] += 1

@@ -73,10 +73,10 @@ def setup(config, devices=None, process_count: Optional[int] = None) -> TrainSet
     `dit-jax-train --compile-only` passes a TPU topology's compile-only devices and host count."""
     build.validate_config(config)
     check_eval_config(config)
-    model = build.build_model(config)
+    devices = shd.select_devices(config.mesh, devices, process_count)
+    model = build.build_model(config, devices[0].platform)
     kind = build.batch_kind(config)
     params = abstract_params(model)
-    devices = shd.select_devices(config.mesh, devices, process_count)
     plan = mesh_plan.plan_mesh(config, devices, model, params, device_hbm_bytes(devices[0])[0],
                                image_batch=kind == "image")
     mesh = shd.make_mesh(plan.shape, devices, plan.fsdp_groups)

@@ -169,19 +169,20 @@ def test_flax_dir_errors(state, tmp_path):
     from dit_jax.pretrained import PretrainedError, load_pretrained, save_pretrained
 
     params, cfg = convert.torch_to_flax(state)
-    with pytest.raises(PretrainedError, match=r"parameter 'blocks_0/adaLN_modulation_1/bias' has shape "
-                                              r"\(2304,\), expected \(3072,\) for DiT\(depth=2, hidden_size=512"):
+    with pytest.raises(PretrainedError, match=r"parameter 'blocks/adaLN_modulation_1/bias' has shape "
+                                              r"\(2, 2304\), expected \(2, 3072\) for DiT\(depth=2, hidden_size=512"):
         save_pretrained(params, {**cfg, "hidden_size": 512, "num_heads": 8}, tmp_path / "f")
     assert not (tmp_path / "f").exists()
     save_pretrained(params, cfg, tmp_path / "f")
     (tmp_path / "f" / "config.json").write_text('{"_format": "dit_jax", "depth": 3, "hidden_size": 384, '
                                                 '"input_size": 8, "num_classes": 10, "num_heads": 6}')
-    with pytest.raises(PretrainedError, match=r"missing \['blocks_2/"):
+    with pytest.raises(PretrainedError, match=r"parameter 'blocks/adaLN_modulation_1/bias' has shape \(2, 2304\), "
+                                              r"expected \(3, 2304\)"):
         load_pretrained(tmp_path / "f")
     (tmp_path / "f" / "config.json").write_text('{"_class_name": "DiTTransformer2DModel"}')
     with pytest.raises(PretrainedError, match="not a dit_jax config"):
         load_pretrained(tmp_path / "f")
-    assert np.isfinite(params["blocks_0"]["attn"]["qkv"]["kernel"]).all()
+    assert np.isfinite(params["blocks"]["attn"]["qkv"]["kernel"]).all()
 
 
 def test_flax_to_torch_without_cfg_refuses():

@@ -50,7 +50,7 @@ def test_remat_same_outputs_and_grads():
     worst = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(rel_err, gb, ga)))
     print(f"\nremat grads worst leaf rel_err={worst:.2e}")
     assert worst <= 1e-6
-    assert float(jnp.abs(ga["blocks_0"]["adaLN_modulation_1"]["kernel"]).max()) > 0
+    assert float(jnp.abs(ga["blocks"]["adaLN_modulation_1"]["kernel"][0]).max()) > 0
 
 
 def test_bfloat16_compute_runs_and_is_close():
@@ -77,9 +77,8 @@ def test_init_matches_release_rules():
     p = jax.device_get(init(model))
     d = 384
     # adaLN-Zero: every modulation and the output layer start at zero, so each block starts as identity.
-    for i in range(2):
-        for leaf in p[f"blocks_{i}"]["adaLN_modulation_1"].values():
-            assert not np.any(leaf)
+    for leaf in p["blocks"]["adaLN_modulation_1"].values():  # (depth, ...): every block
+        assert leaf.shape[0] == 2 and not np.any(leaf)
     for sub in ("adaLN_modulation_1", "linear"):
         for leaf in p["final_layer"][sub].values():
             assert not np.any(leaf)
@@ -93,11 +92,13 @@ def test_init_matches_release_rules():
     for path, fan_in, fan_out in (("attn/qkv", d, 3 * d), ("attn/proj", d, d), ("mlp/fc1", d, 4 * d),
                                   ("mlp/fc2", 4 * d, d)):
         a, b = path.split("/")
-        k = p["blocks_1"][a][b]["kernel"]
+        k = p["blocks"][a][b]["kernel"][1]  # block 1
         bound = xavier_bound(fan_in, fan_out)
         assert np.abs(k).max() <= bound and np.abs(k).max() > 0.98 * bound, path
         assert abs(k.std() - bound / math.sqrt(3)) < 0.02 * bound, path
-        assert not np.any(p["blocks_1"][a][b]["bias"])
+        assert not np.any(p["blocks"][a][b]["bias"])
+        # Each block draws its own values (the stacked init splits the rng over the depth axis).
+        assert not np.allclose(p["blocks"][a][b]["kernel"][0], k), path
     # Patch projection: xavier over the flattened (C * p * q) fan-in, like the release's w.view(D, -1).
     k = p["x_embedder"]["kernel"]  # (p, q, C, D)
     assert k.shape == (2, 2, 4, d)

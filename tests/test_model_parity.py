@@ -210,11 +210,11 @@ def test_parity_check_can_fail():
     with torch.no_grad():
         ref = tm(x, t, y).numpy()
     params, cfg = convert.torch_to_flax(tm.state_dict())
-    k = params["blocks_1"]["attn"]["proj"]["kernel"]
-    params["blocks_1"]["attn"]["proj"]["kernel"] = k.T
+    k = params["blocks"]["attn"]["proj"]["kernel"]  # (depth, D, D): block 1's kernel is k[1]
+    params["blocks"]["attn"]["proj"]["kernel"] = np.stack([k[0], k[1].T])
     out = DiT(**cfg).apply({"params": params}, nhwc(x), t.numpy(), y.numpy())
     assert rel_err(nchw(out), ref) > 1e-3
     # And a timestep embedding with diffusers' frequency shift differs measurably from the release.
-    params["blocks_1"]["attn"]["proj"]["kernel"] = k
+    params["blocks"]["attn"]["proj"]["kernel"] = k
     out = DiT(**{**cfg, "timestep_freq_shift": 1.0}).apply({"params": params}, nhwc(x), t.numpy(), y.numpy())
     assert rel_err(nchw(out), ref) > 10 * TOL

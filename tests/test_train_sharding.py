@@ -31,18 +31,20 @@ def test_param_specs_fsdp_and_tensor():
     env = train.setup(cfg)
     specs = shd.spec_tree(env.state_shardings.params)
     assert env.mesh.shape == {"data": 1, "fsdp": 4, "tensor": 2}
-    # qkv kernel (32, 96): heads -> tensor on the output axis, fsdp on the only free axis left.
-    assert specs["blocks_0/attn/qkv/kernel"] == P("fsdp", "tensor")
-    assert specs["blocks_0/attn/proj/kernel"] == P("tensor", "fsdp")
-    assert specs["blocks_0/mlp/fc1/kernel"] == P("fsdp", "tensor")
-    assert specs["blocks_0/mlp/fc2/kernel"] == P("tensor", "fsdp")
-    assert specs["blocks_0/adaLN_modulation_1/kernel"] == P(None, "fsdp")  # (32, 192): largest axis
-    assert specs["blocks_0/attn/qkv/bias"] == P("tensor")  # 96 elements < fsdp_min_size: tensor only
+    # qkv kernel (depth, 32, 96): the stacked depth axis is never sharded; heads -> tensor on the output
+    # axis, fsdp on the only free axis left.
+    assert specs["blocks/attn/qkv/kernel"] == P(None, "fsdp", "tensor")
+    assert specs["blocks/attn/proj/kernel"] == P(None, "tensor", "fsdp")
+    assert specs["blocks/mlp/fc1/kernel"] == P(None, "fsdp", "tensor")
+    assert specs["blocks/mlp/fc2/kernel"] == P(None, "tensor", "fsdp")
+    assert specs["blocks/adaLN_modulation_1/kernel"] == P(None, None, "fsdp")  # (32, 192): largest axis
+    # 96 elements per block < fsdp_min_size: tensor only (the stacked array's size does not count)
+    assert specs["blocks/attn/qkv/bias"] == P(None, "tensor")
     assert specs["final_layer/linear/bias"] == P()  # small: replicated
     # Adam moments follow their parameter; the step counters are replicated.
     o_specs = shd.spec_tree(env.state_shardings.opt_state)
-    mu = [v for k, v in o_specs.items() if k.endswith("mu/blocks_0/attn/qkv/kernel")]
-    assert mu == [P("fsdp", "tensor")]
+    mu = [v for k, v in o_specs.items() if k.endswith("mu/blocks/attn/qkv/kernel")]
+    assert mu == [P(None, "fsdp", "tensor")]
     assert all(v == P() for k, v in o_specs.items() if k.endswith("count"))
 
 
@@ -74,9 +76,9 @@ def test_sharded_run_matches_single_device(tmp_path, single_device_run, data, fs
     o8, o1 = _flat(out8.state.opt_state), _flat(out1.state.opt_state)
     assert max(rel_err(o8[k], o1[k]) for k in o1 if np.abs(o1[k]).max() > 0) < 1e-4  # Adam's nu: squares
     # The parameters really are sharded over the mesh (fsdp, and tensor on the qkv output axis).
-    qkv = out8.state.params["blocks_0"]["attn"]["qkv"]["kernel"]  # (32, 96)
+    qkv = out8.state.params["blocks"]["attn"]["qkv"]["kernel"]  # (depth, 32, 96)
     assert len({str(s.index) for s in qkv.addressable_shards}) == fsdp * tensor  # slices: unhashable before 3.12
-    assert len(out1.state.params["blocks_0"]["attn"]["qkv"]["kernel"].sharding.device_set) == 1
+    assert len(out1.state.params["blocks"]["attn"]["qkv"]["kernel"].sharding.device_set) == 1
 
 
 @pytest.mark.slow
@@ -116,7 +118,7 @@ def test_checkpoint_from_8_devices_restores_on_1_and_4(tmp_path):
         c.mesh.num_devices, c.mesh.fsdp = n, fsdp
         out = train.train_and_evaluate(c, str(tmp_path / f"w{n}"))
         assert sorted(out.losses) == [3, 4], n
-        assert len(out.state.params["blocks_0"]["attn"]["qkv"]["kernel"].sharding.device_set) == n
+        assert len(out.state.params["blocks"]["attn"]["qkv"]["kernel"].sharding.device_set) == n
         for s in (3, 4):
             assert abs(out.losses[s] - ref_out.losses[s]) <= TOL * abs(ref_out.losses[s]), (n, s)
         pa, pb = _flat(out.state.params), _flat(ref_out.state.params)
@@ -130,7 +132,7 @@ def test_options_bf16_remat_accum_clip(tmp_path):
     c.mesh.fsdp = 2
     out = train.train_and_evaluate(c, str(tmp_path / "opts"))
     assert all(np.isfinite(v) for v in out.losses.values())
-    assert out.state.params["blocks_0"]["attn"]["qkv"]["kernel"].dtype == np.float32  # params stay f32
+    assert out.state.params["blocks"]["attn"]["qkv"]["kernel"].dtype == np.float32  # params stay f32
 
 
 @pytest.mark.slow

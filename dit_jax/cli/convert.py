@@ -3,6 +3,7 @@
     dit-jax-convert to-flax DiT-XL-2-256x256.pt out/DiT-XL-2-256
     dit-jax-convert to-torch out/DiT-XL-2-256 DiT-XL-2-256x256.pt
     dit-jax-convert to-torch out/DiT-XL-2-256 out/dit-xl-diffusers --format diffusers
+    dit-jax-convert migrate old/DiT-XL-2-256 out/DiT-XL-2-256     # a directory of an older dit_jax
 
 IN and OUT may be local paths or bucket URLs (gs://...). Progress goes to stderr, the inferred configuration
 to stdout. Any error prints one line and exits 1 (the
@@ -23,7 +24,7 @@ from typing import List, Optional
 from convert import writers
 from convert.api import flax_to_torch, load_torch_checkpoint
 from dit_jax.cli.common import one_line_warnings, run_command
-from dit_jax.pretrained import is_pretrained_dir, load_pretrained, model_config, save_pretrained
+from dit_jax.pretrained import PretrainedError, is_pretrained_dir, load_pretrained, model_config, save_pretrained
 from dit_jax.utils.atomic import check_target
 
 PROG = "dit-jax-convert"
@@ -65,6 +66,19 @@ def to_torch(args: argparse.Namespace) -> None:
     writers.write(state, cfg, args.output, fmt, overwrite=args.overwrite)
 
 
+def migrate(args: argparse.Namespace) -> None:
+    """A dit_jax directory with the older per-block parameters (blocks_0 ...) -> the stacked layout."""
+    check_target(args.output, args.overwrite)
+    if not is_pretrained_dir(args.input):
+        raise PretrainedError(f"{args.input}: not a dit_jax directory (config.json + params/)")
+    _log(f"reading {args.input} (dit_jax directory)")
+    model, params = load_pretrained(args.input)  # stacks older per-block parameters
+    cfg = model_config(model)
+    print(_describe(cfg), flush=True)
+    _log(f"writing {args.output} (stacked blocks)")
+    save_pretrained(params, cfg, args.output, overwrite=args.overwrite)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Convert DiT weights between PyTorch and dit_jax (Flax).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -93,7 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--format", choices=("pt", "train", "safetensors", "diffusers"),
                    help="output format (default: from OUT's suffix; no suffix -> diffusers)")
     common(t)
+
+    m = sub.add_parser("migrate", help="dit_jax directory of an older version (parameters blocks_0 ...) -> "
+                                       "the current layout (stacked blocks); loading converts on the fly too")
+    m.add_argument("input", metavar="IN", help="dit_jax directory")
+    m.add_argument("output", metavar="OUT", help="directory to create (IN itself with --overwrite)")
+    m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    m.add_argument("--debug", action="store_true", help="print the traceback of an error")
     return p
+
+
+COMMANDS = {"to-flax": to_flax, "to-torch": to_torch, "migrate": migrate}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -101,7 +125,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     start = time.time()
 
     def convert_command():
-        (to_flax if args.command == "to-flax" else to_torch)(args)
+        COMMANDS[args.command](args)
         _log(f"done in {time.time() - start:.1f} s")
 
     with one_line_warnings(PROG):  # e.g. weights written to a format whose model computes differently
