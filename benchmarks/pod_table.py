@@ -38,13 +38,18 @@ def _gib(b) -> str:
     return "n/a" if b is None else f"{b / GIB:.2f}"
 
 
+def remat_policy(r) -> str:
+    """The report's remat policy; reports written before policies had only the flag (full remat or none)."""
+    return r.get("remat_policy") or ("full" if r["remat"] else "none")
+
+
 def row(r) -> str:
     """One line of the "pods" table."""
     if r["data_parallel_by_choice"]:
         split = "data-parallel by choice"
     else:
         split = f"{r['state_per_chip_vs_even_split']:.2f}x even, {100 * r['replicated_state_fraction']:.2f}% replicated"
-    return (f"| {r['model']} | {r['image_size']} | {r['dtype']} | {'yes' if r['remat'] else 'no'} | {r['topology']} | "
+    return (f"| {r['model']} | {r['image_size']} | {r['dtype']} | {remat_policy(r)} | {r['topology']} | "
             f"{r['chips']} | {r['global_batch_size']} | {_mesh(r)} | {_gib(r['state_bytes_per_chip']['total'])} | "
             f"{split} | {_gib(r['temp_bytes_per_chip'])} | {_gib(r['total_bytes_per_chip'])} / "
             f"{r['hbm_bytes_per_chip'] / GIB:.0f} | {'yes' if r['fits'] else 'NO'} | "
@@ -52,7 +57,7 @@ def row(r) -> str:
             f"{r['compile_seconds']:.0f} ({r['compile_cpu_seconds']:.0f}) |")
 
 
-HEADER = ("| model | px | dtype | remat | pod | chips | batch | mesh | state GiB/chip | state split | temp GiB/chip "
+HEADER = ("| model | px | dtype | remat policy | pod | chips | batch | mesh | state GiB/chip | state split | temp GiB/chip "
           "| total / HBM GiB | fits | collective GiB moved/chip/step | compile s (CPU s) |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 

@@ -97,7 +97,7 @@ def test_pod_table_batch_per_chip_and_reprint(tmp_path, capsys):
     assert [line.split(" | ")[1] for line in first[2:]] == ["4", "16"]  # global batch = per chip x 4 chips
     assert pod_table.main(["--from", str(out), "--table", "pods"]) == 0
     rows = capsys.readouterr().out.splitlines()[2:]
-    assert len(rows) == 2 and all("data-parallel by choice" in r and "| float32 | no | v5e:2x2 |" in r for r in rows)
+    assert len(rows) == 2 and all("data-parallel by choice" in r and "| float32 | save_qkv_proj | v5e:2x2 |" in r for r in rows)  # TPU's default
     reports = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["overrides"] for r in reports] == [["--config.model.depth=1"]] * 2
 
