@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks import config_args  # noqa: E402
 from dit_jax import checkpoint as ckpt_lib, train  # noqa: E402
 from dit_jax.evaluation import digits as digits_eval  # noqa: E402
-from dit_jax.train_samples import make_sampler  # noqa: E402
+from dit_jax.training.samples import make_sampler  # noqa: E402
 
 PROG = "digits_quality.py"
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dit_jax.model import DiT_models, count_params
-from dit_jax.model_ops import get_2d_sincos_pos_embed
+from dit_jax.nn.model_ops import get_2d_sincos_pos_embed
 
 # DiT paper, Table 4: Gflops (multiply-adds) per forward pass of one image; params in millions.
 PAPER_GFLOPS = {

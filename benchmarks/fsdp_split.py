@@ -3,7 +3,7 @@
     python -m benchmarks.fsdp_split                      # DiT-S/2, B/2, L/2, XL/2 x fsdp 2..640 (seconds)
     python -m benchmarks.fsdp_split --models DiT-L/2 --fsdp 96 256
 
-No devices and no compile: dit_jax.state_split on an abstract mesh of each size, with configs/default.py's
+No devices and no compile: dit_jax.analysis.state_split on an abstract mesh of each size, with configs/default.py's
 sharding rules (fsdp_min_size 1024). A factor above 1.1 (marked) is what `dit-jax-train` warns about. The
 patch size changes only the patch embedding and the final layer, so /4 and /8 behave like /2.
 """
@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dit_jax import build, state_split
+from dit_jax.training import build
+from dit_jax.analysis import state_split
 from dit_jax.model import abstract_params
 
 MODELS = ("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2")

@@ -10,7 +10,7 @@ float32 parameters; the batch is pre-extracted latents. PyTorch: the release's s
 backward, AdamW, EMA) with bf16 autocast, SDPA attention and torch.compile, in the same process and first
 (its cache is emptied before JAX runs). Each side takes the largest batch of --batches that fits; JAX also
 tries rematerialised blocks where a batch does not fit without. Reported: images/s, model TFLOP/s and MFU
-against the card's RATED dense bf16 peak (dit_jax/mfu.py: 6 x forward multiply-adds x 2 per image), and beside
+against the card's RATED dense bf16 peak (dit_jax/analysis/mfu.py: 6 x forward multiply-adds x 2 per image), and beside
 it, labelled, the MFU against a measured bf16 matmul peak of the same card.
 Sampling. The release's loop (250-step DDPM, classifier-free guidance 4, the doubled batch, forward_with_cfg)
 in PyTorch (convert/reference: torch_dit.py + torch_diffusion.py, bf16 autocast) beside dit_jax's (one
@@ -36,7 +36,8 @@ import numpy as np
 from benchmarks.common import batch_inputs, jax_sync, make_pair, make_torch_train_step, timed, timed_interleaved, \
     torch_sync_fn
 from benchmarks.product_step import ProductStep, bench_config
-from dit_jax import attention, mfu
+from dit_jax.nn import attention
+from dit_jax.analysis import mfu
 from dit_jax.utils import xla_gpu
 
 GIB = 2**30
@@ -295,7 +296,7 @@ def main(argv=None) -> dict:
     args.batches = args.batches or default_batches(dev)
     rated = mfu.rated_peak(dev.device_kind)
     print(f"device: {dev.platform} {dev.device_kind}; jax {jax.__version__}; rated dense bf16 peak "
-          f"{rated.bf16_tflops if rated else 'unknown'} TFLOP/s ({rated.source if rated else 'not in dit_jax/mfu.py'})")
+          f"{rated.bf16_tflops if rated else 'unknown'} TFLOP/s ({rated.source if rated else 'not in dit_jax/analysis/mfu.py'})")
     model, params, cfg, tmodel = make_pair(args.model, latent, depth=args.depth)
     flops_per_image = mfu.train_flops_per_example(model)
     measured = matmul_peak_tflops()

@@ -11,7 +11,7 @@ latent x and label for all).
 
 The reference (`forward64`) is the release's program evaluated in float64: its explicit float32 casts are
 kept, everything else is float64. Those casts are the timestep features' float32 frequencies (PyTorch's
-values, dit_jax.timestep_frequencies) and float32 arguments `t.float() * freq`, and the position table
+values, dit_jax.nn.timestep_frequencies) and float32 arguments `t.float() * freq`, and the position table
 (computed in float64, stored as float32: the state_dict's pos_embed). Every checkpoint learned on those
 rounded values, so they are the model; cos/sin of the float32 arguments, the weights, LayerNorm, softmax and
 tanh-GELU are float64. `--all-float64` adds the errors against the DiT maths with float64 frequencies and
@@ -27,7 +27,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from dit_jax.timestep_frequencies import timestep_frequencies
+from dit_jax.nn.timestep_frequencies import timestep_frequencies
 
 DEFAULT_T = (0, 1, 3, 5, 10, 50, 100, 250, 500, 750, 900, 977, 990, 999)
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from dit_jax import sharding as shd
 from dit_jax import train
-from dit_jax.train_state import TrainState, init_state, with_shardings
+from dit_jax.training.state import TrainState, init_state, with_shardings
 
 
 def bench_config(model: str, image_size: int, batch: int, depth: Optional[int] = None, dtype: str = "float32",

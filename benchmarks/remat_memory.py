@@ -46,7 +46,8 @@ def compile_report(resolution, policy, batch, topology, model, depth=None) -> di
 def estimate(resolution, policy, batch, topology, model, depth=None) -> int:
     """mesh_plan's estimate of the same run's bytes per chip (what an auto mesh is chosen by)."""
     from configs import default
-    from dit_jax import build, mesh_plan
+    from dit_jax import mesh_plan
+    from dit_jax.training import build
     from dit_jax import sharding as shd
     from dit_jax import topology as topo_lib
     from dit_jax.model import abstract_params

@@ -2,7 +2,7 @@
 
     python -m benchmarks.stop_check_cost [--calls 300]
 
-dit_jax.preemption.Watcher.check() runs after every step on every process. Two ways to make the decision
+dit_jax.training.preemption.Watcher.check() runs after every step on every process. Two ways to make the decision
 collective are timed, each with the processes in lock step (a barrier before each timed block):
 - "sync manager": JAX's preemption sync point (what the Watcher uses): a local test until a SIGTERM (or a
   Ctrl-C, which the Watcher turns into one) arrives anywhere;
@@ -27,7 +27,7 @@ def worker(port: int, pid: int, calls: int) -> None:
     import jax
     from jax.experimental import multihost_utils
 
-    from dit_jax import preemption
+    from dit_jax.training import preemption
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)

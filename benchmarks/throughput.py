@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from benchmarks.common import (batch_inputs, jax_sync, make_pair, make_torch_train_step, timed_interleaved,
                                torch_sync_fn)
 from benchmarks.product_step import ProductStep, bench_config
-from dit_jax import attention, mfu
+from dit_jax.nn import attention
+from dit_jax.analysis import mfu
 from dit_jax.utils import cpu_malloc, xla_cpu
 
 
@@ -172,7 +173,7 @@ def main(argv=None) -> dict:
                   f"  ratio {res[phase + '_ratio']:.2f}x   (median of {args.iters}, wall s/step min-max JAX"
                   f" {res[j + '_spread'][0]:.2f}-{res[j + '_spread'][1]:.2f}, PyTorch {res[t + '_spread'][0]:.2f}-"
                   f"{res[t + '_spread'][1]:.2f}; CPU s/step JAX {res[j + '_cpu_s']:.2f}, PyTorch {res[t + '_cpu_s']:.2f})")
-        print(f"  JAX training: {res['jax_train_tflops_per_device']:.3f} TFLOP/s per device (dit_jax/mfu.py)")
+        print(f"  JAX training: {res['jax_train_tflops_per_device']:.3f} TFLOP/s per device (dit_jax/analysis/mfu.py)")
         for k in ("jax_peak_gib", "torch_peak_gib", "jax_peak_rss_gib", "torch_peak_rss_gib"):
             if k in res:
                 print(f"  {k}: {res[k]:.2f}")

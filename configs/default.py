@@ -47,13 +47,13 @@ def get_config(variant: Optional[str] = None) -> ml_collections.ConfigDict:
     c.model.learn_sigma = True  # predict the variance too (output has 2 * in_channels channels)
     # compute dtype: "float32" or "bfloat16" (parameters stay float32); 512 px uses bfloat16 to fit
     c.model.dtype = "bfloat16" if resolution == 512 else "float32"
-    # what the backward pass keeps of each block (dit_jax/remat.py): "none", "full" (only the block's input;
+    # what the backward pass keeps of each block (dit_jax/nn/remat.py): "none", "full" (only the block's input;
     # ~30% more compute), "save_dots" (the matmul outputs), "save_dots_except_fc1", "save_qkv_proj";
     # None: by platform, "none" on CPU, "save_qkv_proj" on TPU, "save_dots" on GPU (docs/performance.md)
     c.model.remat_policy = ml_collections.FieldReference(None, field_type=str)
     c.model.remat = False  # older name: True means remat_policy="full"
     # "auto": per platform (CPU head-major matmuls; GPU cuDNN flash attention; TPU Pallas flash attention at
-    # 512 px, else XLA's); or one kernel everywhere: "matmul", "xla", "cudnn", "pallas_tpu" (dit_jax/attention.py)
+    # 512 px, else XLA's); or one kernel everywhere: "matmul", "xla", "cudnn", "pallas_tpu" (dit_jax/nn/attention.py)
     c.model.attention_impl = "auto"
 
     # ---- diffusion (dit_jax.diffusion.create_diffusion) ----
@@ -124,7 +124,7 @@ def get_config(variant: Optional[str] = None) -> ml_collections.ConfigDict:
     # channels guided by CFG (3: the release's quirk; None: all eps channels)
     c.sample.guidance_channels = ml_collections.FieldReference(3, field_type=int)
     c.sample.clip_denoised = False  # clip predicted x_0 to [-1, 1] (useful in pixel space only)
-    # ---- sample quality during training (dit_jax/train_eval.py) ----
+    # ---- sample quality during training (dit_jax/training/sample_quality.py) ----
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 0  # score the EMA model every N steps (and at the last step); 0: off
     c.eval.kind = "inception"  # "inception": FID, sFID, IS vs reference_stats; "digits": the digits network

@@ -4,7 +4,7 @@ Pure NumPy: nothing here imports torch, so the mapping is usable (and testable) 
 as anything `np.asarray` takes (torch tensors are turned into NumPy by convert.io first).
 
 The rename table maps block i's keys to the per-block paths `blocks_i/...`; the Flax tree stacks them into
-`blocks/...` with a leading depth axis (dit_jax/param_layout.py), and `params_to_state_dict` unstacks them
+`blocks/...` with a leading depth axis (dit_jax/nn/param_layout.py), and `params_to_state_dict` unstacks them
 again (it also takes trees in the older per-block layout).
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from flax.traverse_util import flatten_dict
 
 from dit_jax.utils.errors import DitJaxError
 from dit_jax.model import HEADS_BY_WIDTH
-from dit_jax.model_ops import get_2d_sincos_pos_embed
-from dit_jax.param_layout import stack_blocks, unstack_blocks
+from dit_jax.nn.model_ops import get_2d_sincos_pos_embed
+from dit_jax.nn.param_layout import stack_blocks, unstack_blocks
 
 
 class ConversionError(DitJaxError, ValueError):

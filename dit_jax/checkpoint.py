@@ -38,7 +38,7 @@ shardings, so a checkpoint written on one mesh restores onto any other.
 
 A checkpoint of an older dit_jax, whose parameters (and EMA and Adam moments) are one subtree per block
 (`blocks_0` ...; meta has no "param_layout"), is restored and verified in that layout, then stacked
-(dit_jax/param_layout.py) onto the target shardings, with a log line.
+(dit_jax/nn/param_layout.py) onto the target shardings, with a log line.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ from etils import epath
 from etils.epath import backend as epath_backend
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dit_jax.param_layout import is_per_block, stack_blocks, unstack_blocks
+from dit_jax.nn.param_layout import is_per_block, stack_blocks, unstack_blocks
 from dit_jax.utils import checksum
 from dit_jax.utils.errors import CheckpointError
 from dit_jax.utils.paths import PathLike, as_path, is_url

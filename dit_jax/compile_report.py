@@ -4,10 +4,10 @@ The same `train.setup` (mesh, shardings) and `train.jit_train_step` (the pure st
 lowered with abstract state and batch (ShapeDtypeStructs carrying the run's shardings) for the compile-only
 devices of a TPU topology (dit_jax.topology) and compiled by libtpu. Nothing is read and no device memory
 is allocated. The report (printed, and written to WORKDIR/compile_report.json) holds what XLA says one chip
-needs, the state split by kind and against the even split over the fsdp x tensor chips (dit_jax.state_split),
+needs, the state split by kind and against the even split over the fsdp x tensor chips (dit_jax.analysis.state_split),
 how much of the state is replicated, the collectives of the compiled program with the bytes each chip moves
-per step (dit_jax.hlo_collectives), the FLOPs of a step (analytic, and counted in the compiled program by
-dit_jax.hlo_flops) and a lower bound on the step time; the exit status is 0 when it fits, 1 when it does not.
+per step (dit_jax.analysis.collectives), the FLOPs of a step (analytic, and counted in the compiled program by
+dit_jax.analysis.flops) and a lower bound on the step time; the exit status is 0 when it fits, 1 when it does not.
 """
 from __future__ import annotations
 
@@ -20,14 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax import mesh_plan, mfu, state_split, train
-from dit_jax import remat as remat_lib
+from dit_jax import mesh_plan, train
+from dit_jax.analysis import mfu, state_split
+from dit_jax.nn import remat as remat_lib
 from dit_jax import sharding as shd
 from dit_jax import topology as topo_lib
-from dit_jax.hlo_collectives import MOVED_LABEL, collectives, collectives_by_op, moved_bytes_per_step
-from dit_jax.hlo_flops import matmul_flops
-from dit_jax.mfu import forward_macs
-from dit_jax.train_state import with_shardings
+from dit_jax.analysis.collectives import MOVED_LABEL, collectives, collectives_by_op, moved_bytes_per_step
+from dit_jax.analysis.flops import matmul_flops
+from dit_jax.analysis.mfu import forward_macs
+from dit_jax.training.state import with_shardings
 from dit_jax.utils import paths
 from dit_jax.utils.atomic import write_text
 from dit_jax.vae import AutoencoderKL
@@ -107,7 +108,7 @@ def state_accounting(abstract_state, state_sh, chips: int) -> Dict[str, Any]:
 # FLOPs
 # ----------------------------------------------------------------------------------------------------
 def model_policy(model) -> str:
-    """The remat policy the model runs (dit_jax/remat.py)."""
+    """The remat policy the model runs (dit_jax/nn/remat.py)."""
     return remat_lib.resolve(model.remat_policy, model.remat)
 
 
@@ -144,7 +145,7 @@ def cost_analysis(compiled) -> Dict[str, float]:
 def compiled_flops(compiled, text: str) -> Dict[str, float]:
     """What the compiled program itself says, per chip per step: XLA's cost analysis (which counts a loop
     body once: the scan over blocks shows about one block) and the matmul FLOPs of its HLO with loops
-    counted by their trip counts (dit_jax.hlo_flops)."""
+    counted by their trip counts (dit_jax.analysis.flops)."""
     if compiled is None:
         return {"xla_cost_analysis_flops_per_chip": None, "hlo_matmul_flops_per_chip": None}
     return {"xla_cost_analysis_flops_per_chip": float(cost_analysis(compiled).get("flops", 0.0)) or None,
@@ -168,7 +169,7 @@ def step_time_lower_bound(flops: Dict[str, Any], colls: Dict[str, Any], topo) ->
 
 
 def mfu_fields(model, global_batch: int, chips: int, device_kind: str) -> Dict[str, Any]:
-    """MFU as training logs it (dit_jax.mfu): the model FLOPs per chip per step (no remat, no VAE), the chip's
+    """MFU as training logs it (dit_jax.analysis.mfu): the model FLOPs per chip per step (no remat, no VAE), the chip's
     rated peak, and the step time a given MFU means; MFU of a measured step = mfu_flops_per_chip / (s x peak)."""
     per_chip = mfu.train_flops_per_example(model) * global_batch / chips
     peak = mfu.rated_peak(device_kind)

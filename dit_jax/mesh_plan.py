@@ -12,7 +12,7 @@ config.mesh.data / fsdp / tensor: a positive size, -1 for "the devices left over
   backward passes). Without a memory limit (CPU: host memory) fsdp auto is 1.
 - data auto: whatever data x fsdp x tensor leaves.
 The estimate is a model of what XLA allocates: the state and gradients from the shardings (exact), the
-activations the remat policy keeps counted from the traced program (dit_jax/block_memory.py, the same on
+activations the remat policy keeps counted from the traced program (dit_jax/analysis/block_memory.py, the same on
 every platform), plus libtpu's second copy of them on TPU (measured with --compile-only; docs/performance.md);
 `dit-jax-train --compile-only` measures the real number.
 """
@@ -24,8 +24,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import jax
 import numpy as np
 
-from dit_jax import attention, block_memory
-from dit_jax import remat as remat_lib
+from dit_jax.nn import attention
+from dit_jax.analysis import block_memory
+from dit_jax.nn import remat as remat_lib
 from dit_jax import sharding as shd
 
 GIB = 2**30
@@ -58,7 +59,7 @@ def activation_bytes_per_example(model, data_parallel_only: bool = False, platfo
     the model's remat policy (docs/performance.md, "Activation memory and remat policies").
 
     What the backward pass keeps of each block is counted exactly, from JAX's list of the residuals one block
-    saves (dit_jax/block_memory.py; the same on every platform). Added: the backward pass of one block at a
+    saves (dit_jax/analysis/block_memory.py; the same on every platform). Added: the backward pass of one block at a
     time (what "none" keeps of one block: the recomputed block's values) and, on TPU with the parameters
     replicated (`data_parallel_only`: fsdp 1) and XLA's attention (256 px), a second copy of the kept values:
     measured with --compile-only for DiT-XL/2 on v5p (every policy but "none" at 256 px; not with the Pallas

@@ -4,10 +4,10 @@ Mirrors the PyTorch release layer for layer so weights convert one-to-one (see c
 works in NHWC: inputs (N, H, W, C), outputs (N, H, W, out_channels).
 
 The numerical kernels (sin-cos tables, timestep features, LayerNorm, attention with its backward) live in
-dit_jax/model_ops.py; this file holds the modules and the size registry. Parameter names follow the
+dit_jax/nn/model_ops.py; this file holds the modules and the size registry. Parameter names follow the
 release's state_dict keys (`t_embedder/mlp_0` <-> `t_embedder.mlp.0`), so the converter's rename table stays
 one line per family; the blocks' parameters are stacked along a leading depth axis (`blocks/attn/qkv/kernel`
-is (depth, D, 3D); block i is `blocks.i.attn.qkv` in the release, see dit_jax/param_layout.py).
+is (depth, D, 3D); block i is `blocks.i.attn.qkv` in the release, see dit_jax/nn/param_layout.py).
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax import attention
-from dit_jax import remat as remat_lib
-from dit_jax.model_ops import (chunked_dot_general, get_2d_sincos_pos_embed, layer_norm, modulate, timestep_embedding,
+from dit_jax.nn import attention
+from dit_jax.nn import remat as remat_lib
+from dit_jax.nn.model_ops import (chunked_dot_general, get_2d_sincos_pos_embed, layer_norm, modulate, timestep_embedding,
                                token_dot_general)
-from dit_jax.remat import checkpoint_name
+from dit_jax.nn.remat import checkpoint_name
 
 Dtype = Any
 
@@ -111,7 +111,7 @@ class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection (with bias), like timm's Attention.
 
     attention_impl: "auto" (default: chosen per platform when traced), "matmul" (None/"" too), "xla",
-    "cudnn" or "pallas_tpu"; see dit_jax/attention.py.
+    "cudnn" or "pallas_tpu"; see dit_jax/nn/attention.py.
     recompute_probs: with the "matmul" kernel, the backward pass recomputes the probabilities from q, k and
     their rows' log-sum-exp instead of keeping them (model_ops.recomputing_attention); DiT sets it for every
     remat policy but "none". The other kernels keep no probabilities anyway.
@@ -228,7 +228,7 @@ class DiT(nn.Module):
     learn_sigma: bool = True
     dtype: Dtype = jnp.float32  # compute dtype of the matmuls
     param_dtype: Dtype = jnp.float32
-    # What the backward pass keeps of each block (dit_jax/remat.py): "none" (everything autodiff needs),
+    # What the backward pass keeps of each block (dit_jax/nn/remat.py): "none" (everything autodiff needs),
     # "full" (only the block's input), or a selective policy such as "save_dots" (the matmul outputs in the
     # compute dtype; norms, modulation, GELU and softmax recomputed). Only differentiated programs change.
     remat_policy: str = "none"
@@ -241,7 +241,7 @@ class DiT(nn.Module):
     scan_blocks: bool = True
     # "auto": per platform when traced (CPU head-major matmuls, GPU cuDNN flash attention, TPU Pallas flash
     # attention from 1024 tokens, else XLA's); "matmul" (None too), "xla", "cudnn", "pallas_tpu": that
-    # kernel everywhere. dit_jax/attention.py.
+    # kernel everywhere. dit_jax/nn/attention.py.
     attention_impl: Optional[str] = "auto"
     # Two details in which diffusers' DiTTransformer2DModel differs from the release; the converter sets
     # them when it reads a diffusers model so its outputs are reproduced exactly.
@@ -350,7 +350,7 @@ class DiT(nn.Module):
 
 def block_step(block: DiTBlock, c: jax.Array, policy: str, prevent_cse: bool = True) -> Callable:
     """One block as a scan body, `(h (N, T, D), one block's params) -> (h, None)`, under the remat policy
-    (dit_jax/remat.py); c (N, D) is the conditioning, the same for every block."""
+    (dit_jax/nn/remat.py); c (N, D) is the conditioning, the same for every block."""
     low = jnp.dtype(block.dtype)
     # ("none" keeps each block's compute-dtype weights for the backward pass anyway.)
     rounded = policy != "none" and low != jnp.dtype(block.param_dtype) and jnp.issubdtype(low, jnp.floating)

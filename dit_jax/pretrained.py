@@ -6,7 +6,7 @@ A dit_jax model directory holds
     params/       the Flax `params` tree saved with orbax (float32 NumPy arrays)
 Loading verifies the checksums, so flipped or truncated bytes are an error naming the arrays, never
 silently wrong weights. Directories written before the blocks' parameters were stacked (`blocks_0` ...,
-dit_jax/param_layout.py) load too: their parameters are stacked on load, with a log line.
+dit_jax/nn/param_layout.py) load too: their parameters are stacked on load, with a log line.
 
     save_pretrained(params, cfg, "out/DiT-XL-2-256")
     model, params = load_pretrained("out/DiT-XL-2-256")
@@ -29,7 +29,7 @@ from flax.traverse_util import flatten_dict
 
 from dit_jax.utils.errors import DitJaxError
 from dit_jax.model import DiT, abstract_params
-from dit_jax.param_layout import is_per_block, stack_blocks
+from dit_jax.nn.param_layout import is_per_block, stack_blocks
 from dit_jax.utils import paths
 from dit_jax.utils.atomic import atomic_dir, check_complete, write_text
 from dit_jax.utils.checksum import mismatches, tree_fingerprints

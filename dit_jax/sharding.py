@@ -19,7 +19,7 @@ this reaches the largest shard count an even split allows), and neighbouring pri
 treats alike are merged. The sub-axes are a reshape of the one fsdp axis of the device array, so their
 product in order is exactly the device order a plain fsdp axis would have.
 
-The blocks' parameters are stacked (`blocks/attn/qkv/kernel` is (depth, D, 3D), dit_jax/param_layout.py):
+The blocks' parameters are stacked (`blocks/attn/qkv/kernel` is (depth, D, 3D), dit_jax/nn/param_layout.py):
 their leading depth axis is never sharded (the scan over the blocks slices it), and both passes treat the
 rest of the shape as they would one block's parameter.
 

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from jax.experimental import topologies
 
 from dit_jax.utils.errors import DitJaxError
-from dit_jax.mfu import rated_peak  # the one table of rated peaks
+from dit_jax.analysis.mfu import rated_peak  # the one table of rated peaks
 from dit_jax.utils.platforms import libtpu_installed
 
 GIB = 2**30

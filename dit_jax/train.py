@@ -4,7 +4,7 @@
     result = train.train_and_evaluate(config, workdir)   # config: configs/*.py get_config()
 
 Sections: (1) `setup(config)` builds and validates everything from the config before any compute; (2)
-`jit_train_step` jits the pure step of dit_jax.train_step with the state's shardings and donates the old
+`jit_train_step` jits the pure step of dit_jax.training.step with the state's shardings and donates the old
 state; (3) `train_and_evaluate` restores or initialises the state, then runs data -> step -> logs / samples /
 checkpoints. Per-step randomness is fold_in(PRNGKey(seed), step) and the data of step s is source.batch(s),
 so a resumed run is identical to an uninterrupted one.
@@ -21,15 +21,17 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from dit_jax import build, checkpoint as ckpt_lib, data, mesh_plan, mfu, preemption, sharding as shd, state_split
+from dit_jax import checkpoint as ckpt_lib, data, mesh_plan, sharding as shd
+from dit_jax.training import build, preemption
+from dit_jax.analysis import mfu, state_split
 from dit_jax.diffusion import GaussianDiffusion
 from dit_jax.utils.errors import ConfigError, NonFiniteLossError
 from dit_jax.model import DiT, abstract_params, count_params
-from dit_jax.train_eval import Evaluator, InceptionLoader, check_eval_config, load_converted_inception
-from dit_jax.train_samples import SampleDecoder, VaeLoader, make_sampler, write_samples
-from dit_jax.train_state import TrainState, abstract_state, init_state, state_shardings, with_shardings
+from dit_jax.training.sample_quality import Evaluator, InceptionLoader, check_eval_config, load_converted_inception
+from dit_jax.training.samples import SampleDecoder, VaeLoader, make_sampler, write_samples
+from dit_jax.training.state import TrainState, abstract_state, init_state, state_shardings, with_shardings
 from dit_jax.topology import device_hbm_bytes
-from dit_jax.train_step import make_loss_fn, make_train_step
+from dit_jax.training.step import make_loss_fn, make_train_step
 from dit_jax.utils import paths, xla_cpu
 from dit_jax.utils.atomic import write_text
 from dit_jax.utils.metric_writer import MetricWriter

@@ -176,7 +176,8 @@ def trained(path, num_heads, trained_maths):
 def train_with_diffusers_maths(workdir, out_pt, steps=2000):
     """The digits run of `dit-jax-train --config digits` with the model computing as diffusers does."""
     from configs import digits
-    from dit_jax import build, train
+    from dit_jax import train
+    from dit_jax.training import build
     from dit_jax.cli.train import export_torch
 
     plain = build.build_model

@@ -1,4 +1,4 @@
-"""The model's attention kernels (dit_jax/attention.py) against independent references and each other, and the
+"""The model's attention kernels (dit_jax/nn/attention.py) against independent references and each other, and the
 "auto" choice per platform."""
 import logging
 
@@ -9,11 +9,12 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import default
-from dit_jax import attention, compile_report, topology, train
+from dit_jax import compile_report, topology, train
+from dit_jax.nn import attention
 from dit_jax import sharding as shd
 from dit_jax.model import DiT, init_params
-from dit_jax import model_ops
-from dit_jax.model_ops import head_major_attention, recomputing_attention
+from dit_jax.nn import model_ops
+from dit_jax.nn.model_ops import head_major_attention, recomputing_attention
 from conftest import rel_err
 
 N, H, T, DH = 2, 3, 16, 8
@@ -127,7 +128,7 @@ def test_recomputing_attention_same_outputs_and_gradients(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The kernels of dit_jax/attention.py on (N, T, H, Dh), each against "matmul"
+# The kernels of dit_jax/nn/attention.py on (N, T, H, Dh), each against "matmul"
 # ----------------------------------------------------------------------------------------------------
 def _nthd(shape=(2, 128, 2, 72), seed=5):
     rs = np.random.RandomState(seed)
@@ -229,7 +230,7 @@ def test_auto_on_a_gpu_without_cudnn_falls_back_to_xla(caplog):
     """cuDNN cannot be traced here (no GPU): "auto" for a GPU program says so once and takes the XLA path."""
     q, k, v, _ = _nthd((1, 16, 2, 8))
     q, k, v = (a.astype(jnp.bfloat16) for a in (q, k, v))
-    with caplog.at_level(logging.WARNING, logger="dit_jax.attention"):
+    with caplog.at_level(logging.WARNING, logger="dit_jax.nn.attention"):
         out = attention.dot_product_attention(q, k, v, "auto", platform="gpu")
     assert "cuDNN attention unavailable" in caplog.text and "using attention_impl='xla'" in caplog.text
     assert rel_err(out.astype(jnp.float32), jax.nn.dot_product_attention(q, k, v, implementation="xla")

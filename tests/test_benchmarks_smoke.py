@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dit_jax import mfu
+from dit_jax.analysis import mfu
 from dit_jax.model import DiT_models
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,9 +1,10 @@
-"""mesh_plan's activation count (dit_jax/block_memory.py): JAX's saved residuals of one block, by policy,
+"""mesh_plan's activation count (dit_jax/analysis/block_memory.py): JAX's saved residuals of one block, by policy,
 against the widths written out by hand, and the estimate's platform rule."""
 import jax.numpy as jnp
 import pytest
 
-from dit_jax import block_memory, mesh_plan
+from dit_jax import mesh_plan
+from dit_jax.analysis import block_memory
 from dit_jax.model import DiT
 
 T, D, H = 64, 96, 4  # tokens, width, heads

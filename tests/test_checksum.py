@@ -8,7 +8,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from conftest import tiny_config
 from dit_jax import train
-from dit_jax.train_state import init_state
+from dit_jax.training.state import init_state
 from dit_jax.utils import checksum
 
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")

@@ -113,10 +113,10 @@ def test_training_flops_match_the_compiled_program(depth, policy):
     """The analytic FLOPs of a step against the compiled program (DiT-S/2 on v5e:2x2, batch 8):
     - one block (no loop): XLA's cost analysis counts every op, so it is above the matmul-only analytic count
       by the elementwise work; measured +2.1%, allowed 0..4%;
-    - the matmul FLOPs counted in the compiled HLO (dit_jax.hlo_flops, loops times their trip count) equal the
+    - the matmul FLOPs counted in the compiled HLO (dit_jax.analysis.flops, loops times their trip count) equal the
       analytic count within 0.5% (measured -0.11% for one block, -0.03% for 3 scanned blocks with remat: the
       rematerialised forward is counted once more; save_qkv_proj's recomputed attention and MLP matmuls,
-      dit_jax.remat.recomputed_block_macs); the backward has no input gradient for the patch embedding, so
+      dit_jax.nn.remat.recomputed_block_macs); the backward has no input gradient for the patch embedding, so
       the compiled count is a little lower."""
     cfg = _s2_latents(8)
     cfg.model.depth, cfg.model.remat_policy = depth, policy

@@ -5,7 +5,7 @@ import pytest
 from conftest import tiny_vae, write_folder
 from configs.default import get_config
 from dit_jax.data import image_reader
-from dit_jax.latent_extraction import extract
+from dit_jax.training.latent_extraction import extract
 from dit_jax.train import train_and_evaluate
 
 IMAGE = 32  # -> latents 4 x 4 x 4

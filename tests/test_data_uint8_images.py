@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, tiny_vae
-from dit_jax import build
-from dit_jax.train_step import model_input
+from dit_jax.training import build
+from dit_jax.training.step import model_input
 from dit_jax.utils.errors import ConfigError
 from dit_jax.utils.images import to_model_range
 

@@ -14,7 +14,7 @@ from conftest import tiny_vae, write_folder
 from dit_jax.data import DataError, image_reader, make_source
 from dit_jax.data import latents as data_latents
 from dit_jax.data.preprocess import flip_mask
-from dit_jax.latent_extraction import extract
+from dit_jax.training.latent_extraction import extract
 from dit_jax.utils.images import to_model_range
 from dit_jax.vae import AutoencoderKL
 
@@ -63,7 +63,7 @@ def test_extracted_equals_on_the_fly(setup):
 KILL_SCRIPT = textwrap.dedent("""
     import os, pickle, signal, sys
     from dit_jax.data import image_reader
-    from dit_jax.latent_extraction import extract
+    from dit_jax.training.latent_extraction import extract
     with open(sys.argv[3], "rb") as f:
         vae, params = pickle.load(f)  # the test's tiny VAE
     reader = image_reader({{"name": "folder", "folder": sys.argv[1], "image_size": {size}}})

@@ -7,7 +7,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from conftest import tiny_config
 from dit_jax import compile_report, topology
-from dit_jax.hlo_collectives import collectives, collectives_by_op, group_size, moved_bytes_per_step
+from dit_jax.analysis.collectives import collectives, collectives_by_op, group_size, moved_bytes_per_step
 
 try:
     from jax import shard_map

@@ -11,7 +11,7 @@ import pytest
 from conftest import env_without_xla_flags, run_processes, tiny_vae, write_folder
 from dit_jax.data import latents as dl
 from dit_jax.data import image_reader, make_source
-from dit_jax.latent_extraction import extract
+from dit_jax.training.latent_extraction import extract
 from dit_jax.train import train_and_evaluate
 from dit_jax.utils import paths
 from test_data_train import IMAGE, latent_config

@@ -1,4 +1,4 @@
-"""MFU (dit_jax/mfu.py): the analytic FLOPs, the rated peaks per device kind, and the values training logs."""
+"""MFU (dit_jax/analysis/mfu.py): the analytic FLOPs, the rated peaks per device kind, and the values training logs."""
 import json
 import os
 
@@ -6,7 +6,9 @@ import pytest
 
 from benchmarks.flops import measure, measure_model
 from conftest import tiny_config
-from dit_jax import build, compile_report, mfu, topology, train
+from dit_jax import compile_report, topology, train
+from dit_jax.training import build
+from dit_jax.analysis import mfu
 from dit_jax.model import DiT_models
 
 

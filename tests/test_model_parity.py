@@ -22,7 +22,7 @@ from conftest import nchw, nhwc, perturbed_torch_dit, rel_err
 from convert.reference.torch_dit import DiT_models as TORCH_MODELS
 from convert.reference.torch_dit import TimestepEmbedder as TorchTimestepEmbedder
 from dit_jax.model import DiT, abstract_params
-from dit_jax.model_ops import timestep_embedding
+from dit_jax.nn.model_ops import timestep_embedding
 from dit_jax.utils import xla_cpu
 
 TOL = 1e-5

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.precision import measure, timestep_features64, timestep_features_release32
-from dit_jax.model_ops import timestep_embedding
+from dit_jax.nn.model_ops import timestep_embedding
 
 SMALL_T = (0, 1, 3, 5, 10)
 LARGE_T = (500, 750, 977, 999)

@@ -1,4 +1,4 @@
-"""The stacked parameter layout (dit_jax/param_layout.py) and what older dit_jax versions wrote: converted model
+"""The stacked parameter layout (dit_jax/nn/param_layout.py) and what older dit_jax versions wrote: converted model
 directories and orbax training checkpoints with one `blocks_i` subtree per block still load, with equal values,
 and a run resumes from such a checkpoint."""
 import json
@@ -17,7 +17,7 @@ from conftest import ROOT, tiny_config
 from dit_jax import checkpoint as ckpt_lib
 from dit_jax import train
 from dit_jax.model import DiT, init_params
-from dit_jax.param_layout import is_per_block, stack_blocks, unstack_blocks
+from dit_jax.nn.param_layout import is_per_block, stack_blocks, unstack_blocks
 from dit_jax.pretrained import config_to_json, load_pretrained
 from dit_jax.utils.checksum import tree_fingerprints
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, env_without_xla_flags, free_port, rel_err, tiny_config
-from dit_jax import checkpoint as ckpt_lib, train, train_eval
+from dit_jax import checkpoint as ckpt_lib, train
+from dit_jax.training import sample_quality as train_eval
 
 STEPS = 12
 EXIT_PREEMPTED = 75  # the documented status of a preempted run (docs/training.md)

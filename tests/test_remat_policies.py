@@ -1,4 +1,4 @@
-"""Remat policies (dit_jax/remat.py): what each keeps per block, that none changes the maths, the config.
+"""Remat policies (dit_jax/nn/remat.py): what each keeps per block, that none changes the maths, the config.
 
 The bytes a policy keeps are read off JAX's own list of the residuals of one block (the scan body the DiT
 runs, `dit_jax.model.block_step`), so a change that makes the backward pass keep more (a value that loses
@@ -13,7 +13,8 @@ import pytest
 from jax._src.ad_checkpoint import saved_residuals  # the list behind jax.ad_checkpoint.print_saved_residuals
 
 from conftest import rel_err, tiny_config
-from dit_jax import build, remat
+from dit_jax.training import build
+from dit_jax.nn import remat
 from dit_jax.model import DiT, block_step, init_params
 from dit_jax.utils.errors import ConfigError
 

@@ -7,7 +7,9 @@ import pytest
 
 from conftest import tiny_config
 from configs import default
-from dit_jax import build, state_split, train
+from dit_jax import train
+from dit_jax.training import build
+from dit_jax.analysis import state_split
 from dit_jax import sharding as shd
 from dit_jax.model import abstract_params
 

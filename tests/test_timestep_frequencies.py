@@ -1,7 +1,7 @@
 """The timestep frequencies are PyTorch's float32 computation bit for bit (issue 19): the release's, diffusers'
 (freq_shift 1), and for other dims / max_periods the exponents exactly with a measured exp residue.
 
-dit_jax.timestep_frequencies itself never imports torch (tests/test_layering.py); these tests compare with it.
+dit_jax.nn.timestep_frequencies itself never imports torch (tests/test_layering.py); these tests compare with it.
 """
 import math
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dit_jax.model_ops import timestep_embedding
-from dit_jax.timestep_frequencies import frequency_exponents, timestep_frequencies
+from dit_jax.nn.model_ops import timestep_embedding
+from dit_jax.nn.timestep_frequencies import frequency_exponents, timestep_frequencies
 
 # Other configurations: dims (odd ones too), max_periods and shifts a user might set. None of them is shipped.
 SWEEP = [(dim, mp, shift) for dim in (2, 3, 16, 64, 100, 255, 320, 512, 1024, 2048)

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from dit_jax import build, train
-from dit_jax.train_state import init_state
-from dit_jax.train_step import make_loss_fn, make_train_step
+from dit_jax import train
+from dit_jax.training import build
+from dit_jax.training.state import init_state
+from dit_jax.training.step import make_loss_fn, make_train_step
 from dit_jax.utils.errors import ConfigError
 from dit_jax.vae import AutoencoderKL
 

@@ -77,8 +77,8 @@ def test_inception_kind_on_a_tiny_latent_model(tmp_path):
     c.eval.update(every_steps=1, kind="inception", num_samples=4, batch_size=4, respacing="ddim2",
                   reference_stats=str(tmp_path / "ref.npz"))
     env = train.setup(c)
-    from dit_jax.train_eval import Evaluator
-    from dit_jax.train_state import init_state
+    from dit_jax.training.sample_quality import Evaluator
+    from dit_jax.training.state import init_state
 
     ev = Evaluator(c, env.model, env.mesh, lambda name: (vae, vae_params), lambda path: inception_init(0))
     state = init_state(env.model, env.tx, jax.random.PRNGKey(0), env.state_shardings)

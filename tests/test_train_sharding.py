@@ -7,11 +7,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import rel_err, tiny_config
-from dit_jax import build, sharding as shd
+from dit_jax import sharding as shd
+from dit_jax.training import build
 from dit_jax import train
 from dit_jax.model import init_params
-from dit_jax.train_state import TrainState
-from dit_jax.train_step import make_loss_fn, make_train_step
+from dit_jax.training.state import TrainState
+from dit_jax.training.step import make_loss_fn, make_train_step
 
 TOL = 1e-5  # losses and norms: float32 sums in another order (sharded reductions) differ by ~1e-7 relative
 # Parameters and EMA after 3 Adam steps: Adam divides each gradient by its own RMS, so an entry whose gradient

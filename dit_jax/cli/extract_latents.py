@@ -4,7 +4,7 @@
     dit-jax-extract-latents --tfds imagenet2012 --data_dir ~/tensorflow_datasets --out /data/latents256
 
 Each example is stored as the posterior mean and std of the image and of its mirror image
-(dit_jax/latent_extraction.py, layout in dit_jax/data/latents.py), locally or in a bucket (--out gs://...);
+(dit_jax/training/latent_extraction.py, layout in dit_jax/data/latents.py), locally or in a bucket (--out gs://...);
 a killed run, rerun with the same command, skips the finished shards. Each process of a multi-host job
 (--distributed) encodes and writes its own shards.
 Exit codes: 0 done, 1 an error (one line on stderr; --debug for the traceback), 2 a usage error,
@@ -22,7 +22,7 @@ from convert import vae_weights
 from dit_jax.cli.common import add_distributed_args, check_range, check_writable_dir, init_distributed, run_command
 from dit_jax.cli.config_file import load_config
 from dit_jax.data import image_reader
-from dit_jax.latent_extraction import extract
+from dit_jax.training.latent_extraction import extract
 from dit_jax.utils import paths
 from dit_jax.utils.errors import ConfigError
 

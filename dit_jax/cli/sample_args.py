@@ -9,7 +9,7 @@ from typing import Any, Optional, Tuple
 
 import convert
 from convert import vae_weights
-from dit_jax.attention import IMPLEMENTATIONS
+from dit_jax.nn.attention import IMPLEMENTATIONS
 from dit_jax.cli.common import check_local_dir, check_range, log_line
 from dit_jax.diffusion import GaussianDiffusion
 from dit_jax.diffusion_schedules import parse_respacing
@@ -64,7 +64,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype of the DiT and VAE (params stay float32)")
     p.add_argument("--attention-impl", choices=IMPLEMENTATIONS, default="auto",
                    help="attention kernel: auto (CPU matmuls, GPU cuDNN flash attention with bfloat16, TPU Pallas "
-                        "flash attention at 512 px, else XLA's), or one everywhere (dit_jax/attention.py)")
+                        "flash attention at 512 px, else XLA's), or one everywhere (dit_jax/nn/attention.py)")
     p.add_argument("--cache-dir", default=None, help="download cache (default $DIT_JAX_CACHE or ~/.cache/dit_jax)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--model-batch-chunk", default="auto", type=batch_chunk_arg,

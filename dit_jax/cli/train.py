@@ -34,7 +34,8 @@ from jax.experimental import multihost_utils
 import convert
 from convert import vae_weights, writers
 from convert.inception_weights import inception_params
-from dit_jax import build, checkpoint as ckpt_lib, compile_report, topology
+from dit_jax import checkpoint as ckpt_lib, compile_report, topology
+from dit_jax.training import build
 from dit_jax.cli.common import (EXIT_USAGE, check_writable_file, report_error, run_command, setup_console_logging,
                                 start_distributed)
 from dit_jax.cli.config_file import OVERRIDE_ERRORS, ConfigFileError, define_config_flag, override_error

@@ -3,7 +3,7 @@
 XLA's own `compiled.cost_analysis()["flops"]` counts a while-loop body once, so for DiT's scan over blocks it
 reports about one block's worth. This counts every dot and convolution of the compiled (per-chip) program
 from its shapes, 2 FLOPs per multiply-add, each computation times how often it runs per step
-(dit_jax.hlo_collectives.run_counts: scan trip counts, nested calls and fusions):
+(dit_jax.analysis.collectives.run_counts: scan trip counts, nested calls and fusions):
 - dot: output elements x the product of the lhs contracting dimensions;
 - convolution (how TPU programs write matmuls; batched ones and weight gradients with windows over padded
   or lhs-dilated inputs): output elements x kernel input features x the window positions that land on
@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from dit_jax.hlo_collectives import parse_computations, run_counts, split_instruction
+from dit_jax.analysis.collectives import parse_computations, run_counts, split_instruction
 
 _DIMS = re.compile(r"^\(?\s*[a-z]+\d*(?:e\d+m\d+\w*)?\[([\d,]*)\]")
 _OPERANDS = re.compile(r"%([\w.\-]+)")

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax.remat import ATTN_LSE, ATTN_OUT, ATTN_PROBS, checkpoint_name
-from dit_jax.timestep_frequencies import timestep_frequencies
+from dit_jax.nn.remat import ATTN_LSE, ATTN_OUT, ATTN_PROBS, checkpoint_name
+from dit_jax.nn.timestep_frequencies import timestep_frequencies
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, freq
     `freq_shift` 0 is the release; diffusers' DiT port divides by (half - 1), i.e. freq_shift 1.
 
     The float32 steps are the model's definition (every checkpoint learned on them), so they are kept: the
-    release's float32 frequencies bit for bit (dit_jax.timestep_frequencies) and each argument one float32
+    release's float32 frequencies bit for bit (dit_jax.nn.timestep_frequencies) and each argument one float32
     product t.float() * freq. Only cos/sin are XLA's own (within 4e-8 of float64 on these arguments, as
     close as PyTorch's; tests/test_model_precision.py).
     """
@@ -148,7 +148,7 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 def _attention_fwd_rule(q, k, v):
     out, e, l, _ = _attention_forward(q, k, v)
-    out = checkpoint_name(out, ATTN_OUT)  # named for the remat policies (dit_jax/remat.py)
+    out = checkpoint_name(out, ATTN_OUT)  # named for the remat policies (dit_jax/nn/remat.py)
     return out, (q, k, v, out, checkpoint_name((e / l).astype(v.dtype), ATTN_PROBS))  # P (N, H, T, S)
 
 

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import jax
 from jax.ad_checkpoint import checkpoint_name  # noqa: F401  (re-exported for the model's tags)
 
-# The tags of a block's values (dit_jax/model.py, dit_jax/model_ops.py).
+# The tags of a block's values (dit_jax/model.py, dit_jax/nn/model_ops.py).
 ADALN = "adaln"  # (N, 6D) float32: the six modulation vectors
 QKV = "qkv"  # (N, T, 3D) compute dtype
 ATTN_OUT = "attn_out"  # (N, H, T, Dh) compute dtype: softmax(q k^T) v, before proj
@@ -46,7 +46,7 @@ POLICIES = ("none", "full") + tuple(_SAVE)
 # time. On TPU save_qkv_proj: DiT-XL/2 (--compile-only, v5p, data parallel) keeps 0.21 GiB per image per chip
 # at 256 px with it against 0.37 with save_dots (libtpu holds the kept values twice), so only it meets issue 21's
 # 0.25 GiB, for ~23% more FLOPs per step. On GPU save_dots (~1% more FLOPs): the values it keeps count
-# 0.19 GiB per image at 256 px (dit_jax/block_memory.py); not yet measured on a GPU.
+# 0.19 GiB per image at 256 px (dit_jax/analysis/block_memory.py); not yet measured on a GPU.
 DEFAULT_POLICY = {"cpu": "none", "tpu": "save_qkv_proj"}
 ACCELERATOR_DEFAULT = "save_dots"
 

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from dit_jax import build, sharding as shd
+from dit_jax import sharding as shd
+from dit_jax.training import build
 from dit_jax.guidance import dit_model_fn
 from dit_jax.model import DiT
 from dit_jax.utils.images import make_grid, to_uint8

@@ -35,10 +35,10 @@ try:  # the mesh of a legacy `with mesh:` block has no public accessor
 except ImportError:  # a JAX that moved it: only jax.set_mesh meshes are seen
     jax_mesh = None
 
-from dit_jax.model_ops import head_major_attention, recomputing_attention
-from dit_jax.remat import ATTN_OUT, checkpoint_name
+from dit_jax.nn.model_ops import head_major_attention, recomputing_attention
+from dit_jax.nn.remat import ATTN_OUT, checkpoint_name
 
-log = logging.getLogger("dit_jax.attention")
+log = logging.getLogger("dit_jax.nn.attention")
 
 IMPLEMENTATIONS = ("auto", "matmul", "xla", "cudnn", "pallas_tpu")
 # Tokens from which "auto" takes the Pallas kernel on TPU. From --compile-only on v5e (DiT-XL/2, docs/performance.md

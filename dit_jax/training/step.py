@@ -16,7 +16,7 @@ import optax
 
 from dit_jax.diffusion import GaussianDiffusion
 from dit_jax.model import DiT
-from dit_jax.train_state import TrainState
+from dit_jax.training.state import TrainState
 from dit_jax.utils.images import to_model_range
 from dit_jax.vae import AutoencoderKL
 

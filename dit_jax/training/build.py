@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from dit_jax import remat as remat_lib
+from dit_jax.nn import remat as remat_lib
 from dit_jax import sharding as shd
 from dit_jax.diffusion import GaussianDiffusion, create_diffusion
 from dit_jax.utils.errors import ConfigError
@@ -56,7 +56,7 @@ def state_config(config) -> Dict[str, object]:
 
 
 def remat_policy(config, platform: str) -> str:
-    """config.model.remat_policy, or the default for devices of `platform` when it is unset (dit_jax/remat.py);
+    """config.model.remat_policy, or the default for devices of `platform` when it is unset (dit_jax/nn/remat.py);
     the older boolean config.model.remat=True means "full"."""
     m = config.model
     name = m.get("remat_policy")

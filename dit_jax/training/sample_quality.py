@@ -26,7 +26,7 @@ from dit_jax.evaluation.evaluate import stats_of
 from dit_jax.evaluation.features import FeatureExtractor
 from dit_jax.evaluation.weights import PTH_NAME, converted_cache_path, load_params
 from dit_jax.model import DiT
-from dit_jax.train_samples import VaeLoader, make_sampler
+from dit_jax.training.samples import VaeLoader, make_sampler
 from dit_jax.utils import paths
 from dit_jax.utils.errors import ConfigError
 from dit_jax.utils.images import to_uint8

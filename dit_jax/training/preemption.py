@@ -41,7 +41,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-log = logging.getLogger("dit_jax.preemption")
+log = logging.getLogger("dit_jax.training.preemption")
 
 PREEMPTED = "preempted"  # SIGTERM on some process
 INTERRUPTED = "interrupted"  # Ctrl-C on some process

@@ -21,7 +21,7 @@ import numpy as np
 from dit_jax import sharding as shd
 
 UNEVEN_LIMIT = 1.1  # state per chip above this multiple of the even split: warn
-_log = logging.getLogger("dit_jax.state_split")
+_log = logging.getLogger("dit_jax.analysis.state_split")
 
 
 def split_report(abstract_params: Any, mesh, sharding_cfg, top: int = 5) -> Dict[str, Any]:
