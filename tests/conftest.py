@@ -242,6 +242,48 @@ def tiny_vae(size: int = 16):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Quick compiles where the numbers are compared only with themselves
+# ----------------------------------------------------------------------------------------------------
+# These modules test behaviour (errors, files, stopping and resuming, sharded against one device, two processes
+# against one): every number they compare comes from programs compiled the same way. They compile with jax's
+# `jax_disable_most_optimizations` (XLA's backend optimisation level 0), in this process and in the command
+# lines they start (the variable is inherited): a third less CPU for the tiny training steps (measured on
+# test_train_sharding + test_diffusion: 119 -> 77 CPU-s). Results differ from the optimised programs' in the
+# last bits (~1e-7 relative), so every module that compares with PyTorch, float64 or NumPy references, or
+# compiles for a TPU or GPU, keeps the programs users get; a module not named here does too.
+FAST_COMPILE_MODULES = {
+    "test_atomic", "test_bucket_writes", "test_checkpoint_agreement", "test_checksum", "test_cli_faults",
+    "test_config_flag", "test_data_folder", "test_data_latents", "test_data_multiprocess", "test_data_preprocess",
+    "test_data_tfds", "test_data_train", "test_data_uint8_images", "test_latents_bucket", "test_paths",
+    "test_preemption", "test_state_split", "test_train_batch_kinds", "test_train_errors", "test_train_eval",
+    "test_train_resume", "test_train_sharding",
+}
+_FAST = "JAX_DISABLE_MOST_OPTIMIZATIONS"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_mode(request):
+    """Quick compiles for FAST_COMPILE_MODULES (see above), the default programs for every other module."""
+    import jax
+
+    fast = request.module.__name__.rsplit(".", 1)[-1] in FAST_COMPILE_MODULES and os.environ.get(_FAST) != "0"
+    if not fast:
+        yield
+        return
+    saved = os.environ.get(_FAST)
+    os.environ[_FAST] = "1"
+    jax.config.update("jax_disable_most_optimizations", True)
+    jax.clear_caches()  # no program compiled the other way is reused, nor one of these afterwards
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+    jax.clear_caches()
+    if saved is None:
+        os.environ.pop(_FAST, None)
+    else:
+        os.environ[_FAST] = saved
+
+
+# ----------------------------------------------------------------------------------------------------
 # Cloud storage: a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py)
 # ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ changed so that the files still decode is found by its checksum and set aside; s
 and rename nothing, and when they persist the run stops with one line; with two processes both reach the
 same verdict, whichever of them saw the evidence."""
 import logging
+import os
 import re
 import subprocess
 import uuid
@@ -17,6 +18,18 @@ from dit_jax.utils import paths
 from faulty_gcs_proxy import FaultyProxy
 from gcs_emulator import BUCKET
 from test_preemption import run_two
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_retries():
+    """The command lines of this module wait 20x shorter between storage retries (tests/fast_retries)."""
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(ROOT, "tests", "fast_retries"), saved) if p)
+    yield
+    if saved is None:
+        os.environ.pop("PYTHONPATH")
+    else:
+        os.environ["PYTHONPATH"] = saved
 
 
 @pytest.fixture(scope="module")
