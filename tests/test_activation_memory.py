@@ -31,6 +31,17 @@ def _config(policy, batch, dtype="bfloat16"):
     return c
 
 
+_COMPILED = {}  # (policy, batch, dtype) -> (compiled, env): several tests read the same S/2 programs
+
+
+def _compile_small(policy, batch, dtype="bfloat16"):
+    """_compile(_config(...)) once per module for each (policy, batch, dtype)."""
+    key = (policy, batch, dtype)
+    if key not in _COMPILED:
+        _COMPILED[key] = _compile(_config(policy, batch, dtype))
+    return _COMPILED[key]
+
+
 def _compile(config):
     """(compiled train step, setup) for v5p:2x2x1 (4 chips, data parallel)."""
     topo = topology.tpu_topology("v5p:2x2x1")
@@ -50,7 +61,7 @@ def test_no_compute_dtype_copy_of_the_stacked_parameters():
     blocks: a copy of them (1.26 GiB for DiT-XL/2) alive through the forward and backward passes. Each block's
     slice is rounded in the loop now (dit_jax.model.block_step); no (depth, ...) bfloat16 array of a stacked
     parameter's shape is left in the compiled step."""
-    compiled, env = _compile(_config("save_dots", 16))
+    compiled, env = _compile_small("save_dots", 16)
     hlo = compiled.as_text()
     shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(env.abstract_state.params["blocks"]) if x.ndim == 3}
     assert (DEPTH, 384, 1152) in shapes  # the qkv kernels
@@ -64,7 +75,7 @@ def test_activation_bytes_per_example_by_policy():
     attention probabilities, save_dots the matmul outputs, save_qkv_proj qkv and proj, full each block's input."""
     per_example = {}
     for policy in ("none", "save_dots", "save_qkv_proj", "full"):
-        temps = [_compile(_config(policy, b))[0].memory_analysis().temp_size_in_bytes for b in (16, 64)]
+        temps = [_compile_small(policy, b)[0].memory_analysis().temp_size_in_bytes for b in (16, 64)]
         per_example[policy] = (temps[1] - temps[0]) / 12  # per image per chip: 12 more examples on each of 4 chips
     print({k: f"{v / 2**20:.1f} MiB" for k, v in per_example.items()})
     assert per_example["save_dots"] < 0.6 * per_example["none"]
@@ -81,7 +92,7 @@ def test_mesh_plan_estimate_against_the_compiled_total():
     ratios = []
     for batch in (16, 64):
         config = _config("save_dots", batch)
-        compiled, env = _compile(config)
+        compiled, env = _compile_small("save_dots", batch)
         m = compiled.memory_analysis()
         total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
         est = mesh_plan.estimate_bytes(config, env.model, env.abstract_state.params, env.mesh, batch, False)
