@@ -246,7 +246,7 @@ CLEAN = {  # every rule holds here; each case below changes one or two files
 
         def load(path):
             import torch  # optional heavy stack: only .pt files need it
-            return torch.load(path)
+            return torch.load(path, weights_only=True)
         """,
     "convert/mapping.py": "from dit_jax.utils.io import read\n",
 }
