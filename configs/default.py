@@ -82,6 +82,11 @@ def get_config(variant: Optional[str] = None) -> ml_collections.ConfigDict:
     c.mesh.fsdp = placeholder(int)  # parameters, optimizer state and EMA sharded over this axis; None: auto
     c.mesh.tensor = placeholder(int)  # tensor (Megatron-style) axis for attention heads and MLP units; None: auto
     c.mesh.num_devices = placeholder(int)  # None: all devices; n: only the first n (single-process debugging)
+    # How auto picks fsdp on an accelerator: "compile" (compile the step for the estimate's choice and its
+    # neighbours, keep the smallest fsdp whose compiled bytes fit: the measured number, on that hardware) or
+    # "estimate" (dit_jax.mesh_plan's model alone, no extra compile). CPU: no memory limit, fsdp 1 either way.
+    c.mesh.plan = "compile"
+    c.mesh.memory_per_chip_gib = placeholder(float)  # None: the chip's memory; n: plan for n GiB per chip
     c.sharding = ml_collections.ConfigDict()
     c.sharding.fsdp_min_size = 2**10  # parameters with fewer elements stay replicated (at 512 chips the
     #                                   biases of 1152-6912 elements are 1/3 of the state per chip if replicated)

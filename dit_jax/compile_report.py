@@ -11,6 +11,7 @@ dit_jax.analysis.flops) and a lower bound on the step time; the exit status is 0
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -34,6 +35,9 @@ from dit_jax.utils.atomic import write_text
 from dit_jax.vae import AutoencoderKL
 
 GIB = 2**30
+# plan_by_compiling compiles a smaller fsdp when its estimate is within this factor of the budget: the estimate
+# was within 0.90-1.12x of the compiled bytes over the grid of docs/performance.md (4 sizes x 2 resolutions x 2 pods).
+ESTIMATE_SLACK = 1.15
 REPORT_NAME = "compile_report.json"
 
 
@@ -185,6 +189,130 @@ def mfu_fields(model, global_batch: int, chips: int, device_kind: str) -> Dict[s
 # ----------------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Compiled:
+    """The training step of one mesh shape, set up as a run would and compiled (nothing allocated)."""
+
+    config: Any  # the config with this candidate's mesh sizes
+    env: Any  # train.TrainSetup
+    vae: Any  # the abstract VAE for image batches, else None
+    args: Tuple[Any, ...]  # (state, batch, rng, vae_params) as ShapeDtypeStructs
+    compiled: Any  # the compiled program, or None when the compiler refused it for memory
+    refusal: Any  # compiler_oom(...) of a refused program
+    seconds: Tuple[float, float]  # (wall, CPU) to lower and compile
+    acct: Dict[str, Any]  # state_accounting
+    batch_bytes: int
+    vae_bytes: int
+    xla: Dict[str, int]  # xla_bytes
+    total: int  # total_bytes(xla): what one chip holds while the step runs
+
+
+def with_mesh(config, shape):
+    """A copy of config with explicit mesh sizes (data, fsdp, tensor)."""
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (int(v) for v in shape)
+    return c
+
+
+def compile_candidate(config, devices, process_count) -> Compiled:
+    """train.setup + train.jit_train_step for `devices`, lowered with abstract arguments and compiled."""
+    env = train.setup(config, devices=devices, process_count=process_count)
+    vae, vae_params = abstract_vae(env.mesh) if env.batch_kind == "image" else (None, None)
+    step = train.jit_train_step(config, env, vae)
+    state, batch, rng, _ = abstract_step_args(config, env)
+    args = (state, batch, rng, vae_params)
+    acct = state_accounting(env.abstract_state, env.state_shardings, len(devices))
+    batch_bytes = sum(shd.shard_bytes(x, x.sharding) for x in batch.values())
+    vae_bytes = sum(shd.shard_bytes(x, x.sharding) for x in jax.tree_util.tree_leaves(vae_params)) if vae else 0
+    compiled, refusal, seconds = compile_step(step, args, env.mesh)
+    xla = xla_bytes(compiled, refusal, acct["per_chip"]["total"] + batch_bytes + vae_bytes)
+    return Compiled(config, env, vae, args, compiled, refusal, seconds, acct, batch_bytes, vae_bytes, xla,
+                    total_bytes(xla))
+
+
+def searches_fsdp(config, plan, budget) -> bool:
+    """Whether `plan_by_compiling` compiles candidates: config.mesh.plan is "compile", fsdp was chosen
+    automatically (data and fsdp both auto) and there is a memory limit to fit (`budget`, and the one the
+    plan was made for: config.mesh.memory_per_chip_gib or the chip's)."""
+    return (config.mesh.get("plan", "compile") == "compile" and plan.requested[:2] == (0, 0)
+            and budget is not None and plan.estimate is not None)
+
+
+def _estimate(config, env) -> Dict[str, int]:
+    """mesh_plan's estimated bytes per chip of the step `env` describes."""
+    micro = max(1, int(config.global_batch_size) // int(config.grad_accum_steps))
+    return mesh_plan.estimate_bytes(config, env.model, env.abstract_state.params, env.mesh, micro,
+                                    env.batch_kind == "image")
+
+
+def plan_by_compiling(config, devices, process_count, budget) -> Tuple[Compiled, List[Dict[str, Any]]]:
+    """The smallest fsdp whose compiled step fits `budget` bytes per chip, starting from mesh_plan's choice.
+
+    The estimate's choice (its model times AUTO_MARGIN fits) is compiled first. When it fits, smaller fsdp
+    sizes whose estimate alone is within ESTIMATE_SLACK of the budget are compiled in turn (the margin may
+    have been too careful); when it does not, larger ones until one fits. -> (the chosen candidate, every
+    candidate tried: mesh, estimated and compiled bytes, fits). Deterministic, so every process of a
+    multi-host job picks the same mesh."""
+    first = compile_candidate(config, devices, process_count)
+    plan = first.env.plan
+    if not searches_fsdp(config, plan, budget):
+        return first, []
+    data, f0, tensor = plan.shape
+    rest = data * f0
+    divisors = [f for f in range(1, rest + 1) if rest % f == 0]
+    tried = {f0: (first, plan.estimate)}
+    at = divisors.index(f0)
+    if first.total <= budget:
+        for f in reversed(divisors[:at]):  # smaller fsdp: less communication, if it really fits
+            c = with_mesh(config, (rest // f, f, tensor))
+            est = _estimate(c, train.setup(c, devices=devices, process_count=process_count))
+            if est["total"] > ESTIMATE_SLACK * budget:
+                break
+            cand = compile_candidate(c, devices, process_count)
+            tried[f] = (cand, est)
+            if cand.total > budget:
+                break
+    else:
+        for f in divisors[at + 1:]:  # larger fsdp until the compiled step fits
+            cand = compile_candidate(with_mesh(config, (rest // f, f, tensor)), devices, process_count)
+            tried[f] = (cand, _estimate(cand.config, cand.env))
+            if cand.total <= budget:
+                break
+    fitting = [f for f, (c, _) in tried.items() if c.total <= budget]
+    chosen_f = min(fitting) if fitting else max(tried)
+    rows = [{"data": rest // f, "fsdp": f, "tensor": tensor, "estimated_bytes": int(est["total"]),
+             "compiled_bytes": int(c.total), "fits": c.total <= budget, "compiled": c.compiled is not None,
+             "compile_seconds": round(c.seconds[0], 2)} for f, (c, est) in sorted(tried.items())]
+    g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+    chosen, est = tried[chosen_f]
+    what = (f"fsdp={chosen_f}: the smallest fsdp whose compiled step fits {g(budget)} per chip" if fitting else
+            f"fsdp={chosen_f}: no candidate's compiled step fits {g(budget)} per chip")
+    why = ("auto, by compiling candidates: " + what + " (" + "; ".join(
+        f"fsdp={r['fsdp']} {g(r['compiled_bytes'])} compiled, {g(r['estimated_bytes'])} estimated"
+        for r in rows) + f"; the estimate alone chose fsdp={f0})")
+    chosen.env = dataclasses.replace(chosen.env, plan=dataclasses.replace(
+        chosen.env.plan, requested=plan.requested, reason=why, estimate=est))
+    return chosen, rows
+
+
+def mesh_by_compiling(config, devices=None, process_count=None) -> Tuple[Any, str]:
+    """For a run on this runtime's accelerators: (config with the mesh sizes `plan_by_compiling` chose, why),
+    or (config unchanged, "") when nothing is to be chosen that way (config.mesh.plan="estimate", data or fsdp
+    set, or no memory limit: CPU). Costs one compile of the step per candidate tried, before the run."""
+    devices = shd.select_devices(config.mesh, devices, process_count)
+    m = config.mesh
+    if m.get("plan", "compile") != "compile" or m.data is not None or m.fsdp is not None:
+        return config, ""
+    hbm, _ = topo_lib.memory_per_chip(m, devices[0])
+    if not hbm:
+        return config, ""
+    cand, rows = plan_by_compiling(config, devices, process_count, (1 - mesh_plan.HEADROOM) * hbm)
+    if not rows:
+        return config, ""
+    return with_mesh(config, cand.env.plan.shape), cand.env.plan.reason
+
+
 def compile_for_topology(config, topo: topo_lib.Topology, workdir: str = "") -> Dict[str, Any]:
     """Compile the training step of `config` for `topo`; returns the report (see the module docstring)."""
     notes = []
@@ -194,21 +322,16 @@ def compile_for_topology(config, topo: topo_lib.Topology, workdir: str = "") -> 
                      f"{topo.chips} chips")
         with config.unlocked():
             config.mesh.num_devices = None
-    env = train.setup(config, devices=topo.devices, process_count=topo.hosts)
-    mesh, model, st_sh, plan = env.mesh, env.model, env.state_shardings, env.plan
-    kind = env.batch_kind
-    vae, vae_params = abstract_vae(mesh) if kind == "image" else (None, None)
-    step = train.jit_train_step(config, env, vae)
-    state, batch, rng, _ = abstract_step_args(config, env)
-    acct = state_accounting(env.abstract_state, st_sh, topo.chips)
-    batch_bytes = sum(shd.shard_bytes(x, x.sharding) for x in batch.values())
-    vae_bytes = sum(shd.shard_bytes(x, x.sharding) for x in jax.tree_util.tree_leaves(vae_params)) if vae else 0
-    compiled, refusal, seconds = compile_step(step, (state, batch, rng, vae_params), mesh)
-    xla = xla_bytes(compiled, refusal, acct["per_chip"]["total"] + batch_bytes + vae_bytes)
-    total = total_bytes(xla)
+    hbm, hbm_source = topo_lib.memory_per_chip(config.mesh, topo.devices[0])
+    budget = (1 - mesh_plan.HEADROOM) * hbm
+    cand, candidates = plan_by_compiling(config, topo.devices, topo.hosts, budget)
+    config, env, vae, compiled, refusal, seconds = (cand.config, cand.env, cand.vae, cand.compiled, cand.refusal,
+                                                    cand.seconds)
+    mesh, model, plan, kind, acct, xla, total = (env.mesh, env.model, env.plan, env.batch_kind, cand.acct,
+                                                 cand.xla, cand.total)
+    vae_params = cand.args[3]
     if refusal is not None:
         notes.append(f"the TPU compiler refused the program: {refusal['message']}")
-    budget = (1 - mesh_plan.HEADROOM) * topo.hbm_bytes
     fits = total <= budget
     flops = training_flops(config, model, vae, vae_params)
     flops["train_flops_per_chip"] = flops["train_flops_per_step"] / topo.chips
@@ -219,6 +342,7 @@ def compile_for_topology(config, topo: topo_lib.Topology, workdir: str = "") -> 
     split = state_split.split_report(env.abstract_state.params, mesh, config.sharding)
     even = acct["total"]["total"] / split["chips_sharing_state"]  # the state is meant to be split over these
     flops.update(mfu_fields(model, int(config.global_batch_size), topo.chips, topo.devices[0].device_kind))
+    batch_bytes, vae_bytes = cand.batch_bytes, cand.vae_bytes
     report = {
         "topology": topo.name, "generation": topo.generation, "chips": topo.chips, "hosts": topo.hosts,
         "devices_per_chip": 1, "tensorcores_per_chip": topo.tensorcores_per_chip, "megacore": topo.megacore,
@@ -227,7 +351,7 @@ def compile_for_topology(config, topo: topo_lib.Topology, workdir: str = "") -> 
         "dtype": config.model.dtype, "remat": model_policy(model) != "none", "remat_policy": model_policy(model),
         "batch_kind": kind,
         "mesh": plan.as_dict(), "mesh_axes": dict(mesh.shape),
-        "hbm_bytes_per_chip": topo.hbm_bytes, "hbm_source": topo.hbm_source,
+        "hbm_bytes_per_chip": hbm, "hbm_source": hbm_source, "mesh_candidates": candidates,
         "state_bytes_per_chip": acct["per_chip"], "state_bytes_total": acct["total"],
         "state_per_chip_vs_even_split": acct["per_chip"]["total"] / even, "state_split": split,
         "data_parallel_by_choice": split["chips_sharing_state"] == 1,

@@ -14,7 +14,10 @@ config.mesh.data / fsdp / tensor: a positive size, -1 for "the devices left over
 The estimate is a model of what XLA allocates: the state and gradients from the shardings (exact), the
 activations the remat policy keeps counted from the traced program (dit_jax/analysis/block_memory.py, the same on
 every platform), plus libtpu's second copy of them on TPU (measured with --compile-only; docs/performance.md);
-`dit-jax-train --compile-only` measures the real number.
+`dit-jax-train --compile-only` measures the real number, and with config.mesh.plan="compile" (the default)
+dit_jax.compile_report.plan_by_compiling compiles the step for this choice and its neighbours and keeps the
+smallest fsdp whose compiled bytes fit (here only the estimate; config.mesh.memory_per_chip_gib overrides the
+chip's memory in both).
 """
 from __future__ import annotations
 

@@ -137,3 +137,16 @@ def device_hbm_bytes(device) -> Tuple[Optional[int], str]:
                 return int(spec["hbm_gib"] * GIB), spec["source"]
         return None, f"unknown TPU kind {device.device_kind!r}"
     return None, f"{getattr(device, 'platform', '?')} device: no HBM limit (host memory)"
+
+
+def memory_per_chip(mesh_config, device) -> Tuple[Optional[int], str]:
+    """(bytes the mesh plan and --compile-only may use per chip, where the number comes from):
+    config.mesh.memory_per_chip_gib when set (a chip shared with another program, or a smaller budget on
+    purpose), else the device's HBM (`device_hbm_bytes`)."""
+    gib = mesh_config.get("memory_per_chip_gib") if hasattr(mesh_config, "get") else None
+    if gib is not None:
+        if not float(gib) > 0:
+            raise TopologyError(f"config.mesh.memory_per_chip_gib={gib}: expected a positive number of GiB "
+                                "or None for the device's memory")
+        return int(float(gib) * GIB), f"config.mesh.memory_per_chip_gib={gib}"
+    return device_hbm_bytes(device)

@@ -30,7 +30,7 @@ from dit_jax.model import DiT, abstract_params, count_params
 from dit_jax.training.sample_quality import Evaluator, InceptionLoader, check_eval_config, load_converted_inception
 from dit_jax.training.samples import SampleDecoder, VaeLoader, make_sampler, write_samples
 from dit_jax.training.state import TrainState, abstract_state, init_state, state_shardings, with_shardings
-from dit_jax.topology import device_hbm_bytes
+from dit_jax.topology import memory_per_chip
 from dit_jax.training.step import make_loss_fn, make_train_step
 from dit_jax.utils import paths, xla_cpu
 from dit_jax.utils.atomic import write_text
@@ -79,7 +79,7 @@ def setup(config, devices=None, process_count: Optional[int] = None) -> TrainSet
     model = build.build_model(config, devices[0].platform)
     kind = build.batch_kind(config)
     params = abstract_params(model)
-    plan = mesh_plan.plan_mesh(config, devices, model, params, device_hbm_bytes(devices[0])[0],
+    plan = mesh_plan.plan_mesh(config, devices, model, params, memory_per_chip(config.mesh, devices[0])[0],
                                image_batch=kind == "image")
     mesh = shd.make_mesh(plan.shape, devices, plan.fsdp_groups)
     state_split.warn_if_uneven(params, mesh, config.sharding, log)  # a prime of fsdp dividing no width

@@ -254,7 +254,7 @@ def tiny_vae(size: int = 16):
 FAST_COMPILE_MODULES = {
     "test_atomic", "test_bucket_writes", "test_checkpoint_agreement", "test_checksum", "test_cli_faults",
     "test_config_flag", "test_data_folder", "test_data_latents", "test_data_multiprocess", "test_data_preprocess",
-    "test_data_tfds", "test_data_train", "test_data_uint8_images", "test_latents_bucket", "test_paths",
+    "test_data_tfds", "test_data_train", "test_data_uint8_images", "test_latents_bucket", "test_mesh_by_compiling", "test_paths",
     "test_preemption", "test_state_split", "test_train_batch_kinds", "test_train_errors", "test_train_eval",
     "test_train_resume", "test_train_sharding",
 }

@@ -184,6 +184,8 @@ def test_s2_does_not_fit_v5e_2x2_exits_1_with_numbers(tmp_path):
     assert not rep["fits"] and rep["total_bytes_per_chip"] > 0.9 * rep["hbm_bytes_per_chip"]
     assert rep["hbm_bytes_per_chip"] == 16 * GIB and rep["chips"] == 4 and rep["hosts"] == 1
     assert rep["suggestions"]
+    # Nothing fits: the search compiled the estimate's choice (all 4 chips on fsdp) and had nothing larger to try.
+    assert [(r["fsdp"], r["fits"]) for r in rep["mesh_candidates"]] == [(4, False)]
     # libtpu refuses to return a program that does not fit; the temporaries then come from its message.
     assert not rep["compiled"] and rep["temp_bytes_per_chip"] > 16 * GIB, rep["notes"]
 
@@ -214,6 +216,10 @@ def test_s2_compiles_for_v4_megacore_and_state_bytes_add_up(tmp_path):
     assert rep["temp_bytes_per_chip"] > 0 and rep["compile_seconds"] > 0
     assert "all-reduce" in rep["collectives"]  # data parallel: gradients are all-reduced
     assert rep["data_parallel_by_choice"] and rep["mesh"]["fsdp"] == 1  # auto: the state fits 32 GiB whole
+    # config.mesh.plan="compile" (the default): the estimate's choice was compiled and fits; nothing smaller exists.
+    assert [(r["fsdp"], r["fits"], r["compiled_bytes"]) for r in rep["mesh_candidates"]] == [
+        (1, True, rep["total_bytes_per_chip"])]
+    assert rep["mesh"]["reason"].startswith("auto, by compiling candidates: fsdp=1")
     # mesh_plan's estimate (what "auto" chose the mesh by) against XLA's memory analysis of the same program:
     # "auto" multiplies the estimate by AUTO_MARGIN, so the program may need at most that much more; an
     # estimate above 2x would make auto shard far more than needed.

@@ -123,6 +123,9 @@ def train(config, workdir: str) -> int:
     cpu_malloc.configure(step_bytes(config), verbose=True)  # before JAX creates its CPU client
     start_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                       FLAGS.cpu_collectives, flag_word_sep="_")
+    config, why = compile_report.mesh_by_compiling(config)  # config.mesh.plan="compile" on an accelerator
+    if why:
+        print(f"mesh data={config.mesh.data} fsdp={config.mesh.fsdp} tensor={config.mesh.tensor}: {why}", flush=True)
     result = train_and_evaluate(config, workdir, load_vae=vae_weights.load_vae, load_inception=inception_params)
     if result.preempted is not None:
         return EXIT_PREEMPTED

@@ -185,6 +185,7 @@ def check_labels(labels: np.ndarray, num_classes: int, step: Optional[int] = Non
 
 
 # (field, low, high) of every numeric config field; None leaves that end open. Checked by `validate_config`.
+MESH_PLANS = ("compile", "estimate")  # how an auto fsdp is chosen (configs/default.py, dit_jax.compile_report)
 RANGES = (
     ("seed", 0, 2**32 - 1), ("num_steps", 1, None), ("global_batch_size", 1, None), ("grad_accum_steps", 1, None),
     ("model.input_size", 1, None), ("model.in_channels", 1, None), ("model.num_classes", 1, None),
@@ -192,7 +193,7 @@ RANGES = (
     ("optim.lr", 1e-12, None), ("optim.warmup_steps", 0, None), ("optim.weight_decay", 0.0, None),
     ("optim.b1", 0.0, 1.0), ("optim.b2", 0.0, 1.0), ("optim.eps", 1e-30, None),
     ("optim.grad_clip", 0.0, None), ("ema_decay", 0.0, 1.0),
-    ("sharding.fsdp_min_size", 0, None), ("data.image_size", 8, None), ("data.num_workers", 1, None),
+    ("sharding.fsdp_min_size", 0, None), ("mesh.memory_per_chip_gib", 1e-9, None), ("data.image_size", 8, None), ("data.num_workers", 1, None),
     ("data.prefetch", 0, None), ("checkpoint.every_steps", 0, None), ("checkpoint.keep", 0, None),
     ("log_every_steps", 1, None), ("sample.every_steps", 0, None), ("sample.per_class", 1, None),
     ("sample.cfg_scale", 1.0, None), ("sample.seed", 0, 2**32 - 1), ("eval.every_steps", 0, None),
@@ -217,6 +218,9 @@ def validate_config(config) -> None:
             want = (f"between {low} and {high}" if low is not None and high is not None
                     else f">= {low}" if low is not None else f"<= {high}")
             raise ConfigError(f"config.{name}={value}: must be {want}")
+    plan = config.mesh.get("plan", "compile")
+    if plan not in MESH_PLANS:
+        raise ConfigError(f"config.mesh.plan={plan!r}: expected one of {MESH_PLANS}")
     if not config.sample.every_steps:
         return
     if not len(config.sample.classes):

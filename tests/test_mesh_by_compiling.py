@@ -1,0 +1,93 @@
+"""config.mesh.plan="compile": an auto fsdp is chosen by compiling the step (dit_jax.compile_report.plan_by_compiling).
+
+On the 8 simulated CPU devices with config.mesh.memory_per_chip_gib as the memory limit (a CPU has none), so
+the search runs here exactly as it does on an accelerator: the compiled bytes of each candidate are XLA's
+memory analysis of the real step. The TPU side (--compile-only) is checked in tests/test_compile_only.py.
+"""
+import jax
+import pytest
+
+from conftest import tiny_config
+from dit_jax import compile_report, mesh_plan, train
+from dit_jax.training.build import ConfigError
+
+GIB = 2**30
+
+
+def _auto(**overrides):
+    """The tiny training config, width 128 (the state, which fsdp splits, dominates), mesh left to auto."""
+    c = tiny_config(**{"model.hidden_size": 128, "model.depth": 2, **overrides})
+    with c.unlocked():
+        c.mesh.data = c.mesh.fsdp = None
+    return c
+
+
+def _compiled_total(config, fsdp):
+    """Bytes per device of the step on data x fsdp = 8/fsdp x fsdp, from XLA's memory analysis."""
+    env = train.setup(compile_report.with_mesh(config, (8 // fsdp, fsdp, 1)))
+    step = train.jit_train_step(config, env)
+    state, batch, rng, _ = compile_report.abstract_step_args(config, env)
+    with env.mesh:
+        mem = step.lower(state, batch, rng, None).compile().memory_analysis()
+    return (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+
+
+@pytest.fixture(scope="module")
+def totals():
+    c = _auto()
+    return {f: _compiled_total(c, f) for f in (1, 2)}
+
+
+def test_the_smallest_fsdp_whose_compiled_step_fits_is_chosen(totals):
+    # A limit just above fsdp=2's compiled bytes: fsdp=1 does not fit, fsdp=2 does, so 2 is the answer.
+    budget = 1.02 * totals[2]
+    assert totals[1] > budget
+    c = _auto(**{"mesh.memory_per_chip_gib": budget / (1 - mesh_plan.HEADROOM) / GIB})
+    estimate_choice = train.setup(c).plan.shape[1]
+    # The estimate's safety margin makes it shard more than needed here: the case compiling is for.
+    assert estimate_choice > 2, ("the estimate now chooses fsdp=2 by itself; pick a limit where it does not",
+                                 estimate_choice)
+    planned, why = compile_report.mesh_by_compiling(c)
+    assert (planned.mesh.data, planned.mesh.fsdp, planned.mesh.tensor) == (4, 2, 1), why
+    assert why.startswith("auto, by compiling candidates: fsdp=2") and f"the estimate alone chose fsdp={estimate_choice}" in why
+    # The run then trains on that mesh (the config is what dit-jax-train passes on).
+    env = train.setup(planned)
+    assert dict(env.mesh.shape)["fsdp"] == 2 and env.plan.reason == "explicit config.mesh sizes"
+
+
+def test_when_the_estimate_chosen_mesh_does_not_fit_larger_fsdp_is_compiled():
+    # bfloat16 at 32 examples per device: here the estimate is 1.5x under XLA's CPU bytes, so its choice
+    # (margin included) does not fit; the search walks up from it until a compiled step fits.
+    c = _auto(**{"global_batch_size": 256, "model.dtype": "bfloat16"})
+    t2, t4 = _compiled_total(c, 2), _compiled_total(c, 4)
+    budget = 0.5 * (t2 + t4)
+    with c.unlocked():
+        c.mesh.memory_per_chip_gib = budget / (1 - mesh_plan.HEADROOM) / GIB
+    assert t4 < budget < t2
+    cand, rows = compile_report.plan_by_compiling(c, jax.devices(), None, budget)
+    assert rows[0]["fsdp"] == 2 and rows[0]["estimated_bytes"] * mesh_plan.AUTO_MARGIN <= budget, rows  # its choice
+    assert [(r["fsdp"], r["fits"], r["compiled_bytes"]) for r in rows] == [(2, False, t2), (4, True, t4)]
+    assert cand.env.plan.shape == (2, 4, 1) and "fsdp=4: the smallest fsdp" in cand.env.plan.reason
+    # Explicit sizes: nothing is chosen, nothing else compiled.
+    cand, rows = compile_report.plan_by_compiling(compile_report.with_mesh(c, (8, 1, 1)), jax.devices(), None, budget)
+    assert rows == [] and cand.env.plan.shape == (8, 1, 1)
+
+
+def test_estimate_plan_and_cpu_compile_nothing():
+    c = _auto()
+    assert compile_report.mesh_by_compiling(c) == (c, "")  # CPU: no memory limit
+    with c.unlocked():
+        c.mesh.plan = "estimate"
+        c.mesh.memory_per_chip_gib = 0.01
+    assert compile_report.mesh_by_compiling(c) == (c, "")
+
+
+@pytest.mark.parametrize("field,value,words", [("plan", "guess", "config.mesh.plan='guess'"),
+                                               ("memory_per_chip_gib", -1.0, "config.mesh.memory_per_chip_gib=-1.0")])
+def test_bad_plan_settings_are_named(field, value, words):
+    c = _auto()
+    with c.unlocked():
+        c.mesh[field] = value
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(".", r"\.")):
+        train.setup(c)
