@@ -4,10 +4,12 @@ On the 8 simulated CPU devices with config.mesh.memory_per_chip_gib as the memor
 the search runs here exactly as it does on an accelerator: the compiled bytes of each candidate are XLA's
 memory analysis of the real step. The TPU side (--compile-only) is checked in tests/test_compile_only.py.
 """
+import subprocess
+
 import jax
 import pytest
 
-from conftest import tiny_config
+from conftest import ROOT, tiny_config, train_command
 from dit_jax import compile_report, mesh_plan, train
 from dit_jax.training.build import ConfigError
 
@@ -91,3 +93,13 @@ def test_bad_plan_settings_are_named(field, value, words):
         c.mesh[field] = value
     with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(".", r"\.")):
         train.setup(c)
+
+
+def test_dit_jax_train_runs_on_the_mesh_it_compiled_for(totals, tmp_path):
+    budget = 1.02 * totals[2]
+    gib = budget / (1 - mesh_plan.HEADROOM) / GIB
+    cmd = train_command(tmp_path / "run", "--config.model.hidden_size=128", "--config.model.depth=2",
+                        "--config.num_steps=1", "--config.checkpoint.every_steps=0", f"--config.mesh.memory_per_chip_gib={gib!r}")
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "mesh data=4 fsdp=2 tensor=1: auto, by compiling candidates: fsdp=2" in r.stdout, r.stdout[-2000:]
