@@ -247,13 +247,15 @@ def _estimate(config, env) -> Dict[str, int]:
 
 
 def plan_by_compiling(config, devices, process_count, budget) -> Tuple[Compiled, List[Dict[str, Any]]]:
-    """The smallest fsdp whose compiled step fits `budget` bytes per chip, starting from mesh_plan's choice.
+    """An fsdp size chosen from compiled steps: mesh_plan's choice and its smaller or larger neighbours.
 
     The estimate's choice (its model times AUTO_MARGIN fits) is compiled first. When it fits, smaller fsdp
-    sizes whose estimate alone is within ESTIMATE_SLACK of the budget are compiled in turn (the margin may
-    have been too careful); when it does not, larger ones until one fits. -> (the chosen candidate, every
-    candidate tried: mesh, estimated and compiled bytes, fits). Deterministic, so every process of a
-    multi-host job picks the same mesh."""
+    sizes whose estimate alone is within ESTIMATE_SLACK of the budget are compiled in turn until one does not
+    fit (the margin may have been too careful); when it does not fit, larger ones until one fits. Of the
+    compiled steps that fit `budget` bytes per chip, the one whose collectives move the fewest bytes per chip
+    per step is kept (ties: the smaller fsdp). -> (the chosen candidate, every candidate tried: mesh,
+    estimated and compiled bytes, fits, bytes moved). Deterministic, so every process of a multi-host job
+    picks the same mesh."""
     first = compile_candidate(config, devices, process_count)
     plan = first.env.plan
     if not searches_fsdp(config, plan, budget):
@@ -279,17 +281,23 @@ def plan_by_compiling(config, devices, process_count, budget) -> Tuple[Compiled,
             tried[f] = (cand, _estimate(cand.config, cand.env))
             if cand.total <= budget:
                 break
-    fitting = [f for f, (c, _) in tried.items() if c.total <= budget]
-    chosen_f = min(fitting) if fitting else max(tried)
+    moved = {f: moved_bytes_per_step(collectives(c.compiled.as_text())) if c.compiled is not None else None
+             for f, (c, _) in tried.items()}
+    fitting = sorted(f for f, (c, _) in tried.items() if c.total <= budget)
+    # Among those that fit, the fewest bytes moved per chip per step (the all-reduce of plain data parallelism
+    # can move more than fsdp's reduce-scatter + all-gathers); a tie goes to the smaller fsdp.
+    chosen_f = min(fitting, key=lambda f: (moved[f], f)) if fitting else max(tried)
     rows = [{"data": rest // f, "fsdp": f, "tensor": tensor, "estimated_bytes": int(est["total"]),
              "compiled_bytes": int(c.total), "fits": c.total <= budget, "compiled": c.compiled is not None,
-             "compile_seconds": round(c.seconds[0], 2)} for f, (c, est) in sorted(tried.items())]
+             "moved_bytes_per_step": moved[f], "compile_seconds": round(c.seconds[0], 2)}
+            for f, (c, est) in sorted(tried.items())]
     g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
     chosen, est = tried[chosen_f]
-    what = (f"fsdp={chosen_f}: the smallest fsdp whose compiled step fits {g(budget)} per chip" if fitting else
-            f"fsdp={chosen_f}: no candidate's compiled step fits {g(budget)} per chip")
+    what = (f"fsdp={chosen_f}: of the compiled steps that fit {g(budget)} per chip, the one that moves the fewest "
+            f"bytes per step" if fitting else f"fsdp={chosen_f}: no candidate's compiled step fits {g(budget)} per chip")
     why = ("auto, by compiling candidates: " + what + " (" + "; ".join(
         f"fsdp={r['fsdp']} {g(r['compiled_bytes'])} compiled, {g(r['estimated_bytes'])} estimated"
+        + (f", {g(r['moved_bytes_per_step'])} moved" if r["moved_bytes_per_step"] is not None else "")
         for r in rows) + f"; the estimate alone chose fsdp={f0})")
     chosen.env = dataclasses.replace(chosen.env, plan=dataclasses.replace(
         chosen.env.plan, requested=plan.requested, reason=why, estimate=est))

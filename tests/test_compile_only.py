@@ -219,6 +219,7 @@ def test_s2_compiles_for_v4_megacore_and_state_bytes_add_up(tmp_path):
     # config.mesh.plan="compile" (the default): the estimate's choice was compiled and fits; nothing smaller exists.
     assert [(r["fsdp"], r["fits"], r["compiled_bytes"]) for r in rep["mesh_candidates"]] == [
         (1, True, rep["total_bytes_per_chip"])]
+    assert rep["mesh_candidates"][0]["moved_bytes_per_step"] == rep["collective_bytes_moved_per_chip_per_step"]
     assert rep["mesh"]["reason"].startswith("auto, by compiling candidates: fsdp=1")
     # mesh_plan's estimate (what "auto" chose the mesh by) against XLA's memory analysis of the same program:
     # "auto" multiplies the estimate by AUTO_MARGIN, so the program may need at most that much more; an
