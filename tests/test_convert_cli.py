@@ -7,11 +7,13 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from cli_inprocess import run_main
 from conftest import ROOT, perturbed_torch_dit, rel_err
 from convert.reference.torch_dit import DiT
 from dit_jax.cli import convert as cli
@@ -82,9 +84,15 @@ def test_module_entry_point_and_no_torch_for_safetensors(tmp_path):
 
 
 def convert_command(*args):
-    """The installed dit-jax-convert as a user runs it."""
-    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "dit-jax-convert"), *map(str, args)],
-                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    """dit-jax-convert's main(argv) in this process (test_module_entry_point_and_no_torch_for_safetensors and
+    test_cli_faults start real ones): its exit code and stderr. A warning that did not go through the command's
+    one-line printer would be printed by Python as "...: UserWarning: ..." in a process; here every warning is
+    recorded instead, and there must be none."""
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        r = run_main("dit-jax-convert", *args)
+    assert not escaped, [str(w.message) for w in escaped]
+    return r
 
 
 def warning_lines(r):
