@@ -4,8 +4,8 @@ problem, what is (not) left on disk; and success exits 0.
 Where the process itself is the subject (exit 0 after writing the output, Ctrl-C) the script runs as a user runs
 it (`run`: a subprocess of the script in the environment's bin/). Errors and workdir faults go through the same
 script's main(argv) in this process (`call`, tests/cli_inprocess.py: the same exit code and stderr, without
-~1.5 CPU-s of imports per case). Error exits of real processes: test_config_flag (dit-jax-train,
-dit-jax-extract-latents) and test_convert_cli (python -m dit_jax.cli.convert).
+~1.5 CPU-s of imports per case). Other real processes: test_config_flag (dit-jax-train trains;
+dit-jax-extract-latents' error exit), test_convert_cli and test_sample_cli (the python -m entry points).
 
 Exit codes (docs): 0 success, 1 an error in the input/data/files/config (one line), 2 a usage error, 130 Ctrl-C.
 """
@@ -65,8 +65,10 @@ def ckpt(tmp_path_factory):
 # Success exits 0 (dit-jax-sample and -sample-many used to exit 1 after writing their output)
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_sample_and_sample_many_exit_0(ckpt, tmp_path):
-    # 8 devices (one used): the sampling program of test_sample_cli's shared runs, compiled once
+def test_sample_and_sample_many_exit_0(converted, tmp_path):
+    # The tiny checkpoint converted to a dit_jax directory (as the processes read it: no torch import, ~1.4 s).
+    # dit-jax-sample on 8 devices (one used): the sampling program of test_sample_cli's shared runs.
+    ckpt = converted[1]
     r = run("dit-jax-sample", "--ckpt", ckpt, *SAMPLE, "--out", tmp_path / "g.png", one_device=False)
     assert r.returncode == 0 and (tmp_path / "g.png").exists(), r.stderr[-2000:]
     assert r.stdout == ""  # nothing printed but progress on stderr (no stray return value)

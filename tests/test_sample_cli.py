@@ -32,6 +32,15 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def flax_ckpt(ckpt, tmp_path_factory):
+    """The same weights as a dit_jax directory (what a command line reads without importing torch)."""
+    from dit_jax.pretrained import save_pretrained
+
+    model, params = load_any(ckpt)
+    return save_pretrained(params, model, str(tmp_path_factory.mktemp("flax") / "tiny-flax"))
+
+
+@pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory):
     import diffusers
     torch.manual_seed(1)
@@ -158,8 +167,9 @@ def test_bfloat16_close_to_float32(ckpt, tmp_path):
     assert 0 < rel_err(a, b) <= 5e-2
 
 
-def test_console_script_in_a_subprocess(ckpt, tmp_path):
+def test_console_script_in_a_subprocess(flax_ckpt, tmp_path):
     """The `python -m dit_jax.cli.sample` entry point, with the progress bar on stderr."""
+    ckpt = flax_ckpt
     import subprocess
     import sys
 
@@ -172,11 +182,8 @@ def test_console_script_in_a_subprocess(ckpt, tmp_path):
     assert out.exists() and "3/3" in proc.stderr and f"wrote {out}" in proc.stderr
 
 
-def test_flax_directory_checkpoint_gives_the_same_latents(ckpt, tmp_path):
-    from dit_jax.pretrained import save_pretrained
-
-    model, params = load_any(ckpt)
-    flax_dir = save_pretrained(params, model, str(tmp_path / "tiny-flax"))
+def test_flax_directory_checkpoint_gives_the_same_latents(ckpt, flax_ckpt, tmp_path):
+    flax_dir = flax_ckpt
     lat = {}
     for name, path in (("pt", ckpt), ("flax", flax_dir)):
         lat[name] = tmp_path / f"{name}.npy"

@@ -46,7 +46,8 @@ def test_export_of_sharded_perturbed_ema_is_exact(tmp_path):
     tm.load_state_dict(state, strict=True)
     x = r.standard_normal((3, 8, 8, 1)).astype(np.float32)  # NHWC
     t, y = np.array([0, 500, 999]), np.array([1, 5, 9])
-    jax_out = np.asarray(out.model.apply({"params": jax.tree_util.tree_unflatten(tree, host)}, x, t, y))
+    apply = jax.jit(lambda p, x, t, y: out.model.apply({"params": p}, x, t, y))  # one compile, not one per op
+    jax_out = np.asarray(apply(jax.tree_util.tree_unflatten(tree, host), x, t, y))
     with torch.no_grad():
         got = tm(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), torch.from_numpy(y))
     got = got.permute(0, 2, 3, 1).numpy()
