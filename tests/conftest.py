@@ -14,6 +14,13 @@ import time
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One thread for PyTorch (OpenMP/MKL) and NumPy's OpenBLAS, here and in the command lines tests start (set before
+# either is imported). Their pools of one thread per core spin while they wait for each other; on the 2-core
+# machine, with the second pytest-xdist worker or other jobs on the other core, that cost 6x the CPU time and
+# the wall time of one thread (measured: a DiT-S/2 depth-2 forward 2.5 vs 0.4 CPU-s for 50 calls, the digits
+# scorer's MLP fit 6.6 vs 0.9 s, a 2048x2048 eigh 6.8 vs 1.1 s). XLA's own pool is not affected.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 # One XLA compilation cache for the session: this process, the pytest-xdist workers and every command line a
 # test starts inherit it. Dozens of runs compile the same tiny training step; each compiles in ~9 s and loads
 # from the cache in well under one. Entries are keyed by the program, the compile options and the jax
@@ -256,7 +263,7 @@ FAST_COMPILE_MODULES = {
     "test_config_flag", "test_data_folder", "test_data_latents", "test_data_multiprocess", "test_data_preprocess",
     "test_data_tfds", "test_data_train", "test_data_uint8_images", "test_latents_bucket", "test_mesh_by_compiling", "test_paths",
     "test_preemption", "test_state_split", "test_train_batch_kinds", "test_train_errors", "test_train_eval",
-    "test_train_resume", "test_train_sharding",
+    "test_train_resume", "test_train_sharding", "test_param_layout", "test_sample_cli", "test_sample_many",
 }
 _FAST = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 

@@ -14,6 +14,24 @@ from dit_jax.model import DiT_models
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def quick_compiles(monkeypatch):
+    """conftest's quick compiles (jax_disable_most_optimizations, here and in the processes a test starts) for
+    one test: the smoke runs that check only that a benchmark runs and reports its numbers. The tests that
+    compare JAX with PyTorch (sampling) or read TPU memory (pods, attention) keep the programs users get."""
+    import jax
+
+    if os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS") == "0":  # conftest's opt-out
+        yield
+        return
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+    jax.config.update("jax_disable_most_optimizations", True)
+    jax.clear_caches()
+    yield
+    jax.config.update("jax_disable_most_optimizations", False)
+    jax.clear_caches()
+
+
 def test_flops_matches_table4_for_s2():
     from benchmarks.flops import PAPER_GFLOPS, measure
 
@@ -24,7 +42,7 @@ def test_flops_matches_table4_for_s2():
     assert xla_half >= macs  # XLA also counts elementwise work
 
 
-def test_throughput_tiny():
+def test_throughput_tiny(quick_compiles):
     from benchmarks import throughput
 
     res = throughput.main(["--tiny"])
@@ -44,7 +62,7 @@ def test_sampling_tiny():
 
 
 @pytest.mark.slow
-def test_gpu_script_runs_on_cpu_tiny(tmp_path):
+def test_gpu_script_runs_on_cpu_tiny(tmp_path, quick_compiles):
     """benchmarks/gpu.sh end to end with the imports of the GPU machine (tests/gpu_box_env: no tensorflow, tfds,
     diffusers): every section runs, the JSON has each number the GPU run is for."""
     path = os.pathsep.join([str(ROOT / "tests" / "gpu_box_env"), str(ROOT), os.environ.get("PYTHONPATH", "")])
@@ -63,7 +81,7 @@ def test_gpu_script_runs_on_cpu_tiny(tmp_path):
     assert "8 images through FeatureExtractor.extract" in (tmp_path / "inception_speed.log").read_text()
 
 
-def test_inception_speed_tiny():
+def test_inception_speed_tiny(quick_compiles):
     from benchmarks import inception_speed
 
     res = inception_speed.main(["--tiny", "--images", "8"])
@@ -71,7 +89,7 @@ def test_inception_speed_tiny():
     assert "jax-fused" in names and "extract" in names and all(r["images_per_s"] > 0 for r in res)
 
 
-def test_compile_time_tiny():
+def test_compile_time_tiny(quick_compiles):
     from benchmarks import compile_time
 
     res = compile_time.main(["--tiny", "--unrolled"])

@@ -1,6 +1,11 @@
-"""Every installed console script under bad input and faults, as a user runs it (a subprocess of the script in
-the environment's bin/): the exit code, a message of at most two lines naming the problem, what is (not) left
-on disk; and success exits 0.
+"""Every installed console script under bad input and faults: the exit code, a message of one line naming the
+problem, what is (not) left on disk; and success exits 0.
+
+Where the process itself is the subject (exit 0 after writing the output, Ctrl-C) the script runs as a user runs
+it (`run`: a subprocess of the script in the environment's bin/). Errors and workdir faults go through the same
+script's main(argv) in this process (`call`, tests/cli_inprocess.py: the same exit code and stderr, without
+~1.5 CPU-s of imports per case). Other real processes: test_config_flag (dit-jax-train trains;
+dit-jax-extract-latents' error exit), test_convert_cli and test_sample_cli (the python -m entry points).
 
 Exit codes (docs): 0 success, 1 an error in the input/data/files/config (one line), 2 a usage error, 130 Ctrl-C.
 """
@@ -13,19 +18,24 @@ import time
 import pytest
 import torch
 
-from conftest import perturbed_torch_dit
+from cli_inprocess import run_main as call
+from conftest import TINY_FLAGS, perturbed_torch_dit
 
 BIN = os.path.dirname(sys.executable)
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits.py")
-TINY = ["--config.model.depth=1", "--config.model.hidden_size=32", "--config.model.num_heads=2",
-        "--config.global_batch_size=16", "--config.sample.every_steps=0", "--config.eval.every_steps=0",
-        "--config.tensorboard=False",
-        "--config.checkpoint.async_save=False"]
+# conftest's tiny model (the training programs of other modules' runs, so the compilation cache hits)
+TINY = [*TINY_FLAGS, "--config.checkpoint.async_save=False"]
+ONE = ["--config.mesh.num_devices=1"]  # training runs: one of the 8 devices of the test process
 SAMPLE = ["--vae", "none", "--num-sampling-steps", "2", "--no-progress", "--class-labels", "1", "2"]
 
 
-def run(script, *args, env=None, timeout=300):
-    e = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+def run(script, *args, env=None, timeout=300, one_device=True):
+    """The installed script in a subprocess: on one simulated device, or (one_device=False) on the 8 of this
+    process, where a program on one of them is the one this process and the other tests compile (the
+    compilation cache's key includes the process's device count)."""
+    e = dict(os.environ, JAX_PLATFORMS="cpu")
+    if one_device:
+        e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     e.update(env or {})
     return subprocess.run([os.path.join(BIN, script), *map(str, args)], capture_output=True, text=True, env=e,
                           timeout=timeout)
@@ -55,8 +65,11 @@ def ckpt(tmp_path_factory):
 # Success exits 0 (dit-jax-sample and -sample-many used to exit 1 after writing their output)
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_sample_and_sample_many_exit_0(ckpt, tmp_path):
-    r = run("dit-jax-sample", "--ckpt", ckpt, *SAMPLE, "--out", tmp_path / "g.png")
+def test_sample_and_sample_many_exit_0(converted, tmp_path):
+    # The tiny checkpoint converted to a dit_jax directory (as the processes read it: no torch import, ~1.4 s).
+    # dit-jax-sample on 8 devices (one used): the sampling program of test_sample_cli's shared runs.
+    ckpt = converted[1]
+    r = run("dit-jax-sample", "--ckpt", ckpt, *SAMPLE, "--out", tmp_path / "g.png", one_device=False)
     assert r.returncode == 0 and (tmp_path / "g.png").exists(), r.stderr[-2000:]
     assert r.stdout == ""  # nothing printed but progress on stderr (no stray return value)
     r = run("dit-jax-sample-many", "--ckpt", ckpt, "--vae", "none", "--num-sampling-steps", "2", "--no-progress",
@@ -64,9 +77,16 @@ def test_sample_and_sample_many_exit_0(ckpt, tmp_path):
     assert r.returncode == 0 and (tmp_path / "many.npz").exists(), r.stderr[-2000:]
 
 
-def test_convert_exits_0_and_1(ckpt, tmp_path):
-    assert run("dit-jax-convert", "to-flax", ckpt, tmp_path / "flax").returncode == 0
-    assert_fails(run("dit-jax-convert", "to-flax", tmp_path / "nope.pt", tmp_path / "o"), "nope.pt: no such file")
+@pytest.fixture(scope="module")
+def converted(ckpt, tmp_path_factory):
+    """`dit-jax-convert to-flax` of the tiny checkpoint: the result, and the directory."""
+    out = tmp_path_factory.mktemp("converted") / "flax"
+    return call("dit-jax-convert", "to-flax", ckpt, out), out
+
+
+def test_convert_exits_0_and_1(converted, tmp_path):
+    assert converted[0].returncode == 0, converted[0].stderr[-2000:]
+    assert_fails(call("dit-jax-convert", "to-flax", tmp_path / "nope.pt", tmp_path / "o"), "nope.pt: no such file")
     assert not (tmp_path / "o").exists()
 
 
@@ -87,37 +107,37 @@ SAMPLE_CASES = [
 
 @pytest.mark.parametrize("flags,needle", SAMPLE_CASES, ids=[c[0][0] for c in SAMPLE_CASES])
 def test_sample_bad_values(ckpt, tmp_path, flags, needle):
-    assert_fails(run("dit-jax-sample", "--ckpt", ckpt, *SAMPLE, *flags, "--out", tmp_path / "g.png"), needle)
+    assert_fails(call("dit-jax-sample", "--ckpt", ckpt, *SAMPLE, *flags, "--out", tmp_path / "g.png"), needle)
     assert os.listdir(tmp_path) == []
 
 
 def test_sample_bad_outputs_fail_before_sampling(ckpt, tmp_path):
     (tmp_path / "dir.png").mkdir()
-    assert_fails(run("dit-jax-sample", "--ckpt", ckpt, *SAMPLE, "--out", tmp_path / "dir.png"), "is a directory")
+    assert_fails(call("dit-jax-sample", "--ckpt", ckpt, *SAMPLE, "--out", tmp_path / "dir.png"), "is a directory")
     (tmp_path / "file").write_text("x")
-    assert_fails(run("dit-jax-sample", "--ckpt", ckpt, *SAMPLE, "--out", tmp_path / "file" / "g.png"),
+    assert_fails(call("dit-jax-sample", "--ckpt", ckpt, *SAMPLE, "--out", tmp_path / "file" / "g.png"),
                  "is a file, not a folder")
     if os.geteuid() != 0:  # root may write anywhere
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o555)
-        assert_fails(run("dit-jax-sample", "--ckpt", ckpt, *SAMPLE, "--out", ro / "g.png"), "not writable")
+        assert_fails(call("dit-jax-sample", "--ckpt", ckpt, *SAMPLE, "--out", ro / "g.png"), "not writable")
 
 
 def test_sample_bad_files(ckpt, tmp_path):
     data = open(ckpt, "rb").read()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    assert_fails(run("dit-jax-sample", "--ckpt", tmp_path / "cut.pt", *SAMPLE, "--out", tmp_path / "g.png"),
+    assert_fails(call("dit-jax-sample", "--ckpt", tmp_path / "cut.pt", *SAMPLE, "--out", tmp_path / "g.png"),
                  "cut.pt: truncated or corrupt")
-    assert_fails(run("dit-jax-sample", "--ckpt", tmp_path / "missing.pt", *SAMPLE, "--out", tmp_path / "g.png"),
+    assert_fails(call("dit-jax-sample", "--ckpt", tmp_path / "missing.pt", *SAMPLE, "--out", tmp_path / "g.png"),
                  "missing.pt: no such file")
     assert not (tmp_path / "g.png").exists()
 
 
-def test_sample_offline_download_is_one_line(tmp_path):
+def test_sample_offline_download_is_one_line(tmp_path, monkeypatch):
     """No --ckpt and no network: one line that says what to fetch and where, no false 'partial file' claim."""
-    r = run("dit-jax-sample", *SAMPLE, "--cache-dir", tmp_path, "--out", tmp_path / "g.png",
-            env={"DIT_JAX_BASE_URL": "http://127.0.0.1:9/DiT/models"})  # port 9 (discard): connection refused
+    monkeypatch.setenv("DIT_JAX_BASE_URL", "http://127.0.0.1:9/DiT/models")  # port 9 (discard): connection refused
+    r = call("dit-jax-sample", *SAMPLE, "--cache-dir", tmp_path, "--out", tmp_path / "g.png")
     assert_fails(r, "--ckpt PATH")
     assert "partial file" not in r.stderr and "DiT-XL-2-256x256.pt" in r.stderr
 
@@ -125,11 +145,11 @@ def test_sample_offline_download_is_one_line(tmp_path):
 @pytest.mark.parametrize("flags,needle", [
     (["--num-images", "0"], "--num-images=0: must be >= 1"),
     (["--per-device-batch-size", "-1"], "--per-device-batch-size=-1: must be >= 1"),
-    (["--num-local-devices", "3"], "--num-local-devices=3: must be between 1 and 1"),
+    (["--num-local-devices", "9"], "--num-local-devices=9: must be between 1 and 8 (this host has 8)"),  # 8 here
 ])
 def test_sample_many_bad_values(ckpt, tmp_path, flags, needle):
-    assert_fails(run("dit-jax-sample-many", "--ckpt", ckpt, "--vae", "none", "--no-progress", *flags,
-                     "--out-dir", tmp_path / "s"), needle)
+    assert_fails(call("dit-jax-sample-many", "--ckpt", ckpt, "--vae", "none", "--no-progress", *flags,
+                      "--out-dir", tmp_path / "s"), needle)
     assert os.listdir(tmp_path) == []
 
 
@@ -139,12 +159,12 @@ def test_sample_many_bad_values(ckpt, tmp_path, flags, needle):
     (["--image-size", "4"], "--image-size=4: must be >= 8"),
 ])
 def test_extract_latents_bad_values(tmp_path, flags, needle):
-    assert_fails(run("dit-jax-extract-latents", "--folder", tmp_path, "--out", tmp_path / "lat", *flags), needle)
+    assert_fails(call("dit-jax-extract-latents", "--folder", tmp_path, "--out", tmp_path / "lat", *flags), needle)
     assert not (tmp_path / "lat").exists()
 
 
 def test_extract_latents_missing_folder(tmp_path):
-    assert_fails(run("dit-jax-extract-latents", "--folder", tmp_path / "nope", "--out", tmp_path / "lat",
+    assert_fails(call("dit-jax-extract-latents", "--folder", tmp_path / "nope", "--out", tmp_path / "lat",
                      "--vae", tmp_path), "does not exist")
 
 
@@ -153,7 +173,7 @@ TRAIN_CASES = [
     (["--config.global_batch_size=0"], "config.global_batch_size=0: must be >= 1", 1),
     (["--config.model.num_classes=5"], "labels span 0..9 but config.model.num_classes=5", 1),
     (["--config.ema_decay=1.5"], "config.ema_decay=1.5: must be between 0.0 and 1.0", 1),
-    (["--config.mesh.fsdp=3"], "does not fit 1 devices", 1),
+    (["--config.mesh.fsdp=3", *ONE], "does not fit 1 devices", 1),
     (["--config.model.hidden_size=33"], "hidden_size=33 is not divisible by num_heads=2", 1),
     (["--config.optim.lrr=1"], "unknown config field in --config.optim.lrr", 2),
     (["--config.num_steps=abc"], "flag --config.num_steps=abc: invalid literal for int()", 2),
@@ -163,7 +183,7 @@ TRAIN_CASES = [
 @pytest.mark.parametrize("flags,needle,code", TRAIN_CASES, ids=[c[0][0] for c in TRAIN_CASES])
 def test_train_bad_config(tmp_path, flags, needle, code):
     wd = tmp_path / "w"
-    r = run("dit-jax-train", "--config", CONFIG, "--workdir", wd, *TINY, *flags)
+    r = call("dit-jax-train", "--config", CONFIG, "--workdir", wd, *TINY, *flags)
     assert_fails(r, needle, code)
     assert not (wd / "checkpoints").exists() and not (wd / "config.txt").exists()
 
@@ -175,8 +195,8 @@ def test_train_bad_config(tmp_path, flags, needle, code):
 def trained(tmp_path_factory):
     """A digits workdir with checkpoints at steps 1, 2 and 3."""
     wd = tmp_path_factory.mktemp("trained") / "w"
-    r = run("dit-jax-train", "--config", CONFIG, "--workdir", wd, *TINY, "--config.num_steps=3",
-            "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=5")
+    r = call("dit-jax-train", "--config", CONFIG, "--workdir", wd, *TINY, *ONE, "--config.num_steps=3",
+             "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=5")
     assert r.returncode == 0, r.stderr[-3000:]
     return wd
 
@@ -188,8 +208,8 @@ def _snapshot(wd):
 
 def test_resume_with_changed_model_is_refused_and_changes_nothing(trained):
     before = _snapshot(trained)
-    r = run("dit-jax-train", "--config", CONFIG, "--workdir", trained, *TINY, "--config.num_steps=5",
-            "--config.model.hidden_size=64")
+    r = call("dit-jax-train", "--config", CONFIG, "--workdir", trained, *TINY, "--config.num_steps=5",
+             "--config.model.hidden_size=64", *ONE)
     assert_fails(r, "model.hidden_size: checkpoint 32, now 64")
     assert "Event loop is closed" not in r.stderr
     assert _snapshot(trained) == before  # config.txt, metrics, checkpoints untouched
@@ -215,8 +235,8 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_intact_one_used(trained,
     shutil.copytree(trained, wd)
     _flip_bytes(_largest_file(wd / "checkpoints" / "3" / "state"))
     os.makedirs(wd / "checkpoints" / "4")  # an empty numbered folder must not block resuming either
-    r = run("dit-jax-train", "--config", CONFIG, "--workdir", wd, *TINY, "--config.num_steps=4",
-            "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=5")
+    r = call("dit-jax-train", "--config", CONFIG, "--workdir", wd, *TINY, "--config.num_steps=4",
+             "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=5", *ONE)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from checkpoint step 2" in r.stderr and "is damaged" in r.stderr
     names = os.listdir(wd / "checkpoints")
@@ -224,10 +244,13 @@ def test_damaged_newest_checkpoint_is_set_aside_and_the_intact_one_used(trained,
     assert {"2", "3", "4"} <= set(names)  # steps 3 and 4 trained again from step 2
 
 
-def test_converted_directory_with_flipped_bytes_is_refused(ckpt, tmp_path):
-    assert run("dit-jax-convert", "to-flax", ckpt, tmp_path / "flax").returncode == 0
+def test_converted_directory_with_flipped_bytes_is_refused(converted, tmp_path):
+    import shutil
+
+    assert converted[0].returncode == 0, converted[0].stderr[-2000:]
+    shutil.copytree(converted[1], tmp_path / "flax")
     _flip_bytes(_largest_file(tmp_path / "flax" / "params"), n=64)
-    r = run("dit-jax-convert", "to-torch", tmp_path / "flax", tmp_path / "back.pt")
+    r = call("dit-jax-convert", "to-torch", tmp_path / "flax", tmp_path / "back.pt")
     assert_fails(r, "flax/params")
     assert "damaged" in r.stderr or "cannot restore" in r.stderr
     assert not (tmp_path / "back.pt").exists()
@@ -235,8 +258,8 @@ def test_converted_directory_with_flipped_bytes_is_refused(ckpt, tmp_path):
 
 def test_ctrl_c_exits_130_and_names_the_last_checkpoint(tmp_path):
     wd = tmp_path / "w"
-    e = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    p = subprocess.Popen([os.path.join(BIN, "dit-jax-train"), "--config", CONFIG, "--workdir", str(wd), *TINY,
+    e = dict(os.environ, JAX_PLATFORMS="cpu")  # 8 devices, one used: the tiny program of the runs above
+    p = subprocess.Popen([os.path.join(BIN, "dit-jax-train"), "--config", CONFIG, "--workdir", str(wd), *TINY, *ONE,
                           "--config.num_steps=100000", "--config.checkpoint.every_steps=2"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
     try:

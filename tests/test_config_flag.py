@@ -1,24 +1,41 @@
 """`--config` of the installed commands, run from a directory outside the checkout: the shipped configs by name
 (`digits`, `default:B/2`) and by the documented path (`configs/digits.py`, resolved to the installed file when
-the working directory has none), and one-line errors (exit 1) naming the file for every broken config file."""
+the working directory has none), and one-line errors (exit 1) naming the file for every broken config file.
+
+dit-jax-train's training run and dit-jax-extract-latents' shipped config run as a user runs them (`run`: the
+installed script in a subprocess); the other cases go through the same script's main(argv) in this process
+(`call`, tests/cli_inprocess.py: the same exit code and stderr, without ~1.5 CPU-s of imports per case), from
+the same directory.
+"""
 import os
 import subprocess
 import sys
 
 import pytest
 
+from cli_inprocess import run_main
+from conftest import TINY_FLAGS
 from dit_jax.cli.config_file import ConfigFileError, load_config
 
 BIN = os.path.dirname(sys.executable)
-TINY = ["--config.model.depth=1", "--config.model.hidden_size=32", "--config.model.num_heads=2",
-        "--config.global_batch_size=16", "--config.sample.every_steps=0", "--config.eval.every_steps=0",
-        "--config.tensorboard=False", "--config.checkpoint.async_save=False"]
+# conftest's tiny model on one of the test process's devices: the program of the other tiny 1-device runs
+TINY = [*TINY_FLAGS, "--config.checkpoint.async_save=False", "--config.mesh.num_devices=1"]
 
 
 def run(script, *args, cwd):
-    e = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    e = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run([os.path.join(BIN, script), *map(str, args)], capture_output=True, text=True, env=e,
                           cwd=cwd, timeout=300)
+
+
+def call(script, *args, cwd):
+    """`script ARGS` through its main() in this process, from `cwd`."""
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return run_main(script, *args)
+    finally:
+        os.chdir(here)
 
 
 def error_line(r, code=1) -> str:
@@ -28,7 +45,6 @@ def error_line(r, code=1) -> str:
     return errors[0]
 
 
-@pytest.mark.slow  # one tiny training step (~20 s with the compile)
 def test_shipped_config_by_name_trains_from_any_directory(tmp_path):
     r = run("dit-jax-train", "--config", "digits", "--workdir", tmp_path / "w", *TINY, "--config.num_steps=1",
             cwd=tmp_path)
@@ -40,7 +56,7 @@ def test_shipped_config_by_name_trains_from_any_directory(tmp_path):
 def test_shipped_config_loads_from_any_directory(tmp_path, spec):
     """num_steps=0 is rejected after the config loaded and took the override: the error names the field, so
     the config file itself was found and read."""
-    r = run("dit-jax-train", "--config", spec, "--workdir", tmp_path / "w", "--config.num_steps=0", cwd=tmp_path)
+    r = call("dit-jax-train", "--config", spec, "--workdir", tmp_path / "w", "--config.num_steps=0", cwd=tmp_path)
     assert error_line(r).endswith("config.num_steps=0: must be >= 1"), r.stderr[-3000:]
 
 
@@ -48,7 +64,8 @@ def test_a_file_in_the_working_directory_wins(tmp_path):
     """configs/digits.py that exists here is the file read, not the shipped one."""
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "digits.py").write_text("def get_config():\n    raise RuntimeError('the local one')\n")
-    line = error_line(run("dit-jax-train", "--config", "configs/digits.py", "--workdir", tmp_path / "w", cwd=tmp_path))
+    line = error_line(call("dit-jax-train", "--config", "configs/digits.py", "--workdir", tmp_path / "w",
+                           cwd=tmp_path))
     assert line == ("dit-jax-train: error: --config configs/digits.py: get_config() of configs/digits.py raised "
                     "RuntimeError: the local one")
 
@@ -88,14 +105,14 @@ def test_the_command_prints_one_line_and_exits_1(tmp_path, case):
     text, spec, needle = BROKEN[case]
     if text is not None:
         (tmp_path / "c.py").write_text(text)
-    line = error_line(run("dit-jax-train", "--config", spec, "--workdir", tmp_path / "w", cwd=tmp_path))
+    line = error_line(call("dit-jax-train", "--config", spec, "--workdir", tmp_path / "w", cwd=tmp_path))
     assert line.startswith("dit-jax-train: error: --config ") and needle in line, line
     assert not (tmp_path / "w").exists()
 
 
 def test_debug_shows_the_traceback(tmp_path):
     (tmp_path / "c.py").write_text("def get_config(:\n")
-    r = run("dit-jax-train", "--config", "c.py", "--workdir", tmp_path / "w", "--debug", cwd=tmp_path)
+    r = call("dit-jax-train", "--config", "c.py", "--workdir", tmp_path / "w", "--debug", cwd=tmp_path)
     assert r.returncode == 1 and "Traceback" in r.stderr and "SyntaxError" in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("dit-jax-train: error: --config c.py: syntax error")
 
@@ -107,6 +124,6 @@ def test_extract_latents_reads_shipped_configs_and_reports_broken_ones(tmp_path)
                           "--out", tmp_path / "lat", cwd=tmp_path))
     assert "--config" not in line and "none" in line, line
     (tmp_path / "c.py").write_text("def get_config(:\n")
-    line = error_line(run("dit-jax-extract-latents", "--config", "c.py", "--folder", tmp_path, "--out",
-                          tmp_path / "lat", cwd=tmp_path))
+    line = error_line(call("dit-jax-extract-latents", "--config", "c.py", "--folder", tmp_path, "--out",
+                           tmp_path / "lat", cwd=tmp_path))
     assert "--config c.py: syntax error (line 1)" in line, line

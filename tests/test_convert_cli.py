@@ -7,11 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
+import jax
 import numpy as np
 import pytest
 import torch
 
+from cli_inprocess import run_main
 from conftest import ROOT, perturbed_torch_dit, rel_err
 from convert.reference.torch_dit import DiT
 from dit_jax.cli import convert as cli
@@ -41,7 +44,8 @@ def test_to_flax_then_to_torch(tmp_path, capsys):
     t, y = torch.tensor([10.0, 900.0]), torch.tensor([3, 7])
     with torch.no_grad():
         ref = tm(x, t, y).numpy()
-    out_jax = model.apply({"params": params}, x.permute(0, 2, 3, 1).numpy(), t.numpy(), y.numpy())
+    apply = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))  # one compile, not one per op
+    out_jax = apply(params, x.permute(0, 2, 3, 1).numpy(), t.numpy(), y.numpy())
     err = rel_err(np.asarray(out_jax).transpose(0, 3, 1, 2), ref)
     print(f"\nCLI to-flax parity rel_err={err:.2e}")
     assert err <= 1e-5
@@ -65,14 +69,15 @@ def test_to_flax_then_to_torch(tmp_path, capsys):
 
 
 def test_module_entry_point_and_no_torch_for_safetensors(tmp_path):
-    """`python -m dit_jax.cli.convert` works as a program; convert.load_any reads .safetensors without torch."""
+    """`python -m dit_jax.cli.convert` works as a program (a dit_jax directory to .safetensors: a process that
+    needs no torch, ~1.4 CPU-s less); convert.load_any reads .safetensors without torch."""
     tiny_release_pt(tmp_path / "tiny.pt")
+    assert cli.main(["to-flax", str(tmp_path / "tiny.pt"), str(tmp_path / "flax")]) == 0
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-m", "dit_jax.cli.convert", "to-torch", str(tmp_path / "tiny.pt"),
+    r = subprocess.run([sys.executable, "-m", "dit_jax.cli.convert", "to-torch", str(tmp_path / "flax"),
                         str(tmp_path / "w.safetensors")], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "dit_jax.cli.convert", "to-flax", str(tmp_path / "missing.pt"),
-                        str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=ROOT)
+    r = run_main("dit-jax-convert", "to-flax", tmp_path / "missing.pt", tmp_path / "out")  # main(argv) here
     assert r.returncode == 1 and r.stderr.strip().endswith("dit_jax Flax directory") and not (tmp_path / "out").exists()
     code = ("import sys; from convert import load_any; "
             f"m, p = load_any({str(tmp_path / 'w.safetensors')!r}); "
@@ -82,9 +87,15 @@ def test_module_entry_point_and_no_torch_for_safetensors(tmp_path):
 
 
 def convert_command(*args):
-    """The installed dit-jax-convert as a user runs it."""
-    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "dit-jax-convert"), *map(str, args)],
-                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    """dit-jax-convert's main(argv) in this process (test_module_entry_point_and_no_torch_for_safetensors and
+    test_cli_faults start real ones): its exit code and stderr. A warning that did not go through the command's
+    one-line printer would be printed by Python as "...: UserWarning: ..." in a process; here every warning is
+    recorded instead, and there must be none."""
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        r = run_main("dit-jax-convert", *args)
+    assert not escaped, [str(w.message) for w in escaped]
+    return r
 
 
 def warning_lines(r):

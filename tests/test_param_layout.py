@@ -4,8 +4,6 @@ and a run resumes from such a checkpoint."""
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -13,7 +11,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import convert
-from conftest import ROOT, tiny_config
+from cli_inprocess import run_main
+from conftest import tiny_config
 from dit_jax import checkpoint as ckpt_lib
 from dit_jax import train
 from dit_jax.model import DiT, init_params
@@ -78,15 +77,13 @@ def test_old_model_directory_loads_and_migrates(tmp_path, caplog):
         np.testing.assert_array_equal(sd_new[k], sd_old[k])
 
     new_dir = str(tmp_path / "new")
-    r = subprocess.run([sys.executable, "-m", "dit_jax.cli.convert", "migrate", old_dir, new_dir], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = run_main("dit-jax-convert", "migrate", old_dir, new_dir)  # main(argv) in this process
     assert r.returncode == 0, r.stderr[-2000:]
     on_disk = ocp.PyTreeCheckpointer().restore(os.path.join(new_dir, "params"))
     assert "blocks" in on_disk and not is_per_block(on_disk)
     _, migrated = load_pretrained(new_dir)
     _assert_equal_trees(jax.device_get(migrated), params)
-    r = subprocess.run([sys.executable, "-m", "dit_jax.cli.convert", "migrate", str(tmp_path / "nope"),
-                        str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run_main("dit-jax-convert", "migrate", tmp_path / "nope", tmp_path / "out")
     assert r.returncode == 1 and "not a dit_jax directory" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -105,24 +102,24 @@ def _write_old_checkpoint(workdir, step, state, meta):
 
 @pytest.mark.slow
 def test_old_training_checkpoint_restores_and_resumes(tmp_path, caplog):
-    cfg = tiny_config(num_steps=2, **{"model.depth": 2})
+    cfg = tiny_config(num_steps=1, **{"model.depth": 2})
     new_wd, old_wd = str(tmp_path / "new"), str(tmp_path / "old")
     train.train_and_evaluate(cfg, new_wd)
     setup = train.setup(cfg)
     step, state, meta = train.load_latest(new_wd, setup, cfg)
-    assert step == 2 and meta[ckpt_lib.LAYOUT_KEY] == "stacked"
+    assert step == 1 and meta[ckpt_lib.LAYOUT_KEY] == "stacked"
     _write_old_checkpoint(old_wd, step, state.to_dict(), meta)
 
     with caplog.at_level(logging.INFO, logger="dit_jax.train"):
         step_old, state_old, _ = train.load_latest(old_wd, setup, cfg)
-    assert step_old == 2 and "stacked into 'blocks' on restore" in caplog.text
+    assert step_old == 1 and "stacked into 'blocks' on restore" in caplog.text
     _assert_equal_trees(jax.device_get(state_old.to_dict()), jax.device_get(state.to_dict()))
     qkv = state_old.params["blocks"]["attn"]["qkv"]["kernel"]  # placed with the run's shardings
     assert qkv.sharding == setup.state_shardings.params["blocks"]["attn"]["qkv"]["kernel"]
 
     # The training run itself resumes from it, exactly like from the stacked checkpoint.
-    cfg3 = tiny_config(num_steps=3, **{"model.depth": 2})
-    from_old, from_new = train.train_and_evaluate(cfg3, old_wd), train.train_and_evaluate(cfg3, new_wd)
-    assert sorted(from_old.losses) == [3]
-    assert from_old.losses[3] == from_new.losses[3]
+    cfg2 = tiny_config(num_steps=2, **{"model.depth": 2})
+    from_old, from_new = train.train_and_evaluate(cfg2, old_wd), train.train_and_evaluate(cfg2, new_wd)
+    assert sorted(from_old.losses) == [2]
+    assert from_old.losses[2] == from_new.losses[2]
     _assert_equal_trees(jax.device_get(from_old.state.to_dict()), jax.device_get(from_new.state.to_dict()))

@@ -32,6 +32,15 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def flax_ckpt(ckpt, tmp_path_factory):
+    """The same weights as a dit_jax directory (what a command line reads without importing torch)."""
+    from dit_jax.pretrained import save_pretrained
+
+    model, params = load_any(ckpt)
+    return save_pretrained(params, model, str(tmp_path_factory.mktemp("flax") / "tiny-flax"))
+
+
+@pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory):
     import diffusers
     torch.manual_seed(1)
@@ -44,6 +53,10 @@ def tiny_vae_dir(tmp_path_factory):
 
 
 COMMON = ["--num-sampling-steps", "4", "--no-progress"]
+# Where the property does not depend on the steps, the labels or the guidance: the same sampling program (2 DDPM
+# steps, labels 1 2, the default cfg-scale 4; test_cli_faults' dit-jax-sample run too), compiled once (the
+# compilation cache) and read by several tests.
+SHARED = ["--num-sampling-steps", "2", "--no-progress", "--class-labels", "1", "2"]
 
 
 def test_png_grid_with_tiny_vae(ckpt, tiny_vae_dir, tmp_path):
@@ -60,7 +73,6 @@ def test_png_grid_with_tiny_vae(ckpt, tiny_vae_dir, tmp_path):
     assert not any(n.endswith(".tmp") for n in os.listdir(tmp_path))
 
 
-@pytest.mark.slow
 def test_latents_match_direct_loop_and_do_not_depend_on_batch_size(ckpt, tmp_path):
     runs = {}
     for bs in ("3", "2"):
@@ -103,8 +115,8 @@ def test_attention_impl_flag_picks_the_kernel_and_keeps_the_latents(ckpt, tmp_pa
     for impl in ("auto", "xla"):
         lat[impl] = tmp_path / f"{impl}.npy"
         flags = [] if impl == "auto" else ["--attention-impl", impl]
-        assert sample.main(["--ckpt", ckpt, "--vae", "none", "--class-labels", "1", "2", "--out",
-                            str(tmp_path / f"{impl}.png"), "--save-latents", str(lat[impl])] + flags + COMMON) == 0
+        assert sample.main(["--ckpt", ckpt, "--vae", "none", "--out", str(tmp_path / f"{impl}.png"),
+                            "--save-latents", str(lat[impl])] + flags + SHARED) == 0
     assert rel_err(np.load(lat["xla"]), np.load(lat["auto"])) <= 1e-5
     p = argparse.ArgumentParser()
     sample_args.add_common_args(p)
@@ -134,7 +146,7 @@ def test_no_ckpt_downloads_release_file_from_local_server(ckpt, tmp_path, monkey
         monkeypatch.setenv("DIT_JAX_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}")
         cache = tmp_path / "cache"
         out = tmp_path / "dl.png"
-        sample.main(["--vae", "none", "--class-labels", "1", "--cache-dir", str(cache), "--out", str(out)] + COMMON)
+        sample.main(["--vae", "none", "--cache-dir", str(cache), "--out", str(out)] + SHARED)
         assert (cache / "DiT-XL-2-256x256.pt").stat().st_size == (served / "DiT-XL-2-256x256.pt").stat().st_size
         assert out.exists()
     finally:
@@ -147,14 +159,17 @@ def test_bfloat16_close_to_float32(ckpt, tmp_path):
     lat = {}
     for dt in ("float32", "bfloat16"):
         lat[dt] = tmp_path / f"{dt}.npy"
-        sample.main(["--ckpt", ckpt, "--vae", "none", "--class-labels", "1", "2", "--dtype", dt, "--cfg-scale", "1",
-                     "--out", str(tmp_path / f"{dt}.png"), "--save-latents", str(lat[dt])] + COMMON)
+        sample.main(["--ckpt", ckpt, "--vae", "none", "--dtype", dt, "--out", str(tmp_path / f"{dt}.png"),
+                     "--save-latents", str(lat[dt])] + SHARED)
     a, b = np.load(lat["bfloat16"]), np.load(lat["float32"])
-    assert 0 < rel_err(a, b) <= 5e-2  # bf16 matmuls: close, but not the float32 numbers
+    # bf16 matmuls: close, but not the float32 numbers (measured 1.4e-2 here, 1.7e-2 with 4 steps and cfg-scale 1;
+    # 7.5e-2 with 4 steps and the guidance of 4)
+    assert 0 < rel_err(a, b) <= 5e-2
 
 
-def test_console_script_in_a_subprocess(ckpt, tmp_path):
+def test_console_script_in_a_subprocess(flax_ckpt, tmp_path):
     """The `python -m dit_jax.cli.sample` entry point, with the progress bar on stderr."""
+    ckpt = flax_ckpt
     import subprocess
     import sys
 
@@ -167,17 +182,13 @@ def test_console_script_in_a_subprocess(ckpt, tmp_path):
     assert out.exists() and "3/3" in proc.stderr and f"wrote {out}" in proc.stderr
 
 
-def test_flax_directory_checkpoint_gives_the_same_latents(ckpt, tmp_path):
-    from dit_jax.pretrained import save_pretrained
-
-    model, params = load_any(ckpt)
-    flax_dir = save_pretrained(params, model, str(tmp_path / "tiny-flax"))
+def test_flax_directory_checkpoint_gives_the_same_latents(ckpt, flax_ckpt, tmp_path):
+    flax_dir = flax_ckpt
     lat = {}
     for name, path in (("pt", ckpt), ("flax", flax_dir)):
         lat[name] = tmp_path / f"{name}.npy"
-        sample.main(["--ckpt", path, "--vae", "none", "--class-labels", "5", "--out",
-                     str(tmp_path / f"{name}.png"), "--save-latents", str(lat[name]), "--num-sampling-steps", "2",
-                     "--no-progress"])
+        sample.main(["--ckpt", path, "--vae", "none", "--out", str(tmp_path / f"{name}.png"),
+                     "--save-latents", str(lat[name])] + SHARED)
     np.testing.assert_array_equal(np.load(lat["pt"]), np.load(lat["flax"]))
 
 

@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from conftest import ROOT, tfrecords, train_command, tiny_config
+from cli_inprocess import run_main
+from conftest import tfrecords, train_command, tiny_config
 from dit_jax import sharding as shd
 from dit_jax import train
 from dit_jax.utils.errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -44,11 +45,9 @@ def test_mesh_does_not_fit(tmp_path, monkeypatch):
 
 
 def test_unknown_config_field_on_the_command_line(tmp_path):
-    """The real entry point (a subprocess: absl parses flags once per process)."""
-    import subprocess
-
-    r = subprocess.run(train_command(tmp_path / "w", "--config.optim.lrr=0.5"), cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    """The command's entry point, main(argv), in this process (tests/cli_inprocess.py gives absl, which parses
+    flags once per process, a fresh parse; test_cli_faults starts the installed script for such errors)."""
+    r = run_main("dit-jax-train", *train_command(tmp_path / "w", "--config.optim.lrr=0.5")[3:])
     assert r.returncode == 2
     assert "unknown config field in --config.optim.lrr" in r.stderr and 'Did you mean "lr"' in r.stderr
     assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")

@@ -4,7 +4,6 @@ import dataclasses
 
 import jax
 import numpy as np
-import pytest
 import torch
 
 import convert
@@ -13,14 +12,18 @@ from convert.reference.torch_dit import DiT as TorchDiT
 from dit_jax import train
 from dit_jax.cli.train import export_torch
 from dit_jax.pretrained import model_config
+from dit_jax.training.state import init_state
 
 
-@pytest.mark.slow
 def test_export_of_sharded_perturbed_ema_is_exact(tmp_path):
     c = tiny_config(num_steps=1)
     c.model.depth = 2
     c.mesh.fsdp = 4  # exported from parameters sharded over 4 devices
-    out = train.train_and_evaluate(c, str(tmp_path / "run"))
+    # A run's result as train_and_evaluate returns it, its state fresh from the run's setup (the state's values
+    # are replaced below; no training step needs compiling): the run's model, mesh and state shardings.
+    s = train.setup(c)
+    state = init_state(s.model, s.tx, jax.random.PRNGKey(0), s.state_shardings)
+    out = train.TrainResult(state=state, losses={}, metrics={}, model=s.model, mesh=s.mesh)
     ema = out.state.ema_params
     # Replace the (nearly zero-gated) EMA by perturbed weights in the same shardings.
     leaves, tree = jax.tree_util.tree_flatten(ema)
@@ -43,7 +46,8 @@ def test_export_of_sharded_perturbed_ema_is_exact(tmp_path):
     tm.load_state_dict(state, strict=True)
     x = r.standard_normal((3, 8, 8, 1)).astype(np.float32)  # NHWC
     t, y = np.array([0, 500, 999]), np.array([1, 5, 9])
-    jax_out = np.asarray(out.model.apply({"params": jax.tree_util.tree_unflatten(tree, host)}, x, t, y))
+    apply = jax.jit(lambda p, x, t, y: out.model.apply({"params": p}, x, t, y))  # one compile, not one per op
+    jax_out = np.asarray(apply(jax.tree_util.tree_unflatten(tree, host), x, t, y))
     with torch.no_grad():
         got = tm(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), torch.from_numpy(y))
     got = got.permute(0, 2, 3, 1).numpy()

@@ -1,5 +1,8 @@
 """kill -9 in the middle of training (and in the middle of a checkpoint write), then the same command again:
-it resumes from the last complete checkpoint and ends with exactly the state of an uninterrupted run."""
+it resumes from the last complete checkpoint and ends with exactly the state of an uninterrupted run.
+
+The killed command is a real process; the same command again runs through dit-jax-train's main(argv) in this
+process (tests/cli_inprocess.py), on the same devices and program (one of the 8 simulated devices)."""
 import json
 import os
 import signal
@@ -12,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from cli_inprocess import run_main
 from conftest import ROOT, tiny_config, train_command
 from dit_jax import train
 
@@ -23,13 +27,25 @@ def _cmd(workdir):
                          "--config.checkpoint.keep=3", "--config.mesh.num_devices=1")
 
 
+def _config():
+    cfg = tiny_config(num_steps=STEPS)
+    cfg.mesh.num_devices = 1
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference both tests compare with: the same run in this process, never stopped."""
+    return train.train_and_evaluate(_config(), str(tmp_path_factory.mktemp("uninterrupted")))
+
+
 def _complete_steps(workdir):
     d = os.path.join(workdir, "checkpoints")
     return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
 @pytest.mark.slow
-def test_kill9_then_resume_equals_uninterrupted(tmp_path):
+def test_kill9_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
     wd = str(tmp_path / "run")
     p = subprocess.Popen(_cmd(wd), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -52,7 +68,7 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path):
         f.write("half written")
     offset = os.path.getsize(os.path.join(wd, "metrics.jsonl"))
 
-    r = subprocess.run(_cmd(wd), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    r = run_main("dit-jax-train", *_cmd(wd)[3:])  # the same command again
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from checkpoint step {last}" in r.stderr
     assert not os.path.exists(fake)  # incomplete saves are cleaned up
@@ -61,12 +77,10 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path):
         resumed = {json.loads(l)["step"]: json.loads(l)["loss"] for l in f if l.strip()}
     assert sorted(resumed) == list(range(last + 1, STEPS + 1))
 
-    cfg = tiny_config(num_steps=STEPS)
-    cfg.mesh.num_devices = 1
-    ref = train.train_and_evaluate(cfg, str(tmp_path / "uninterrupted"))
+    ref = uninterrupted
     for s in resumed:
         assert abs(resumed[s] - ref.losses[s]) <= 1e-6 * abs(ref.losses[s]), (s, resumed[s], ref.losses[s])
-    assert_same_state(wd, cfg, ref)
+    assert_same_state(wd, _config(), ref)
 
 
 def assert_same_state(workdir, cfg, ref):
@@ -82,7 +96,7 @@ def assert_same_state(workdir, cfg, ref):
 
 
 @pytest.mark.slow
-def test_killed_during_a_checkpoint_write_then_resumed(tmp_path):
+def test_killed_during_a_checkpoint_write_then_resumed(tmp_path, uninterrupted):
     """SIGKILL while orbax is writing a save (its temporary folder exists): that save is never resumed."""
     wd = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "tests.kill_in_save_worker", "3", "--"] + _cmd(wd)[3:]  # the 3rd save: step 9
@@ -94,10 +108,8 @@ def test_killed_during_a_checkpoint_write_then_resumed(tmp_path):
     interrupted_step = int(seen.split(".")[0])
     before = _complete_steps(wd)
     assert interrupted_step not in before and before, (seen, before)
-    r = subprocess.run(_cmd(wd), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    r = run_main("dit-jax-train", *_cmd(wd)[3:])  # the same command again
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from checkpoint step {max(before)}" in r.stderr
     assert not [n for n in os.listdir(os.path.join(wd, "checkpoints")) if ".orbax-checkpoint-tmp" in n]
-    cfg = tiny_config(num_steps=STEPS)
-    cfg.mesh.num_devices = 1
-    assert_same_state(wd, cfg, train.train_and_evaluate(cfg, str(tmp_path / "uninterrupted")))
+    assert_same_state(wd, _config(), uninterrupted)

@@ -56,14 +56,30 @@ def single_device_run(tmp_path_factory):
     return train.train_and_evaluate(cfg1, str(tmp_path_factory.mktemp("one")))
 
 
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    """(data, fsdp, tensor) -> (result, workdir) of the tiny run on that 8-device mesh, trained once per module:
+    the (2, 4, 1) run is also the one test_checkpoint_from_8_devices_restores_on_1_and_4 resumes (its
+    checkpoint at the last step, 3)."""
+    runs = {}
+
+    def get(data, fsdp, tensor):
+        if (data, fsdp, tensor) not in runs:
+            cfg8 = tiny_config()
+            cfg8.mesh.data, cfg8.mesh.fsdp, cfg8.mesh.tensor = data, fsdp, tensor
+            workdir = str(tmp_path_factory.mktemp(f"mesh_{data}_{fsdp}_{tensor}"))
+            runs[data, fsdp, tensor] = train.train_and_evaluate(cfg8, workdir), workdir
+        return runs[data, fsdp, tensor]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("data,fsdp,tensor", [(2, 4, 1), (2, 2, 2)])
-def test_sharded_run_matches_single_device(tmp_path, single_device_run, data, fsdp, tensor):
+def test_sharded_run_matches_single_device(sharded_run, single_device_run, data, fsdp, tensor):
     """Losses, gradient norms (before clipping: digits clips at 1.0, and clipping plus Adam would hide a
     gradient off by a constant factor), parameters and EMA equal the single-device run's."""
-    cfg8 = tiny_config()
-    cfg8.mesh.data, cfg8.mesh.fsdp, cfg8.mesh.tensor = data, fsdp, tensor
-    out8, out1 = train.train_and_evaluate(cfg8, str(tmp_path / "run")), single_device_run
+    out8, out1 = sharded_run(data, fsdp, tensor)[0], single_device_run
     assert sorted(out8.losses) == [1, 2, 3]
     for s in (1, 2, 3):
         for k in ("loss", "grad_norm", "mse", "vb"):
@@ -82,45 +98,51 @@ def test_sharded_run_matches_single_device(tmp_path, single_device_run, data, fs
     assert len(out1.state.params["blocks"]["attn"]["qkv"]["kernel"].sharding.device_set) == 1
 
 
-@pytest.mark.slow
-def test_ema_update_is_the_formula(tmp_path):
-    """One step from a state whose EMA differs from the params: ema' = d * ema + (1 - d) * params'."""
+@pytest.fixture(scope="module")
+def sgd_step():
+    """One compiled step, read by the two tests below: 1 device, plain SGD with lr 1 (the update is the
+    gradient), 2 micro-batches, EMA decay 0.9 from an EMA that differs from the params (ema = params + 0.1)."""
     import optax
 
-    c = tiny_config(global_batch_size=8)
+    c = tiny_config(global_batch_size=8, grad_accum_steps=2)
     c.mesh.num_devices = 1
     env = train.setup(c)
-    params = init_params(env.model, jax.random.PRNGKey(0))
+    tx = optax.sgd(1.0)
+    params = jax.jit(lambda r: init_params(env.model, r))(jax.random.PRNGKey(0))  # one compile, not one per op
     ema = jax.tree_util.tree_map(lambda p: p + 0.1, params)
-    tx = optax.sgd(0.5)
     st = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, ema_params=ema,
                     opt_state=tx.init(params))
     batch = {k: jax.numpy.asarray(v) for k, v in train.make_source(c).batch(0).items()}
-    step = make_train_step(make_loss_fn(env.model, env.diffusion, c.latent_scale), tx, build.lr_schedule(c), 0.9)
-    new, _ = jax.jit(step)(st, batch, jax.random.PRNGKey(1), None)
-    got, p_new, e_old = _flat(new.ema_params), _flat(new.params), _flat(ema)
+    loss_fn = make_loss_fn(env.model, env.diffusion, c.latent_scale)
+    step = make_train_step(loss_fn, tx, build.lr_schedule(c), 0.9, c.grad_accum_steps)
+    new, m = jax.jit(step)(st, batch, jax.random.PRNGKey(3), None)
+    return dict(params=params, ema=ema, batch=batch, loss_fn=loss_fn, new=new, metrics=m)
+
+
+def test_ema_update_is_the_formula(sgd_step):
+    """One step from a state whose EMA differs from the params: ema' = d * ema + (1 - d) * params'."""
+    new, params = sgd_step["new"], sgd_step["params"]
+    got, p_new, e_old = _flat(new.ema_params), _flat(new.params), _flat(sgd_step["ema"])
     assert max(rel_err(got[k], 0.9 * e_old[k] + 0.1 * p_new[k]) for k in got) < 1e-6
     assert max(np.abs(p_new[k] - _flat(params)[k]).max() for k in p_new) > 1e-3  # the params did move
 
 
 @pytest.mark.slow
-def test_checkpoint_from_8_devices_restores_on_1_and_4(tmp_path):
-    base = tiny_config(num_steps=2)
-    base.mesh.data, base.mesh.fsdp = 2, 4
-    train.train_and_evaluate(base, str(tmp_path / "w8"))
-    for n, fsdp in ((1, 1), (4, 2)):
-        shutil.copytree(tmp_path / "w8", tmp_path / f"w{n}")
-    ref = tiny_config(num_steps=4)  # the uninterrupted continuation on the original 8-device mesh
+def test_checkpoint_from_8_devices_restores_on_1_and_4(tmp_path, sharded_run):
+    w8 = sharded_run(2, 4, 1)[1]  # 3 steps on data 2 x fsdp 4, saved at step 3
+    for n in (8, 1, 4):
+        shutil.copytree(w8, tmp_path / f"w{n}")
+    ref = tiny_config(num_steps=5)  # the uninterrupted continuation on the original 8-device mesh
     ref.mesh.data, ref.mesh.fsdp = 2, 4
     ref_out = train.train_and_evaluate(ref, str(tmp_path / "w8"))
-    assert sorted(ref_out.losses) == [3, 4]  # it resumed at step 2
+    assert sorted(ref_out.losses) == [4, 5]  # it resumed at step 3
     for n, fsdp in ((1, 1), (4, 2)):
-        c = tiny_config(num_steps=4)
+        c = tiny_config(num_steps=5)
         c.mesh.num_devices, c.mesh.fsdp = n, fsdp
         out = train.train_and_evaluate(c, str(tmp_path / f"w{n}"))
-        assert sorted(out.losses) == [3, 4], n
+        assert sorted(out.losses) == [4, 5], n
         assert len(out.state.params["blocks"]["attn"]["qkv"]["kernel"].sharding.device_set) == n
-        for s in (3, 4):
+        for s in (4, 5):
             assert abs(out.losses[s] - ref_out.losses[s]) <= TOL * abs(ref_out.losses[s]), (n, s)
         pa, pb = _flat(out.state.params), _flat(ref_out.state.params)
         assert max(rel_err(pa[k], pb[k]) for k in pb) < PARAM_TOL, n
@@ -136,25 +158,13 @@ def test_options_bf16_remat_accum_clip(tmp_path):
     assert out.state.params["blocks"]["attn"]["qkv"]["kernel"].dtype == np.float32  # params stay f32
 
 
-@pytest.mark.slow
-def test_grad_accumulation_is_the_mean_of_micro_batch_gradients():
+def test_grad_accumulation_is_the_mean_of_micro_batch_gradients(sgd_step):
     """accum=2 applies, by hand, the mean of the gradients of rows 0::2 and 1::2 with their own rngs.
 
     Plain SGD with lr 1 makes the update equal the gradient (Adam's first step is ~sign(g), which hides
     errors and amplifies float noise in near-zero gradients)."""
-    import optax
-
-    c = tiny_config(global_batch_size=8, grad_accum_steps=2)
-    c.mesh.num_devices = 1
-    env = train.setup(c)
-    model, tx = env.model, optax.sgd(1.0)
-    params = init_params(model, jax.random.PRNGKey(0))
-    st = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, ema_params=params,
-                    opt_state=tx.init(params))
-    batch = {k: jax.numpy.asarray(v) for k, v in train.make_source(c).batch(0).items()}
-    loss_fn = make_loss_fn(model, env.diffusion, c.latent_scale)
-    step = make_train_step(loss_fn, tx, build.lr_schedule(c), c.ema_decay, c.grad_accum_steps)
-    new, m = jax.jit(step)(st, batch, jax.random.PRNGKey(3), None)
+    params, batch, loss_fn = sgd_step["params"], sgd_step["batch"], sgd_step["loss_fn"]
+    new, m = sgd_step["new"], sgd_step["metrics"]
     key = jax.random.fold_in(jax.random.PRNGKey(3), 0)  # the step-0 rng
     grads, losses = [], []
     value_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))  # un-jitted it took ~100 s on a CPU

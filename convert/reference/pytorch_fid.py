@@ -23,6 +23,7 @@ tests and benchmarks/inception_speed.py; nothing in dit_jax imports it.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -58,6 +59,10 @@ def _install_stubs() -> None:
         mod = types.ModuleType(name)
         sub = name.split(".")[1:]
         mod.__path__ = [root + ("/" + "/".join(sub) if sub else "")]
+        # A spec like a real package's: importlib.util.find_spec("torchvision") (diffusers' availability probe)
+        # raises ValueError on a module whose __spec__ is None.
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        mod.__spec__.submodule_search_locations = list(mod.__path__)
         mod.__package__ = name
         mod._dit_jax_stub = True
         if name == "torchvision":
