@@ -2,28 +2,50 @@
 real gcsfs, orbax and tensorstore): training and --compile-only into a gs:// workdir, sample-many from 2
 processes into a bucket, evaluation from it, and conversion both ways. Nothing of a run may land on the
 local disk: each command runs in an empty current folder that must stay empty."""
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
+from contextlib import redirect_stderr
 
 import jax
 import numpy as np
 import pytest
 from tensorboard.compat.proto import event_pb2
 
+import cheap_commands
 from conftest import ROOT, env_without_xla_flags, perturbed_torch_dit, run_processes, tfrecords, train_command
 from dit_jax import checkpoint as ckpt_lib
 from dit_jax.utils import paths
-from dit_jax.utils.atomic import write_bytes
+from dit_jax.utils.atomic import INCOMPLETE_MARKER, write_bytes
+from gcs_emulator import BUCKET
 
-PYTHONPATH = os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+# This module compiles with jax_disable_most_optimizations (tests/conftest.py FAST_COMPILE_MODULES), its
+# command lines too, except two: the TPU compile of --compile-only (the program users get) and Inception
+# in dit-jax-eval (it runs longer than it compiles: optimised, the whole run takes less CPU).
+OPTIMISED = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "0"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cheap():
+    """The commands' programs cached, process 1's too; one BLAS thread; less GC (tests/cheap_commands.py)."""
+    with cheap_commands.settings():
+        yield
+
+
+def pythonpath() -> str:
+    """The repository first on the PYTHONPATH of the commands (read when they start: the fixture cheap sets it)."""
+    return os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
 def run_in(cwd, cmd, timeout=600, env=None):
     """`cmd` as a subprocess in the folder cwd (created empty), the emulator's variables inherited."""
     os.makedirs(cwd, exist_ok=True)
-    e = dict(os.environ if env is None else env, PYTHONPATH=PYTHONPATH, JAX_PLATFORMS="cpu")
+    e = dict(os.environ if env is None else env, PYTHONPATH=pythonpath(), JAX_PLATFORMS="cpu")
     return subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
 
 
@@ -73,7 +95,8 @@ def test_train_writes_its_workdir_into_the_bucket_and_nothing_locally(gcs_dir, t
 
 def test_compile_only_report_into_the_bucket(gcs_dir, tmp_path):
     wd = f"{gcs_dir}/check"
-    r = run_in(tmp_path / "cwd", train_command(wd, "--compile-only", "--topology", "v5e:2x2"))
+    r = run_in(tmp_path / "cwd", train_command(wd, "--compile-only", "--topology", "v5e:2x2"),
+               env=dict(os.environ, **OPTIMISED))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert f"report: {wd}/compile_report.json" in r.stdout
     report = json.loads(paths.as_path(f"{wd}/compile_report.json").read_text())
@@ -97,36 +120,88 @@ def same_state(a, b) -> bool:
     return sorted(a) == sorted(b) and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
 
 
+@pytest.fixture(scope="module")
+def killed_conversion(gcs_emulator, tmp_path_factory):
+    """`to-flax` of a tiny .pt into a bucket folder, SIGKILLed while it writes; then `to-torch` of what is
+    left, `to-flax` again, and `to-flax --overwrite`, whose complete folder test_convert_from_and_to_the_bucket
+    converts further (one to-flax command line for both tests). -> dict of the paths and what each step did."""
+    from dit_jax.cli import convert as cli
+
+    tmp = tmp_path_factory.mktemp("convert")
+    root = f"gs://{BUCKET}/convert-{uuid.uuid4().hex[:8]}"
+    pt = tmp / "tiny.pt"
+    write_bytes(f"{root}/tiny.pt", tiny_pt_bytes(pt))
+    env = dict(os.environ, PYTHONPATH=pythonpath(), JAX_PLATFORMS="cpu")
+    for attempt in range(3):  # the kill races the write's end; a write that finished first is tried again
+        out = f"{root}/model{attempt}"
+        proc = subprocess.Popen([sys.executable, "-m", "dit_jax.cli.convert", "to-flax", f"{root}/tiny.pt", out],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        marker = paths.as_path(f"{out}/{INCOMPLETE_MARKER}")
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not marker.exists():
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        if marker.exists():
+            break
+    c = {"root": root, "pt": pt, "out": out, "killed_rc": proc.returncode, "left": ls(out), "cwd": tmp / "cwd"}
+    cmd = [sys.executable, "-m", "dit_jax.cli.convert"]
+    c["read"] = run_in(c["cwd"], cmd + ["to-torch", out, str(tmp / "x.pt")])
+    with redirect_stderr(io.StringIO()) as err:  # the same command line's main, in this process
+        c["again_rc"] = cli.main(["to-flax", f"{root}/tiny.pt", out])
+    c["again_err"] = err.getvalue()
+    c["overwrite"] = run_in(c["cwd"], cmd + ["to-flax", f"{root}/tiny.pt", out, "--overwrite"])
+    c["written"] = ls(out)
+    return c
+
+
+@pytest.mark.slow
+def test_convert_killed_mid_write_leaves_a_folder_that_is_refused(killed_conversion):
+    """SIGKILL while `to-flax` writes a bucket folder: readers refuse what is left, a rerun asks for
+    --overwrite, which replaces it."""
+    c = killed_conversion
+    out = c["out"]
+    assert c["killed_rc"] == -signal.SIGKILL and INCOMPLETE_MARKER in c["left"]
+    r = c["read"]
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"dit-jax-convert: error: {out}: incomplete, its write was interrupted ({INCOMPLETE_MARKER} is still "
+        f"there); write it again with --overwrite"), r.stderr
+    assert c["again_rc"] == 1 and f"{out} already exists (an interrupted write)" in c["again_err"], c["again_err"]
+    r = c["overwrite"]
+    assert r.returncode == 0 and c["written"] == ["config.json", "params"], r.stderr[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:diffusers' DiTTransformer2DModel divides")  # expected, tested elsewhere
-def test_convert_from_and_to_the_bucket(gcs_dir, tmp_path):
+def test_convert_from_and_to_the_bucket(killed_conversion, tmp_path):
     import torch
 
     from dit_jax.cli import convert as cli
     from dit_jax.pretrained import load_pretrained
     from dit_jax.utils.safetensors_io import read_safetensors
 
-    write_bytes(f"{gcs_dir}/tiny.pt", tiny_pt_bytes(tmp_path / "tiny.pt"))
-    original = torch.load(tmp_path / "tiny.pt", weights_only=True)
+    c = killed_conversion
+    gcs_dir, model = c["root"], c["out"]  # model: `to-flax` of tiny.pt, the command line (killed_conversion)
+    original = torch.load(c["pt"], weights_only=True)
+    r = c["overwrite"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert c["written"] == ["config.json", "params"]  # complete: no INCOMPLETE_MARKER left
     cmd = [sys.executable, "-m", "dit_jax.cli.convert"]
-    r = run_in(tmp_path / "cwd", cmd + ["to-flax", f"{gcs_dir}/tiny.pt", f"{gcs_dir}/model"])
+    r = run_in(tmp_path / "cwd", cmd + ["to-torch", model, f"{gcs_dir}/back.pt"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert ls(f"{gcs_dir}/model") == ["config.json", "params"]  # complete: no INCOMPLETE_MARKER left
-    r = run_in(tmp_path / "cwd", cmd + ["to-torch", f"{gcs_dir}/model", f"{gcs_dir}/back.pt"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert os.listdir(tmp_path / "cwd") == []
+    assert os.listdir(tmp_path / "cwd") == [] and os.listdir(c["cwd"]) == []
     with paths.as_path(f"{gcs_dir}/back.pt").open("rb") as f:
         back = torch.load(f, weights_only=True)
     assert list(back) == list(original) and same_state(back, original)  # bit-identical round trip
 
     # The other formats, in this process: a bucket diffusers folder and .safetensors, and back to local disk.
-    assert cli.main(["to-torch", f"{gcs_dir}/model", f"{gcs_dir}/diffusers"]) == 0
+    assert cli.main(["to-torch", model, f"{gcs_dir}/diffusers"]) == 0
     assert ls(f"{gcs_dir}/diffusers") == ["config.json", "diffusion_pytorch_model.safetensors"]
-    assert cli.main(["to-torch", f"{gcs_dir}/model", f"{gcs_dir}/w.safetensors"]) == 0
+    assert cli.main(["to-torch", model, f"{gcs_dir}/w.safetensors"]) == 0
     assert same_state(read_safetensors(f"{gcs_dir}/w.safetensors")[0], original)
     assert cli.main(["to-flax", f"{gcs_dir}/diffusers", str(tmp_path / "local_model")]) == 0
     assert cli.main(["to-flax", f"{gcs_dir}/w.safetensors", f"{gcs_dir}/model2"]) == 0
-    _, p_bucket = load_pretrained(f"{gcs_dir}/model")
+    _, p_bucket = load_pretrained(model)
     _, p_local = load_pretrained(tmp_path / "local_model")
     _, p_bucket2 = load_pretrained(f"{gcs_dir}/model2")
     assert jax.tree.all(jax.tree.map(lambda a, b, c: np.array_equal(a, b) and np.array_equal(a, c),
@@ -152,41 +227,6 @@ def test_sample_reads_and_writes_the_bucket(gcs_dir, tmp_path, capsys):
     assert f"--ckpt {gcs_dir}/missing.pt: no such file or directory" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_convert_killed_mid_write_leaves_a_folder_that_is_refused(gcs_dir, tmp_path):
-    """SIGKILL while `to-flax` writes a bucket folder: readers refuse what is left, a rerun asks for
-    --overwrite, which replaces it."""
-    import signal
-    import time
-
-    from dit_jax.utils.atomic import INCOMPLETE_MARKER
-
-    write_bytes(f"{gcs_dir}/tiny.pt", tiny_pt_bytes(tmp_path / "tiny.pt"))
-    env = dict(os.environ, PYTHONPATH=PYTHONPATH, JAX_PLATFORMS="cpu")
-    for attempt in range(3):  # the kill races the write's end; a write that finished first is tried again
-        out = f"{gcs_dir}/model{attempt}"
-        proc = subprocess.Popen([sys.executable, "-m", "dit_jax.cli.convert", "to-flax", f"{gcs_dir}/tiny.pt", out],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        marker = paths.as_path(f"{out}/{INCOMPLETE_MARKER}")
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and not marker.exists():
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-        if marker.exists():
-            break
-    assert proc.returncode == -signal.SIGKILL and INCOMPLETE_MARKER in ls(out)
-    cmd = [sys.executable, "-m", "dit_jax.cli.convert"]
-    r = run_in(tmp_path / "cwd", cmd + ["to-torch", out, str(tmp_path / "x.pt")])
-    assert r.returncode == 1 and r.stderr.strip() == (
-        f"dit-jax-convert: error: {out}: incomplete, its write was interrupted ({INCOMPLETE_MARKER} is still "
-        f"there); write it again with --overwrite"), r.stderr
-    r = run_in(tmp_path / "cwd", cmd + ["to-flax", f"{gcs_dir}/tiny.pt", out])
-    assert r.returncode == 1 and f"{out} already exists (an interrupted write)" in r.stderr, r.stderr
-    r = run_in(tmp_path / "cwd", cmd + ["to-flax", f"{gcs_dir}/tiny.pt", out, "--overwrite"])
-    assert r.returncode == 0 and ls(out) == ["config.json", "params"], r.stderr[-3000:]
-
-
 # ----------------------------------------------------------------------------------------------------
 # sample-many from 2 processes into the bucket, then dit-jax-eval from it
 # ----------------------------------------------------------------------------------------------------
@@ -197,21 +237,20 @@ SAMPLE_FLAGS = ["--vae", "none", "--num-sampling-steps", "3", "--num-images", "1
 @pytest.fixture(scope="module")
 def bucket_samples(gcs_emulator, tmp_path_factory):
     """(bucket folder, local folder) of the same 10 images: 2 processes x 4 devices reading the checkpoint from
-    the bucket and writing there, and 1 process x 8 devices on local disk."""
-    import uuid
+    the bucket and writing there, and 1 process x 8 devices on local disk (the command's main in this process,
+    which has 8 devices: the same program without starting another Python)."""
+    from dit_jax.cli import sample_many
 
-    from gcs_emulator import BUCKET
-
+    assert jax.device_count() == 8
     tmp = tmp_path_factory.mktemp("bucket_samples")
     root = f"gs://{BUCKET}/samples-{uuid.uuid4().hex[:8]}"
     write_bytes(f"{root}/tiny.pt", tiny_pt_bytes(tmp / "tiny.pt"))
     local = tmp / "local"
-    r = run_in(tmp, [sys.executable, "-m", "dit_jax.cli.sample_many", "--ckpt", str(tmp / "tiny.pt"), *SAMPLE_FLAGS,
-                     "--out-dir", str(local)], env=env_without_xla_flags(
-                         XLA_FLAGS="--xla_force_host_platform_device_count=8"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    with redirect_stderr(io.StringIO()) as err:
+        rc = sample_many.main(["--ckpt", str(tmp / "tiny.pt"), *SAMPLE_FLAGS, "--out-dir", str(local)])
+    assert rc == 0, err.getvalue()[-3000:]
 
-    env = env_without_xla_flags(XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=PYTHONPATH,
+    env = env_without_xla_flags(XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=pythonpath(),
                                 JAX_PLATFORMS="cpu")
     cwd = tmp / "cwd"
     cwd.mkdir()
@@ -247,7 +286,7 @@ def test_eval_reads_the_bucket_and_saves_statistics_there(bucket_samples, tmp_pa
 
     root, local = bucket_samples
     weights = save_params(init_params(0), f"{root}/inception.npz")  # --inception from the bucket too
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", **OPTIMISED)
     evaluate = [sys.executable, "-m", "dit_jax.cli.eval", "--inception", weights, "--no-progress", "--batch-size", "5"]
     # The folder of PNGs against the .npz of the same images: both read from the bucket.
     r = run_in(tmp_path / "cwd", evaluate + [f"{root}/out", f"{root}/out.npz", "--json", f"{root}/scores.json"],

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
+import cheap_commands
 from conftest import ROOT, tiny_config, train_command
 from dit_jax import checkpoint as ckpt_lib, train
 from dit_jax.utils import paths
@@ -21,15 +22,11 @@ from test_preemption import run_two
 
 
 @pytest.fixture(scope="module", autouse=True)
-def fast_retries():
-    """The command lines of this module wait 20x shorter between storage retries (tests/fast_retries)."""
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(ROOT, "tests", "fast_retries"), saved) if p)
-    yield
-    if saved is None:
-        os.environ.pop("PYTHONPATH")
-    else:
-        os.environ["PYTHONPATH"] = saved
+def cheap():
+    """The command lines of this module wait 20x shorter between storage retries (DIT_TEST_FAST_RETRIES), and
+    cache every program they compile, process 1's too (tests/cheap_commands.py, tests/command_site)."""
+    with cheap_commands.settings(DIT_TEST_FAST_RETRIES="1"):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """dit-jax-eval as a user runs it (the installed script, random Inception weights converted to the project's
 .npz): ADM's five lines, --json, --save-stats from a batch and from a folder through the training crop, a
-statistics-only REF, and one-line errors that leave nothing behind."""
+statistics-only REF, and one-line errors that leave nothing behind (the command's main in this process: each
+start of the script costs ~2 CPU seconds, and these stop before any compute)."""
 import json
 import os
 import subprocess
@@ -10,12 +11,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cheap_commands
+from dit_jax.cli import eval as eval_cli
 from dit_jax.evaluation.batches import load_stats
 from dit_jax.evaluation.inception import init_params
 from dit_jax.evaluation.weights import save_params
 
 BIN = os.path.dirname(sys.executable)
 SIZE = 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cheap():
+    """One BLAS thread in the commands (a Fréchet distance of 2048-d statistics: 2.2 CPU seconds instead of
+    7) and every compiled program cached (tests/cheap_commands.py)."""
+    with cheap_commands.settings():
+        yield
 
 
 def run(*args, env=None):
@@ -40,7 +51,7 @@ def files(tmp_path_factory):
     folder = d / "samples"
     for c in range(2):  # class sub-folders, so the same folder also works as a training data folder
         (folder / f"c{c}").mkdir(parents=True)
-        for i in range(3):
+        for i in range(2):  # 4 images, as many as ref.npz: Inception's program (4 rows) compiles once
             Image.fromarray(r.integers(0, 256, (SIZE + 8, SIZE, 3), dtype=np.uint8)).save(folder / f"c{c}" / f"{i}.png")
     return d, weights, ref, folder
 
@@ -133,7 +144,7 @@ def test_two_statistics_files_need_no_network(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no_arr_0", "one_batch", "missing_weights", "float_images"])
-def test_one_line_errors(files, tmp_path, case):
+def test_one_line_errors(files, tmp_path, case, capsys, monkeypatch):
     d, weights, ref, folder = files
     if case == "no_arr_0":
         args, needle = (ref, npz(tmp_path / "bad.npz", images=np.zeros((2, 8, 8, 3), np.uint8)), "--inception",
@@ -145,8 +156,10 @@ def test_one_line_errors(files, tmp_path, case):
                         weights), "uint8"
     else:
         args, needle = (ref, ref, "--cache-dir", tmp_path / "cache"), "pt_inception-2015-12-05"
-    r = run(*args, "--json", tmp_path / "out.json",
-            env={"DIT_JAX_INCEPTION_URL": "http://127.0.0.1:9/pt_inception-2015-12-05-6726825d.pth"})
-    errors = [l for l in r.stderr.splitlines() if ": error: " in l]
-    assert r.returncode == 1 and len(errors) == 1 and needle in errors[0], r.stderr[-3000:]
-    assert "Traceback" not in r.stderr and not (tmp_path / "out.json").exists()
+    monkeypatch.setenv("DIT_JAX_INCEPTION_URL", "http://127.0.0.1:9/pt_inception-2015-12-05-6726825d.pth")
+    capsys.readouterr()
+    rc = eval_cli.main([*map(str, args), "--json", str(tmp_path / "out.json"), "--no-progress"])
+    err = capsys.readouterr().err
+    errors = [l for l in err.splitlines() if ": error: " in l]
+    assert rc == 1 and len(errors) == 1 and needle in errors[0], err[-3000:]
+    assert "Traceback" not in err and not (tmp_path / "out.json").exists()

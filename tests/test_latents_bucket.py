@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+import cheap_commands
 from conftest import env_without_xla_flags, run_processes, tiny_vae, write_folder
 from dit_jax.data import latents as dl
 from dit_jax.data import image_reader, make_source
@@ -15,6 +16,13 @@ from dit_jax.training.latent_extraction import extract
 from dit_jax.train import train_and_evaluate
 from dit_jax.utils import paths
 from test_data_train import IMAGE, latent_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cheap():
+    """The commands' programs cached, process 1's too; one BLAS thread; less GC (tests/cheap_commands.py)."""
+    with cheap_commands.settings():
+        yield
 
 
 def upload(local_root, url):

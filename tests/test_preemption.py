@@ -1,24 +1,38 @@
 """Stopping together: SIGTERM or Ctrl-C to one process of a 2-process `dit-jax-train` on a bucket (gs:// on the
 GCS emulator) stops both at the same step, saved; SIGTERM exits 75 and the same command resumes exactly;
-a SIGTERM during an evaluation or a sample grid stops it between its batches."""
+a SIGTERM during an evaluation or a sample grid stops it between its batches.
+
+The SIGTERM and Ctrl-C tests read one chain of 2-process runs (`stopped_and_resumed`, three starts instead of
+five; each start costs ~12 CPU seconds): every stop is also resumed, and the uninterrupted reference is
+trained by the processes of the last run."""
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import jax
 import numpy as np
 import pytest
 
+import cheap_commands
 from conftest import ROOT, env_without_xla_flags, free_port, rel_err, tiny_config
 from dit_jax import checkpoint as ckpt_lib, train
 from dit_jax.training import sample_quality as train_eval
+from gcs_emulator import BUCKET
 
-STEPS = 12
+STEPS = 12  # room for two stops a few steps apart (SIGTERM at ~5, Ctrl-C at ~8) and a few steps after them
 EXIT_PREEMPTED = 75  # the documented status of a preempted run (docs/training.md)
 LOCAL = ("cwd", "home", "tmp")  # the workers' working folder, HOME and TMPDIR
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cheap():
+    """The commands' programs cached, process 1's too; one BLAS thread; less GC (tests/cheap_commands.py)."""
+    with cheap_commands.settings():
+        yield
 
 
 @pytest.fixture
@@ -72,10 +86,12 @@ def reached(tmp_path) -> int:
     return max(steps, default=0)
 
 
-def signal_a_few_steps_in(tmp_path, sig, which=1):
+def signal_a_few_steps_in(tmp_path, sig, which=1, step=4):
+    """on_start for `run_two`: `sig` to process `which` once a worker asked for the data of `step` (a resumed
+    run passes the step it resumes from plus a few: compiled and a few steps in)."""
     def on_start(procs):
         deadline = time.time() + 240
-        while reached(tmp_path) < 4:  # compiled and a few steps in
+        while reached(tmp_path) < step:  # compiled and a few steps in
             assert time.time() < deadline and all(p.poll() is None for p in procs), "run did not get going"
             time.sleep(0.1)
         procs[which].send_signal(sig)  # by default the process that is not the coordinator
@@ -109,47 +125,71 @@ def assert_nothing_local(tmp_path):
         assert not os.listdir(tmp_path / name), (name, os.listdir(tmp_path / name))
 
 
-@pytest.mark.slow
-def test_sigterm_to_one_process_on_a_bucket_stops_both_saved_and_resumes_exactly(bucket, tmp_path):
-    ref, run = f"{bucket}/uninterrupted", f"{bucket}/preempted"
-    for i, (rc, out) in enumerate(run_two(ref, tmp_path / "a", flags=[f"--config.num_steps={STEPS}"])):
-        assert rc == 0, f"process {i} exited {rc}:\n{out[-3000:]}"
+@pytest.fixture(scope="module")
+def stopped_and_resumed(gcs_emulator, tmp_path_factory):
+    """One 2-process run on a bucket stopped twice and resumed, and the same run uninterrupted:
+        sigterm   the run, SIGTERM to process 1 a few steps in                                  (exit 75)
+        ctrl_c    the same command again, Ctrl-C to process 1 a few steps after it resumed      (exit 130)
+        resumed   the same command again, to STEPS; then the same processes train the
+                  uninterrupted reference from scratch (tests/preemption_worker.py)              (exit 0)
+    -> {stage: [(returncode, output)] of both processes, "saved after STAGE": the checkpoint steps then,
+    "ref"/"run": the workdirs, "tmp": the stages' local folders (tmp/STAGE)}."""
+    tmp = tmp_path_factory.mktemp("preemption")
+    root = f"gs://{BUCKET}/preemption-{uuid.uuid4().hex[:8]}"
+    c = {"ref": f"{root}/uninterrupted", "run": f"{root}/preempted", "tmp": tmp}
+    flags = [f"--config.num_steps={STEPS}"]
+    c["sigterm"] = run_two(c["run"], tmp / "sigterm", sleep_s=0.5, flags=flags,
+                           on_start=signal_a_few_steps_in(tmp / "sigterm", signal.SIGTERM))
+    c["saved after sigterm"] = bucket_steps(c["run"])
+    resumed_at = max(c["saved after sigterm"], default=0)
+    c["ctrl_c"] = run_two(c["run"], tmp / "ctrl_c", sleep_s=0.5, flags=flags,
+                          on_start=signal_a_few_steps_in(tmp / "ctrl_c", signal.SIGINT, step=resumed_at + 2))
+    c["saved after ctrl_c"] = bucket_steps(c["run"])
+    c["resumed"] = run_two(c["run"], tmp / "resumed", flags=flags, env={"DIT_TEST_THEN_TRAIN": c["ref"]})
+    return c
 
-    results = run_two(run, tmp_path, sleep_s=0.5, flags=[f"--config.num_steps={STEPS}"],
-                      on_start=signal_a_few_steps_in(tmp_path, signal.SIGTERM))
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_on_a_bucket_stops_both_saved_and_resumes_exactly(stopped_and_resumed):
+    c = stopped_and_resumed
+    results = c["sigterm"]
     for i, (rc, out) in enumerate(results):
         assert rc == EXIT_PREEMPTED, f"process {i} exited {rc}:\n{out[-3000:]}"
     steps = {saved_step(out, r"preempted \(SIGTERM\)") for _, out in results}
     assert len(steps) == 1, steps  # both processes stopped at the same step...
     (step,) = steps
     assert 4 <= step < STEPS, step
-    assert bucket_steps(run) == [step]  # ...and saved it (every_steps=0: nothing else before the end)
+    assert c["saved after sigterm"] == [step]  # ...and saved it (every_steps=0: nothing else before the end)
 
-    results = run_two(run, tmp_path, flags=[f"--config.num_steps={STEPS}"])  # the same command again
-    for i, (rc, out) in enumerate(results):
+    for i, (rc, out) in enumerate(c["ctrl_c"]):  # the same command again (stopped by Ctrl-C: the next test)
+        assert f"resumed from checkpoint step {step}" in out, f"process {i}:\n{out[-3000:]}"
+    after_ctrl_c = c["saved after ctrl_c"][-1]
+    for i, (rc, out) in enumerate(c["resumed"]):  # and again, to the end (then the uninterrupted run)
         assert rc == 0, f"process {i} exited {rc}:\n{out[-3000:]}"
-        assert f"resumed from checkpoint step {step}" in out
-    worst = max(rel_err(x, y) for x, y in zip(final_state(run, STEPS), final_state(ref, STEPS)) if np.abs(y).max())
+        assert f"resumed from checkpoint step {after_ctrl_c}" in out
+    worst = max(rel_err(x, y) for x, y in zip(final_state(c["run"], STEPS), final_state(c["ref"], STEPS))
+                if np.abs(y).max())
     assert worst <= 1e-6, worst
-    assert_nothing_local(tmp_path)
-    assert_nothing_local(tmp_path / "a")
+    for stage in ("sigterm", "ctrl_c", "resumed"):
+        assert_nothing_local(c["tmp"] / stage)
 
 
 @pytest.mark.slow
-def test_ctrl_c_to_one_process_stops_both_at_the_same_step_saved(bucket, tmp_path):
-    run = f"{bucket}/interrupted"
-    results = run_two(run, tmp_path, sleep_s=0.5, flags=["--config.num_steps=1000"],
-                      on_start=signal_a_few_steps_in(tmp_path, signal.SIGINT))
+def test_ctrl_c_to_one_process_stops_both_at_the_same_step_saved(stopped_and_resumed):
+    c = stopped_and_resumed
+    run, results = c["run"], c["ctrl_c"]
     for i, (rc, out) in enumerate(results):
         assert rc == 130, f"process {i} exited {rc}:\n{out[-3000:]}"
     steps = {saved_step(out, r"interrupted \(Ctrl-C\)") for _, out in results}
     assert len(steps) == 1, steps
     (step,) = steps
-    assert bucket_steps(run) == [step]
+    # Saved, and nothing else since the SIGTERM's save this run resumed from (checkpoint.keep=2 keeps both).
+    before = c["saved after sigterm"]
+    assert len(before) == 1 and before[0] < step < STEPS and c["saved after ctrl_c"] == before + [step], (before, step)
     for _, out in results:
         last = [line for line in out.strip().splitlines() if line][-1]
         assert last.startswith(f"dit-jax-train: interrupted; the last checkpoint is step {step} in {run}/"), last
-    assert_nothing_local(tmp_path)
+    assert_nothing_local(c["tmp"] / "ctrl_c")
 
 
 @pytest.mark.slow
@@ -159,8 +199,8 @@ def test_sigterm_during_evaluations_stops_both_processes_at_the_same_call(bucket
     run = f"{bucket}/evaluating"
     flags = ["--config.num_steps=1000", "--config.eval.every_steps=1", "--config.eval.num_samples=40",
              "--config.eval.batch_size=4", "--config.eval.respacing=ddim2"]
-    results = run_two(run, tmp_path, sleep_s=0.0, flags=flags,
-                      on_start=signal_a_few_steps_in(tmp_path, signal.SIGTERM))
+    results = run_two(run, tmp_path, sleep_s=0.0, flags=flags,  # two steps and evaluations in: compiled
+                      on_start=signal_a_few_steps_in(tmp_path, signal.SIGTERM, step=2))
     for i, (rc, out) in enumerate(results):
         assert rc == EXIT_PREEMPTED, f"process {i} exited {rc}:\n{out[-3000:]}"
     steps = {saved_step(out, r"preempted \(SIGTERM\)") for _, out in results}

@@ -9,12 +9,20 @@ import numpy as np
 import pytest
 import torch
 
+import cheap_commands
 import convert
 from conftest import env_without_xla_flags, rel_err, run_processes, tiny_config, train_command
 from dit_jax import train
 from dit_jax.pretrained import model_config
 
 TOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cheap():
+    """The commands' programs cached, process 1's too; one BLAS thread; less GC (tests/cheap_commands.py)."""
+    with cheap_commands.settings():
+        yield
 
 
 def _losses(workdir):

@@ -6,6 +6,7 @@ epoch order, same per-process slices), as {"x": (n, S, S, 1) float32, "y": int32
 """
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import os
 from typing import Dict, Tuple
@@ -15,16 +16,18 @@ import numpy as np
 from dit_jax.utils.errors import DataError
 
 
-def _bundled_digits() -> Tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's digits as (images (N, 8, 8) float64 0..16, labels (N,)): its bundled digits.csv.gz (64
-    pixels and the label per row) read as load_digits reads it, without importing scikit-learn (~0.9 CPU-s of
-    scikit-learn and SciPy imports at every dit-jax-train start); load_digits where the file is not found."""
-    spec = importlib.util.find_spec("sklearn")  # locates the package, runs nothing
-    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz") if spec and spec.origin \
-        else None
-    if path and os.path.isfile(path):
-        data = np.loadtxt(path, delimiter=",")  # (N, 65)
-        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+def _sklearn_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """(images (N, 8, 8) float64 0..16, labels (N,)) of scikit-learn's bundled digits, read from its 57 KB
+    digits.csv.gz without importing scikit-learn: the import (SciPy with it) cost every training start ~0.8
+    CPU seconds. load_digits reads the same file (rows of 64 pixels and the label); it is the fallback where
+    the file is not there, and raises the usual ImportError without scikit-learn."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            with gzip.open(path, "rt") as f:
+                rows = np.loadtxt(f, delimiter=",")  # (N, 65)
+            return rows[:, :-1].reshape(-1, 8, 8), rows[:, -1].astype(int)
     from sklearn.datasets import load_digits  # data-stack extra (scikit-learn), absent on a sampling-only box
 
     d = load_digits()
@@ -35,7 +38,7 @@ def load_digits_nhwc(image_size: int = 8) -> Tuple[np.ndarray, np.ndarray]:
     """-> (images (N, S, S, 1) float32 in [-1, 1], labels (N,) int32)."""
     if image_size < 8 or image_size % 8:
         raise DataError(f"digits: data.image_size must be a positive multiple of 8, got {image_size}")
-    images, labels = _bundled_digits()
+    images, labels = _sklearn_digits()
     x = images.astype(np.float32) / 8.0 - 1.0  # (N, 8, 8)
     r = image_size // 8
     x = np.repeat(np.repeat(x, r, axis=1), r, axis=2)
