@@ -6,6 +6,7 @@ eps (config.norm_eps); a model read from diffusers carries timestep_freq_shift=1
 convert/diffusers_keys.py), so the Flax model reproduces diffusers exactly. With ordinary inputs the eps is
 invisible (a wrong one measures ~9e-7); test_mlp_norm_eps_is_visible feeds tokens of tiny variance, where it shows.
 """
+import functools
 import json
 import os
 
@@ -25,6 +26,7 @@ from dit_jax.model import DiT, init_params
 from dit_jax.pretrained import save_pretrained
 
 TOL = 1e-5
+pytestmark = pytest.mark.usefixtures("one_thread_references")  # PyTorch on one thread: less CPU (conftest)
 SMALL = dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=2,
              sample_size=8, patch_size=2, num_embeds_ada_norm=10)
 
@@ -48,9 +50,13 @@ def diffusers_out(m, x, t, y) -> np.ndarray:
                  class_labels=torch.from_numpy(y)).sample.numpy()  # (N, C, H, W)
 
 
+@functools.partial(jax.jit, static_argnums=0)  # one compile per (model, shapes), reused across tests and t
+def _apply(model: DiT, params, x, t, y):
+    return model.apply({"params": params}, x, t, y)
+
+
 def flax_out(model: DiT, params, x, t, y) -> np.ndarray:
-    out = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))(params, x, t, y)
-    return np.asarray(out).transpose(0, 3, 1, 2)
+    return np.asarray(_apply(model, params, x, t, y)).transpose(0, 3, 1, 2)
 
 
 def batch(size=8, channels=4, n=3, classes=10, seed=0):
@@ -124,10 +130,9 @@ def test_flax_to_diffusers_folder(tmp_path):
     """A Flax model carrying the diffusers config -> our diffusers writer -> DiTTransformer2DModel.from_pretrained."""
     model = DiT(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10,
                 timestep_freq_shift=1.0, mlp_norm_eps=1e-6)
-    params = init_params(model, jax.random.PRNGKey(0))
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    params = jax.tree_util.tree_unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+    params = jax.device_get(jax.jit(lambda k: init_params(model, k))(jax.random.PRNGKey(0)))
+    r = np.random.default_rng(1)  # NumPy noise on every leaf: no eager compile per leaf shape
+    params = jax.tree_util.tree_map(lambda l: l + 0.05 * r.standard_normal(l.shape).astype(np.float32), params)
     cfg = {k: getattr(model, k) for k in ("input_size", "patch_size", "in_channels", "hidden_size", "depth",
                                           "num_heads", "mlp_ratio", "class_dropout_prob", "num_classes",
                                           "learn_sigma", "timestep_freq_shift", "mlp_norm_eps")}

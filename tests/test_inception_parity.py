@@ -5,6 +5,8 @@ spatial features, on uint8 images of 32, 256 and 299 px (2 images each; measured
 through the converter (BatchNorm folding, OIHW -> HWIO), and pytorch-fid loads the random state dict with
 strict=True, so the converter's key table is checked as well.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 from dit_jax.evaluation.inception import InceptionV3, inception_forward
 from conftest import rel_err
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_thread_references")]  # conftest
 
 TOL = 1e-4
 
@@ -37,10 +39,16 @@ def _images(size, n=2, seed=0):
     return np.random.default_rng(seed + size).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
+@pytest.fixture(scope="module")
+def ref_of(ref):
+    """ref_of(size): pytorch-fid's outputs for _images(size), computed once per module (float32 and bf16 tests)."""
+    return functools.lru_cache(maxsize=None)(lambda size: ref(_images(size)))
+
+
 @pytest.mark.parametrize("size", [32, 256, 299])
-def test_float32_parity(ref, params, size):
+def test_float32_parity(ref_of, params, size):
     images = _images(size)
-    want = ref(images)
+    want = ref_of(size)
     got = jax.device_get(jax.jit(lambda p, x: InceptionV3().apply({"params": p}, x))(params, images))
     for k in ("pool", "logits", "spatial"):
         assert got[k].shape == want[k].shape, k
@@ -58,10 +66,10 @@ def test_unfused_parity_non_square(ref, params):
         assert rel_err(got[k], want[k]) <= TOL, k
 
 
-def test_bfloat16_close(ref, params):
+def test_bfloat16_close(ref_of, params):
     """bf16 compute: pool_3 within 5% (relative to its largest value) of float32; not a parity claim."""
     images = _images(32)
-    want = ref(images)
+    want = ref_of(32)
     got = jax.device_get(jax.jit(lambda p, x: inception_forward(p, x, dtype=jnp.bfloat16))(params, images))
     assert got["pool"].dtype == np.float32
     assert rel_err(got["pool"], want["pool"]) <= 5e-2
@@ -102,9 +110,18 @@ def test_pools_match_reduce_window(layout):
             dims[a], strides[a], pads[a] = k, s, (pad, pad)
         return dims, strides, pads
 
-    for stride, same in [(2, False), (1, True), (1, False)]:
-        want = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, *window(3, stride, 1 if same else 0))
-        np.testing.assert_array_equal(_max_pool(x, stride, same, layout), want)
-    sums = jax.lax.reduce_window(x, 0.0, jax.lax.add, *window(3, 1, 1))
-    counts = jax.lax.reduce_window(jnp.ones_like(x), 0.0, jax.lax.add, *window(3, 1, 1))
-    np.testing.assert_allclose(_avg_pool_excl(x, layout), sums / counts, rtol=0, atol=1e-6)
+    cases = [(2, False), (1, True), (1, False)]
+
+    @jax.jit  # every pool and its reference in one program (instead of one eager compile per operation)
+    def pools(x):
+        maxima = [(_max_pool(x, stride, same, layout),
+                   jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, *window(3, stride, 1 if same else 0)))
+                  for stride, same in cases]
+        sums = jax.lax.reduce_window(x, 0.0, jax.lax.add, *window(3, 1, 1))
+        counts = jax.lax.reduce_window(jnp.ones_like(x), 0.0, jax.lax.add, *window(3, 1, 1))
+        return maxima, (_avg_pool_excl(x, layout), sums / counts)
+
+    maxima, (avg, want_avg) = pools(x)
+    for got, want in maxima:
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(avg, want_avg, rtol=0, atol=1e-6)

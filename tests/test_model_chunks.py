@@ -1,6 +1,10 @@
-"""Sampling-time batch chunking (dit_jax.diffusion.apply_in_chunks / dit_model_fn batch_chunk): same outputs."""
+"""Sampling-time batch chunking (dit_jax.diffusion.apply_in_chunks / dit_model_fn batch_chunk): same outputs.
+
+Each case is one jitted program holding the chunked forwards and the one-call reference side by side (one
+compile per case; op-by-op eager applies of the model cost several times that on CPU)."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from dit_jax.guidance import CPU_BATCH_CHUNK, apply_in_chunks, dit_model_fn, resolve_batch_chunk
@@ -11,8 +15,9 @@ from conftest import rel_err
 @pytest.fixture(scope="module")
 def tiny():
     model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=5)
-    params = init_params(model, jax.random.PRNGKey(0))
-    params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+    params = jax.device_get(jax.jit(lambda k: init_params(model, k))(jax.random.PRNGKey(0)))
+    r = np.random.default_rng(1)  # NumPy noise on every leaf (no zero adaLN): no per-shape eager compiles
+    params = jax.tree_util.tree_map(lambda p: p + 0.05 * r.standard_normal(p.shape).astype(np.float32), params)
     return model, params
 
 
@@ -27,26 +32,38 @@ def _inputs(n):
 def test_apply_in_chunks_equals_one_call(tiny, n, chunk):
     model, params = tiny
     x, t, y = _inputs(n)
-    fn = lambda x, t, y: model.apply({"params": params}, x, t, y)  # noqa: E731
-    got = jax.jit(lambda x, t, y: apply_in_chunks(fn, chunk, x, t, y))(x, t, y)
+
+    def chunked_and_whole(p, x, t, y):
+        fn = lambda x, t, y: model.apply({"params": p}, x, t, y)  # noqa: E731
+        return apply_in_chunks(fn, chunk, x, t, y), fn(x, t, y)
+
+    got, whole = jax.jit(chunked_and_whole)(params, x, t, y)
     assert got.shape == (n, 8, 8, 8)
-    assert rel_err(got, fn(x, t, y)) < 1e-6
+    assert rel_err(got, whole) < 1e-6
+
+
+CHUNKS = (0, 2, 3, "auto")
 
 
 @pytest.mark.parametrize("cfg_scale,guidance_channels", [(1.0, 3), (4.0, 3), (4.0, None)])
 def test_chunked_model_fn_equals_forward_with_cfg(tiny, cfg_scale, guidance_channels):
     model, params = tiny
     x, t, y = _inputs(5)
-    if cfg_scale > 1:
-        null = jnp.full_like(y, model.num_classes)
-        want = model.apply({"params": params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                           jnp.concatenate([y, null]), cfg_scale, guidance_channels, method=DiT.forward_with_cfg)[:5]
-    else:
-        want = model.apply({"params": params}, x, t, y)
-    for chunk in (0, 2, 3, "auto"):
-        got = dit_model_fn(model, params, y, cfg_scale, guidance_channels, batch_chunk=chunk)(x, t)
+
+    def want_and_chunked(p, x, t):
+        if cfg_scale > 1:
+            null = jnp.full_like(y, model.num_classes)
+            want = model.apply({"params": p}, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                               jnp.concatenate([y, null]), cfg_scale, guidance_channels,
+                               method=DiT.forward_with_cfg)[:5]
+        else:
+            want = model.apply({"params": p}, x, t, y)
+        return want, [dit_model_fn(model, p, y, cfg_scale, guidance_channels, batch_chunk=c)(x, t) for c in CHUNKS]
+
+    want, got = jax.jit(want_and_chunked)(params, x, t)
+    for chunk, out in zip(CHUNKS, got):
         # float32 rounding only: a dot's summation blocks depend on how many rows it gets (measured 1.04e-6)
-        assert rel_err(got, want) < 2e-6, chunk
+        assert rel_err(out, want) < 2e-6, chunk
 
 
 def test_resolve_batch_chunk():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from dit_jax.model import DiT, DiT_models, init_params
+from dit_jax.model import DiT, DiT_models, abstract_params, init_params
 
 
 def small(**kw):
@@ -25,6 +25,12 @@ def perturbed(model, seed=0, std=0.05):
                                   jax.device_get(init(model, seed)))
 
 
+def random_params(model, seed=0, std=0.05):
+    """Every leaf from N(0, std), on the shapes init would give (no init compile)."""
+    r = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda a: std * r.standard_normal(a.shape).astype(np.float32), abstract_params(model))
+
+
 def data(model, n=2, seed=0):
     r = np.random.default_rng(seed)
     x = r.standard_normal((n, model.input_size, model.input_size, model.in_channels)).astype(np.float32)
@@ -34,7 +40,7 @@ def data(model, n=2, seed=0):
 def test_remat_same_outputs_and_grads():
     """Tolerance: rel_err <= 1e-6 for outputs and every gradient leaf (same maths, recomputed)."""
     base, remat = small(), small(remat=True)
-    params = perturbed(base)
+    params = random_params(base)  # any non-degenerate weights: remat must not change a bit of the maths
     x, t, y = data(base)
 
     def loss_and_grad(model):
@@ -50,7 +56,7 @@ def test_remat_same_outputs_and_grads():
     worst = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(rel_err, gb, ga)))
     print(f"\nremat grads worst leaf rel_err={worst:.2e}")
     assert worst <= 1e-6
-    assert float(jnp.abs(ga["blocks"]["adaLN_modulation_1"]["kernel"][0]).max()) > 0
+    assert float(np.abs(np.asarray(ga["blocks"]["adaLN_modulation_1"]["kernel"][0])).max()) > 0
 
 
 def test_bfloat16_compute_runs_and_is_close():
@@ -64,7 +70,8 @@ def test_bfloat16_compute_runs_and_is_close():
     err = rel_err(out, ref)
     print(f"\nbfloat16 vs float32 rel_err={err:.2e}")
     assert 0 < err <= 5e-2
-    bf16_params = init(bf16)
+    # The dtypes init returns, from its trace (jax.eval_shape: the same program's output types, no compile).
+    bf16_params = jax.eval_shape(lambda k: init_params(bf16, k), jax.random.PRNGKey(0))
     assert {p.dtype for p in jax.tree_util.tree_leaves(bf16_params)} == {jnp.dtype(jnp.float32)}
 
 
@@ -112,7 +119,7 @@ def test_init_matches_release_rules():
 
 def test_bad_shapes_are_named():
     model = small(input_size=16, depth=1)
-    params = init(model)
+    params = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), abstract_params(model))  # no init compile
     with pytest.raises(ValueError, match="spatial size 16"):
         model.apply({"params": params}, np.zeros((1, 8, 8, 4), np.float32), np.zeros(1), np.zeros(1, np.int32))
     with pytest.raises(ValueError, match="4 input channels"):

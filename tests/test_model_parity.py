@@ -8,6 +8,13 @@ make the comparison trivial). dit_jax runs as its own programs compile it (dit_j
 Metric: rel_err = max|jax - torch| / max|torch| (conftest.rel_err) per example, one t per example, float32 on
 CPU. Tolerance 1e-5 everywhere, full depth included; t spans 0-999 (the release's float32 timestep features
 are part of the model, so large t must agree as well as small t). Run with `-s` to see the errors.
+
+Cost: each model's JAX forward is one program (`forward`); tests of the same small model share it through
+module-scoped fixtures. The full-depth XL/2 (~675M parameters; its forwards are most of this module's time)
+splits T_VALUES between its two directions (XL2_IMPORT_T, XL2_EXPORT_T): each direction still has a small and a
+large t, and every t of T_VALUES is checked at full depth once, on weights from the same N(0, 0.05) (the release
+model's for torch -> flax, random Flax params for flax -> torch). PyTorch runs on one thread
+(conftest.one_thread_references).
 """
 import json
 
@@ -19,6 +26,7 @@ import torch
 import convert
 from benchmarks.precision import release_model
 from conftest import nchw, nhwc, perturbed_torch_dit, rel_err
+from dit_t_values import depth2_t
 from convert.reference.torch_dit import DiT_models as TORCH_MODELS
 from convert.reference.torch_dit import TimestepEmbedder as TorchTimestepEmbedder
 from dit_jax.model import DiT, abstract_params
@@ -28,7 +36,10 @@ from dit_jax.utils import xla_cpu
 TOL = 1e-5
 FEATURE_TOL = 2e-7  # absolute, timestep features against the release's function
 ALL_SIZES = sorted(TORCH_MODELS)  # the 12 names, "DiT-B/2" ... "DiT-XL/8"
-T_VALUES = (0, 3, 500, 977, 999)  # one example each
+T_VALUES = (0, 3, 500, 977, 999)  # one example each (the 2-block sizes at 256 px: dit_t_values.depth2_t)
+XL2_IMPORT_T, XL2_EXPORT_T = (0, 500, 999), (3, 977)  # the full-depth XL/2's two directions (module docstring)
+
+pytestmark = pytest.mark.usefixtures("one_thread_references")
 
 
 def inputs(model: torch.nn.Module, batch: int, input_size: int, num_classes: int = 1000, seed: int = 1):
@@ -78,16 +89,29 @@ def check_per_t(label: str, jax_out: np.ndarray, torch_out: torch.Tensor, t: tor
 
 
 def random_flax_params(cfg: dict, std: float = 0.05, seed: int = 2) -> dict:
-    """Params of the Flax DiT(**cfg) (its own tree, from abstract_params), every leaf from N(0, std)."""
-    rs = np.random.RandomState(seed)
-    return jax.tree_util.tree_map(lambda s: (std * rs.standard_normal(s.shape)).astype(np.float32),
-                                  abstract_params(DiT(**cfg)))
+    """Params of the Flax DiT(**cfg) (its own tree, from abstract_params), every leaf from N(0, std).
+    float32 draws of NumPy's Generator: the full-depth XL/2's 675M values in ~2 s (RandomState's float64: ~14 s)."""
+    rs = np.random.default_rng(seed)
+
+    def leaf(s):
+        return rs.standard_normal(s.shape, dtype=np.float32) * np.float32(std)
+
+    return jax.tree_util.tree_map(leaf, abstract_params(DiT(**cfg)))
 
 
-def check_both_directions(name: str, depth=2, input_size: int = 32):
-    """torch -> flax on the release model, then flax -> torch into the same reference module (strict)."""
+def check_both_directions(name: str, depth=2, input_size: int = 32, import_t=T_VALUES, export_t=None):
+    """torch -> flax on the release model at `import_t`, then flax -> torch into the same reference module
+    (strict) at `export_t` (default: import_t); the examples of inputs_at_t at their union."""
+    export_t = import_t if export_t is None else export_t
+    every_t = sorted(set(import_t) | set(export_t))
     tm = release_model(name, input_size, depth=depth)
-    x, t, y = inputs_at_t(tm, input_size)
+    x_all, t_all, y_all = inputs_at_t(tm, input_size, every_t)
+
+    def at(ts):
+        rows = [every_t.index(v) for v in ts]
+        return x_all[rows], t_all[rows], y_all[rows]
+
+    x, t, y = at(import_t)
     with torch.no_grad():
         ref = tm(x, t, y)
     params, cfg = convert.torch_to_flax(tm.state_dict())
@@ -98,6 +122,7 @@ def check_both_directions(name: str, depth=2, input_size: int = 32):
     del params, ref  # the full-depth XL/2 holds several GB per copy
     params = random_flax_params(cfg)
     tm.load_state_dict(convert.flax_to_torch(params, cfg), strict=True)
+    x, t, y = at(export_t)
     with torch.no_grad():
         ref = tm(x, t, y)
     check_per_t(label + " flax->torch", nchw(fwd(params, nhwc(x), t.numpy(), y.numpy())), ref, t)
@@ -121,7 +146,8 @@ def test_timestep_features_equal_release_at_every_t():
 
 @pytest.mark.parametrize("name", ALL_SIZES)
 def test_parity_all_sizes_depth2(name):
-    check_both_directions(name)
+    """Every size at 2 blocks, at the t values test_model_precision uses for it (one compiled program each)."""
+    check_both_directions(name, import_t=depth2_t(name))
 
 
 def test_parity_s2_full_depth():
@@ -130,20 +156,41 @@ def test_parity_s2_full_depth():
 
 @pytest.mark.slow
 def test_parity_xl2_full_depth():
-    check_both_directions("DiT-XL/2", depth=None)
+    check_both_directions("DiT-XL/2", depth=None, import_t=XL2_IMPORT_T, export_t=XL2_EXPORT_T)
+
+
+@pytest.fixture(scope="module")
+def s2_small():
+    """(torch model, flax params, cfg): DiT-S/2, 2 blocks, latent 16, perturbed release init (shared by the
+    tests that only read it)."""
+    tm = perturbed_torch_dit("DiT-S/2", depth=2, input_size=16)
+    params, cfg = convert.torch_to_flax(tm.state_dict())
+    return tm, params, cfg
+
+
+@pytest.fixture(scope="module")
+def s4_small():
+    """The same for DiT-S/4."""
+    tm = perturbed_torch_dit("DiT-S/4", depth=2, input_size=16)
+    params, cfg = convert.torch_to_flax(tm.state_dict())
+    return tm, params, cfg
+
+
+def jitted(fn):
+    """fn compiled as dit_jax compiles its programs (one compile instead of an op-by-op eager apply)."""
+    return xla_cpu.jit(fn)
 
 
 @pytest.mark.parametrize("guidance_channels", [3, None])
-def test_parity_forward_with_cfg(guidance_channels):
-    tm = perturbed_torch_dit("DiT-S/2", depth=2, input_size=16)
+def test_parity_forward_with_cfg(s2_small, guidance_channels):
+    tm, params, cfg = s2_small
     x, t, y = inputs(tm, 4, 16)
     y[2:] = 1000  # second half: the null class
     with torch.no_grad():
         ref = tm.forward_with_cfg(x, t, y, 4.0, guidance_channels=guidance_channels)
-    params, cfg = convert.torch_to_flax(tm.state_dict())
     jm = DiT(**cfg)
-    out = jm.apply({"params": params}, nhwc(x), t.numpy(), y.numpy(), 4.0, guidance_channels,
-                   method=DiT.forward_with_cfg)
+    out = jitted(lambda p, x, t, y: jm.apply({"params": p}, x, t, y, 4.0, guidance_channels,
+                                             method=DiT.forward_with_cfg))(params, nhwc(x), t.numpy(), y.numpy())
     check(f"forward_with_cfg guidance_channels={guidance_channels}", nchw(out), ref)
     # The guided channels are identical in both halves; the release's 3-channel variant leaves eps channel 3
     # (and the variance channels) as the model computed them, so the halves differ there.
@@ -169,52 +216,51 @@ def test_parity_512px_latents(name):
     check_both_directions(name, input_size=64)
 
 
-def test_parity_null_label_force_drop_ids():
-    tm = perturbed_torch_dit("DiT-S/4", depth=2, input_size=16)
+def test_parity_null_label_force_drop_ids(s4_small):
+    tm, params, cfg = s4_small
     x, t, y = inputs(tm, 4, 16)
     drop = torch.tensor([1, 0, 1, 0])
     with torch.no_grad():
         ref = tm(x, t, y, force_drop_ids=drop)
         ref_null = tm(x, t, torch.full_like(y, 1000))
-    params, cfg = convert.torch_to_flax(tm.state_dict())
     jm = DiT(**cfg)
-    out = jm.apply({"params": params}, nhwc(x), t.numpy(), y.numpy(), force_drop_ids=drop.numpy())
+    out = jitted(lambda p, x, t, y, d: jm.apply({"params": p}, x, t, y, force_drop_ids=d))(
+        params, nhwc(x), t.numpy(), y.numpy(), drop.numpy())
     check("force_drop_ids [1,0,1,0]", nchw(out), ref)
     # Dropped rows equal the explicit null label 1000.
     np.testing.assert_allclose(nchw(out)[[0, 2]], ref_null.numpy()[[0, 2]], rtol=0, atol=1e-5)
 
 
-def test_train_label_dropout_needs_rng():
-    tm = perturbed_torch_dit("DiT-S/4", depth=2, input_size=16)
+def test_train_label_dropout_needs_rng(s4_small):
+    tm, params, cfg = s4_small
     x, t, y = inputs(tm, 3, 16)
-    params, cfg = convert.torch_to_flax(tm.state_dict())
     with pytest.raises(Exception, match="dropout"):
         DiT(**cfg).apply({"params": params}, nhwc(x), t.numpy(), y.numpy(), train=True)
     # With dropout probability 1 every label is dropped, which must equal the reference's forced null label.
     jm = DiT(**{**cfg, "class_dropout_prob": 1.0})
-    out = jm.apply({"params": params}, nhwc(x), t.numpy(), y.numpy(), train=True,
-                   rngs={"dropout": jax.random.PRNGKey(0)})
+    out = jitted(lambda p, x, t, y, k: jm.apply({"params": p}, x, t, y, train=True, rngs={"dropout": k}))(
+        params, nhwc(x), t.numpy(), y.numpy(), jax.random.PRNGKey(0))
     with torch.no_grad():
         ref = tm(x, t, y, force_drop_ids=torch.ones(3, dtype=torch.long))
     check("train=True, class_dropout_prob=1 vs forced null", nchw(out), ref)
     # train=False never drops, even without an rng.
-    out_eval = DiT(**cfg).apply({"params": params}, nhwc(x), t.numpy(), y.numpy(), train=False)
+    out_eval = jitted(lambda p, x, t, y: DiT(**cfg).apply({"params": p}, x, t, y, train=False))(
+        params, nhwc(x), t.numpy(), y.numpy())
     with torch.no_grad():
         check("train=False", nchw(out_eval), tm(x, t, y))
 
 
-def test_parity_check_can_fail():
+def test_parity_check_can_fail(s2_small):
     """The metric detects a wrong conversion: transposing one square kernel breaks parity by far more than TOL."""
-    tm = perturbed_torch_dit("DiT-S/2", depth=2, input_size=16)
+    tm, params, cfg = s2_small
     x, t, y = inputs(tm, 2, 16)
     with torch.no_grad():
         ref = tm(x, t, y).numpy()
-    params, cfg = convert.torch_to_flax(tm.state_dict())
+    bad = jax.tree_util.tree_map(lambda a: a, params)  # new containers: the fixture's params stay intact
     k = params["blocks"]["attn"]["proj"]["kernel"]  # (depth, D, D): block 1's kernel is k[1]
-    params["blocks"]["attn"]["proj"]["kernel"] = np.stack([k[0], k[1].T])
-    out = DiT(**cfg).apply({"params": params}, nhwc(x), t.numpy(), y.numpy())
+    bad["blocks"]["attn"]["proj"]["kernel"] = np.stack([k[0], k[1].T])
+    out = forward(cfg)(bad, nhwc(x), t.numpy(), y.numpy())
     assert rel_err(nchw(out), ref) > 1e-3
     # And a timestep embedding with diffusers' frequency shift differs measurably from the release.
-    params["blocks"]["attn"]["proj"]["kernel"] = k
-    out = DiT(**{**cfg, "timestep_freq_shift": 1.0}).apply({"params": params}, nhwc(x), t.numpy(), y.numpy())
+    out = forward({**cfg, "timestep_freq_shift": 1.0})(params, nhwc(x), t.numpy(), y.numpy())
     assert rel_err(nchw(out), ref) > 10 * TOL

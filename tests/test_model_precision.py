@@ -6,7 +6,13 @@ its explicit float32 casts kept (the timestep features' float32 frequencies and 
 the float32 position table: every checkpoint learned on them), everything else float64. Error =
 max|out - out64| / max|out64| per example, one t per example, release weights drawn from N(0, 0.05), 2
 blocks. The full table for the 12 sizes: `python -m benchmarks.precision [--latent 64]`.
+
+DiT-S/2 and DiT-B/4 are measured once (`measured_small_sizes`) at SMALL_T + LARGE_T with every EXACT_VARIANTS
+entry: test_no_precision_lost_at_large_t reads its "jax" and "release" rows, test_as_exact_as_release_at_every_t
+all of them (measure() computes each variant on its own, so the rows are the ones a separate call gives).
 """
+import functools
+
 import numpy as np
 import pytest
 import jax
@@ -14,9 +20,9 @@ import jax.numpy as jnp
 
 from benchmarks.precision import measure, timestep_features64, timestep_features_release32
 from dit_jax.nn.model_ops import timestep_embedding
+from dit_t_values import DETAILED_SIZES, EVERY_SIZE_T, LARGE_T, SMALL_T
 
-SMALL_T = (0, 1, 3, 5, 10)
-LARGE_T = (500, 750, 977, 999)
+pytestmark = pytest.mark.usefixtures("one_thread_references")  # the float64 reference: 3x less CPU (conftest)
 RATIO = 1.5  # dit_jax's error may be at most this multiple of the release's
 
 
@@ -70,10 +76,10 @@ def test_output_linear_as_exact_as_release():
     assert rms["ours"] <= rms["release"]
 
 
-@pytest.mark.parametrize("name", ["DiT-S/2", "DiT-B/4"])
+@pytest.mark.parametrize("name", DETAILED_SIZES)
 def test_no_precision_lost_at_large_t(name):
     """Default model: large t costs no more precision than small t, and no more than the release's."""
-    r = measure(name, 32, SMALL_T + LARGE_T)
+    r = measured_small_sizes(name)
     small, large = r["jax"][: len(SMALL_T)], r["jax"][len(SMALL_T):]
     print(f"\n{name}: release {r['release']}\n dit_jax {r['jax']}")
     assert large.max() <= RATIO * small.max(), f"{name}: error {large.max():.2e} at large t vs {small.max():.2e}"
@@ -93,25 +99,31 @@ EXACT_VARIANTS = {"jax": {}, "precise": {"precise_cpu_dots": True, "xla_defaults
 SIZE_VARIANTS = {k: EXACT_VARIANTS[k] for k in ("jax", "precise")}
 
 
-def _check_every_t(name, latent, ts, variants=SIZE_VARIANTS):
-    r = measure(name, latent, ts, variants=variants)
+@functools.lru_cache(maxsize=None)
+def measured_small_sizes(name):
+    """measure() of S/2 or B/4 at 256 px, SMALL_T + LARGE_T, every EXACT_VARIANTS entry: once per module."""
+    return measure(name, 32, SMALL_T + LARGE_T, variants=EXACT_VARIANTS)
+
+
+def _check_every_t(name, latent, ts, variants=SIZE_VARIANTS, r=None):
+    r = measure(name, latent, ts, variants=variants) if r is None else r
     for v in variants:
         ratio = r[v] / r["release"]
         print(f"\n{name} latent {latent}: ratio {v} / release per t {np.round(ratio, 2)}")
         assert ratio.max() <= RATIO, f"{name} latent {latent} {v}: t={ts[ratio.argmax()]} ratio {ratio.max():.2f}"
 
 
-@pytest.mark.parametrize("name", ["DiT-S/2", "DiT-B/4"])
+@pytest.mark.parametrize("name", DETAILED_SIZES)
 def test_as_exact_as_release_at_every_t(name):
     """No further from float64 than the release (x1.5): as dit_jax runs the model, and with precise_cpu_dots."""
-    _check_every_t(name, 32, SMALL_T + LARGE_T, EXACT_VARIANTS)
+    _check_every_t(name, 32, SMALL_T + LARGE_T, EXACT_VARIANTS, r=measured_small_sizes(name))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["DiT-S/8", "DiT-S/4", "DiT-B/8", "DiT-B/2", "DiT-L/8", "DiT-L/4", "DiT-L/2",
                                   "DiT-XL/8", "DiT-XL/4", "DiT-XL/2"])
 def test_as_exact_as_release_at_every_t_all_sizes(name):
-    _check_every_t(name, 32, (0, 3, 5, 10, 500, 977, 999))
+    _check_every_t(name, 32, EVERY_SIZE_T)
 
 
 @pytest.mark.slow

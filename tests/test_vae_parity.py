@@ -23,6 +23,7 @@ from dit_jax.vae_weights import flax_path, infer_config, read_state_dict
 from dit_jax.vae_weights import state_dict_to_params as torch_to_flax_vae
 
 TOL = 1e-4
+pytestmark = pytest.mark.usefixtures("one_thread_references")  # PyTorch on one thread: less CPU (conftest)
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
               sample_size=256)  # sd-vae-ft-mse / -ema
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=32)
@@ -130,14 +131,15 @@ def test_group_norm_eps_is_visible(tiny_pair, monkeypatch):
     images, latents = 0.03 * images, 0.03 * latents
     ref = torch_reference(m, images, latents)
 
-    def errors():  # fresh jits: GROUP_NORM_EPS is read when tracing
-        mean, logvar = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=AutoencoderKL.encode))(params, images)
-        dec = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=AutoencoderKL.decode))(params, latents)
-        return {k: rel_err(np.asarray(a), b) for k, a, b in zip(("mean", "logvar", "decode"), (mean, logvar, dec), ref)}
+    def errors(outputs):
+        return {k: rel_err(a, b) for k, a, b in zip(("mean", "logvar", "decode"), outputs, ref)}
 
-    good = errors()
+    good = errors(flax_outputs(vae, params, images, latents))  # the shared programs (the default eps)
     monkeypatch.setattr(vae_module, "GROUP_NORM_EPS", 1e-5)
-    wrong = errors()
+    # fresh jits: GROUP_NORM_EPS is read when tracing
+    mean, logvar = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=AutoencoderKL.encode))(params, images)
+    dec = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=AutoencoderKL.decode))(params, latents)
+    wrong = errors([np.asarray(a) for a in (mean, logvar, dec)])
     print("low-amplitude VAE parity rel_err:", good, "with GroupNorm eps 1e-5:", wrong)
     assert all(e <= TOL for e in good.values()), good
     assert all(e > 10 * TOL for e in wrong.values()), f"a wrong GroupNorm eps is not visible: {wrong}"
