@@ -7,43 +7,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import small_dit_gradients
 from conftest import rel_err
-from dit_jax.model import DiT, init_params
+from dit_jax.model import DiT, abstract_params, init_params
 
 TOL = 1e-5  # float32; the two paths run the same ops in the same order, only the loop structure differs
 
 
 def _tiny(**kw):
-    return DiT(input_size=8, patch_size=2, hidden_size=64, depth=3, num_heads=4, num_classes=10, **kw)
+    return DiT(**small_dit_gradients.KW, **kw)
 
 
-def _inputs():
-    rs = np.random.RandomState(0)
-    x = jnp.asarray(rs.randn(2, 8, 8, 4), jnp.float32)  # (N, H, W, C)
-    return x, jnp.asarray([3, 700], jnp.int32), jnp.asarray([1, 10], jnp.int32)
-
-
-def _nonzero_params(model):
-    # Release init zeroes adaLN and the output layer, which would hide most of the blocks: perturb everything.
-    params = init_params(model, jax.random.PRNGKey(0))
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["none", "full", "save_dots"])
 def test_scan_matches_unrolled(policy):
-    scan, unrolled = _tiny(remat_policy=policy, scan_blocks=True), _tiny(remat_policy=policy, scan_blocks=False)
-    params = _nonzero_params(unrolled)
-    x, t, y = _inputs()
-
-    def loss(model, p):
-        out = model.apply({"params": p}, x, t, y, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
-        return jnp.mean(jnp.square(out)), out
-
-    (l_s, out_s), g_s = jax.value_and_grad(lambda p: loss(scan, p), has_aux=True)(params)
-    (l_u, out_u), g_u = jax.value_and_grad(lambda p: loss(unrolled, p), has_aux=True)(params)
+    """The same parameters through the scanned and the unrolled blocks: outputs and every gradient (jitted,
+    tests/small_dit_gradients.py: the programs test_remat_policies compares too)."""
+    _, out_s, g_s = small_dit_gradients.loss_out_grads(policy, True)
+    _, out_u, g_u = small_dit_gradients.loss_out_grads(policy, False)
     assert rel_err(out_s, out_u) <= TOL
     assert jax.tree_util.tree_structure(g_s) == jax.tree_util.tree_structure(g_u)
     for a, b in zip(jax.tree_util.tree_leaves(g_s), jax.tree_util.tree_leaves(g_u)):
@@ -52,7 +32,7 @@ def test_scan_matches_unrolled(policy):
 
 def test_blocks_parameters_are_stacked_the_same_either_way():
     scan, unrolled = _tiny(scan_blocks=True), _tiny(scan_blocks=False)
-    p_s, p_u = init_params(scan, jax.random.PRNGKey(0)), init_params(unrolled, jax.random.PRNGKey(0))
+    p_s, p_u = abstract_params(scan), abstract_params(unrolled)  # the init's shapes, nothing computed
     assert jax.tree_util.tree_structure(p_s) == jax.tree_util.tree_structure(p_u)
     assert not [k for k in p_s if k.startswith("blocks_")]
     assert p_s["blocks"]["attn"]["qkv"]["kernel"].shape == (3, 64, 192)  # (depth, D, 3D)
@@ -91,8 +71,8 @@ def test_train_flag_does_not_choose_the_block_structure():
     """A training step written with train=False differentiates the blocks through the same lax.scan as
     train=True (issue 13: it used to unroll them, a 2x slower backward on CPU)."""
     model = _tiny()  # default scan_blocks
-    params = _nonzero_params(model)
-    x, t, y = _inputs()
+    params = small_dit_gradients.params()
+    x, t, y = small_dit_gradients.inputs()
 
     def grads(train):
         def loss(p):

@@ -4,8 +4,6 @@ The bytes a policy keeps are read off JAX's own list of the residuals of one blo
 runs, `dit_jax.model.block_step`), so a change that makes the backward pass keep more (a value that loses
 its name, a float32 copy) fails here.
 """
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,9 +11,10 @@ import pytest
 from jax._src.ad_checkpoint import saved_residuals  # the list behind jax.ad_checkpoint.print_saved_residuals
 
 from conftest import rel_err, tiny_config
+from small_dit_gradients import loss_out_grads
 from dit_jax.training import build
 from dit_jax.nn import remat
-from dit_jax.model import DiT, block_step, init_params
+from dit_jax.model import DiT, block_step
 from dit_jax.utils.errors import ConfigError
 
 N, T, D, H = 2, 16, 64, 4  # examples, tokens, width, heads of the block under test
@@ -27,8 +26,10 @@ def kept_bytes(policy, dtype=jnp.bfloat16):
     computes, but neither its parameters (slices of the stacked parameters, read in place) nor the
     conditioning c (the same for every block)."""
     block = DiT(hidden_size=D, num_heads=H, dtype=dtype, remat_policy=policy).block()  # as the DiT runs it
-    h, c = jnp.ones((N, T, D), jnp.float32), jnp.ones((N, D), jnp.float32)
-    params = block.init(jax.random.PRNGKey(0), h, c)["params"]
+    h, c = np.ones((N, T, D), np.float32), jnp.ones((N, D), jnp.float32)
+    # saved_residuals only traces: zeros in the init's shapes (NumPy, so no init program runs)
+    params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
+                                    jax.eval_shape(lambda: block.init(jax.random.PRNGKey(0), h, c)["params"]))
     step = block_step(block, c, policy, prevent_cse=False)
     out = {}
     for aval, what in saved_residuals(lambda h, params: step(h, params)[0], h, params):
@@ -68,30 +69,12 @@ def test_float32_compute_keeps_float32_matmul_outputs():
     assert sum(kept_bytes("save_dots", jnp.float32).values()) == N * T * D * (4 + 4 * 10) + N * T * H * 4 + N * 6 * D * 4
 
 
-KW = dict(input_size=8, patch_size=2, hidden_size=64, depth=3, num_heads=4, num_classes=10)
-
-
-@functools.lru_cache(maxsize=None)
-def loss_and_grads(policy, scan_blocks):
-    model = DiT(**KW, scan_blocks=scan_blocks, remat_policy=policy)
-    params = jax.device_get(jax.jit(lambda k: init_params(model, k))(jax.random.PRNGKey(0)))
-    r = np.random.default_rng(1)  # no zero layer (the release init zeroes adaLN and the output layer)
-    params = jax.tree_util.tree_map(lambda a: a + 0.05 * r.standard_normal(a.shape).astype(np.float32), params)
-    rs = np.random.default_rng(0)
-    x, t, y = rs.standard_normal((2, 8, 8, 4)).astype(np.float32), np.array([5, 800]), np.array([1, 7])
-
-    def loss(p):
-        out = model.apply({"params": p}, x, t, y, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
-        return jnp.mean(jnp.square(out))
-
-    return jax.jit(jax.value_and_grad(loss))(params)
-
-
 @pytest.mark.parametrize("policy, scan_blocks", [(p, True) for p in remat.POLICIES if p != "none"]
                          + [("save_dots", False)])
 def test_policy_same_loss_and_grads_as_none(policy, scan_blocks):
-    """Tolerance 1e-6 (float32): the same operations, some of them computed a second time."""
-    (l0, g0), (l1, g1) = loss_and_grads("none", scan_blocks), loss_and_grads(policy, scan_blocks)
+    """Tolerance 1e-6 (float32): the same operations, some of them computed a second time. The programs are
+    tests/small_dit_gradients.py's (test_model_scan compares the same ones, scanned against unrolled)."""
+    (l0, _, g0), (l1, _, g1) = loss_out_grads("none", scan_blocks), loss_out_grads(policy, scan_blocks)
     assert abs(float(l1) - float(l0)) <= 1e-6 * abs(float(l0))
     errs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(rel_err, g1, g0))
     print(f"\n{policy}: worst gradient leaf rel_err={max(errs):.2e}")
@@ -133,8 +116,9 @@ def test_rounding_the_parameters_to_the_compute_dtype_is_exact():
     block = DiT(hidden_size=D, num_heads=H, dtype=jnp.bfloat16).block()
     r = np.random.default_rng(0)
     h, c = jnp.asarray(r.standard_normal((N, T, D)), jnp.float32), jnp.asarray(r.standard_normal((N, D)), jnp.float32)
-    params = block.init(jax.random.PRNGKey(0), h, c)["params"]
-    params = jax.tree_util.tree_map(lambda a: a + 0.05 * jnp.asarray(r.standard_normal(a.shape), jnp.float32), params)
+    # N(0, 0.05) on the init's shapes: every layer non-zero (the release init zeroes adaLN), no init to run
+    params = jax.tree_util.tree_map(lambda s: jnp.asarray(0.05 * r.standard_normal(s.shape), jnp.float32),
+                                    jax.eval_shape(lambda: block.init(jax.random.PRNGKey(0), h, c)["params"]))
 
     def plain(h, p):  # the same checkpointed block without the rounding
         return remat.checkpoint_block(lambda h, p: (block.apply({"params": p}, h, c), None), "save_dots")(h, p)[0]
@@ -142,10 +126,16 @@ def test_rounding_the_parameters_to_the_compute_dtype_is_exact():
     def stepped(h, p):
         return block_step(block, c, "save_dots")(h, p)[0]
 
+    def out_and_grads(f):  # one program per path: the output and the gradients of sum(output^2)
+        def loss(p):
+            out = f(h, p)
+            return jnp.sum(out ** 2), out
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return out, grads
+
     for f in (plain, stepped):
-        assert jnp.dtype(f(h, params).dtype) == jnp.float32
-    np.testing.assert_array_equal(jax.jit(stepped)(h, params), jax.jit(plain)(h, params))
-    g_plain = jax.jit(jax.grad(lambda p: jnp.sum(plain(h, p) ** 2)))(params)
-    g_step = jax.jit(jax.grad(lambda p: jnp.sum(stepped(h, p) ** 2)))(params)
+        assert jnp.dtype(jax.eval_shape(f, h, params).dtype) == jnp.float32
+    (out_step, g_step), (out_plain, g_plain) = out_and_grads(stepped), out_and_grads(plain)
+    np.testing.assert_array_equal(out_step, out_plain)
     for a, b in zip(jax.tree_util.tree_leaves(g_step), jax.tree_util.tree_leaves(g_plain)):
         np.testing.assert_array_equal(a, b)
