@@ -19,12 +19,17 @@ OPTIONS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "
 
 
 def pip_config() -> dict:
-    """{option: value} from `pip config list` (lines such as global.find-links='/opt/wheels'); the
-    environment's :env: entries win over the files' (as pip applies them)."""
+    """{option: value} of this python's pip (`pip config list`)."""
     out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
                          check=True).stdout
+    return parse_pip_config(out)
+
+
+def parse_pip_config(text: str) -> dict:
+    """{option: value} from `pip config list` lines such as global.find-links='/opt/wheels'; the
+    environment's :env: entries win over the files' (as pip applies them)."""
     found, from_env = {}, {}
-    for line in out.splitlines():
+    for line in text.splitlines():
         scope_key, _, value = line.partition("=")
         scope, _, key = scope_key.rpartition(".")
         if key in OPTIONS:
