@@ -15,7 +15,7 @@ import dataclasses
 import json
 import re
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -246,6 +246,13 @@ def _estimate(config, env) -> Dict[str, int]:
                                     env.batch_kind == "image")
 
 
+def fewest_bytes_moved(fitting: Sequence[int], moved: Mapping[int, int]) -> int:
+    """Of the fsdp sizes whose compiled step fits, the one whose collectives move the fewest bytes per chip per
+    step (the all-reduce of plain data parallelism can move more than fsdp's reduce-scatter + all-gathers:
+    DiT-XL/2 on v5e:16x16, docs/performance.md); a tie goes to the smaller fsdp."""
+    return min(fitting, key=lambda f: (moved[f], f))
+
+
 def plan_by_compiling(config, devices, process_count, budget) -> Tuple[Compiled, List[Dict[str, Any]]]:
     """An fsdp size chosen from compiled steps: mesh_plan's choice and its smaller or larger neighbours.
 
@@ -284,9 +291,7 @@ def plan_by_compiling(config, devices, process_count, budget) -> Tuple[Compiled,
     moved = {f: moved_bytes_per_step(collectives(c.compiled.as_text())) if c.compiled is not None else None
              for f, (c, _) in tried.items()}
     fitting = sorted(f for f, (c, _) in tried.items() if c.total <= budget)
-    # Among those that fit, the fewest bytes moved per chip per step (the all-reduce of plain data parallelism
-    # can move more than fsdp's reduce-scatter + all-gathers); a tie goes to the smaller fsdp.
-    chosen_f = min(fitting, key=lambda f: (moved[f], f)) if fitting else max(tried)
+    chosen_f = fewest_bytes_moved(fitting, moved) if fitting else max(tried)
     rows = [{"data": rest // f, "fsdp": f, "tensor": tensor, "estimated_bytes": int(est["total"]),
              "compiled_bytes": int(c.total), "fits": c.total <= budget, "compiled": c.compiled is not None,
              "moved_bytes_per_step": moved[f], "compile_seconds": round(c.seconds[0], 2)}

@@ -30,6 +30,28 @@ def test_killed_writer_leaves_a_temporary_that_the_next_write_removes(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["model"] and (out / "ok").read_text() == "done"
 
 
+KILLED_FILE_WRITER = textwrap.dedent("""
+    import os, signal, sys
+    from dit_jax.utils.atomic import atomic_path
+    with atomic_path(sys.argv[1]) as tmp:
+        open(tmp, "w").write("half of the new")
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup runs
+""")
+
+
+def test_killed_file_writer_leaves_the_old_file_whole(tmp_path):
+    """A writer killed mid-write (atomic_path, behind metrics, configs and images): the file keeps its old
+    content, never a half-written new one; the next write removes the dead writer's temporary."""
+    target = tmp_path / "metrics.json"
+    target.write_text("old, complete")
+    r = subprocess.run([sys.executable, "-c", KILLED_FILE_WRITER, str(target)], capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert target.read_text() == "old, complete"
+    with atomic_path(str(target)) as tmp:
+        open(tmp, "w").write("new")
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json"] and target.read_text() == "new"
+
+
 def test_a_live_writers_temporary_is_kept(tmp_path):
     live = tmp_path / f".model.{os.getpid()}-abcd1234.tmp"  # this process is alive
     live.mkdir()

@@ -115,3 +115,14 @@ def test_dit_jax_train_runs_on_the_mesh_it_compiled_for(totals, tmp_path):
     assert "auto, by compiling candidates: fsdp=" in line and "fsdp=2 " in line, line  # fsdp=2 compiled
     fsdp = int(line.split("fsdp=")[1].split()[0])
     assert line.startswith(f"mesh data={8 // fsdp} fsdp={fsdp} tensor=1: "), line
+
+
+def test_the_rule_keeps_the_fewest_bytes_moved_not_the_smallest_or_largest_fsdp():
+    """The rule on its own, where the tiny CPU steps cannot show it (on them the largest fitting fsdp also
+    moves the fewest bytes): DiT-XL/2 on v5e:16x16 moved 5.01 GiB per step with fsdp 1 and 3.77 with fsdp 2
+    (docs/performance.md); fsdp 4 moved more again in this made-up row. Ties go to the smaller fsdp."""
+    gib = 2**30
+    moved = {1: int(5.01 * gib), 2: int(3.77 * gib), 4: int(4.2 * gib)}
+    assert compile_report.fewest_bytes_moved([1, 2, 4], moved) == 2
+    assert compile_report.fewest_bytes_moved([1, 4], moved) == 4
+    assert compile_report.fewest_bytes_moved([2, 4], {2: 7, 4: 7}) == 2
