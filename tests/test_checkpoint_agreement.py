@@ -62,8 +62,8 @@ def names(workdir):
 
 
 def tiny(num_steps):
-    """The tiny model on one device (the program of the other tiny one-device runs; a third of the CPU of
-    compiling it for 8), a checkpoint after every step, all kept."""
+    """The tiny model on one device (the program of the other tiny one-device runs; measured for this 2-step
+    run in a fresh process: 9 CPU seconds, 14 on data=2 x fsdp=4), a checkpoint after every step, all kept."""
     c = tiny_config(num_steps=num_steps)
     c.mesh.num_devices = 1
     c.checkpoint.every_steps, c.checkpoint.keep = 1, 5
