@@ -18,6 +18,7 @@ import pytest
 from tensorboard.compat.proto import event_pb2
 
 import cheap_commands
+from cli_inprocess import run_main
 from conftest import ROOT, env_without_xla_flags, perturbed_torch_dit, run_processes, tfrecords, train_command
 from dit_jax import checkpoint as ckpt_lib
 from dit_jax.utils import paths
@@ -146,8 +147,11 @@ def killed_conversion(gcs_emulator, tmp_path_factory):
             break
     c = {"root": root, "pt": pt, "out": out, "killed_rc": proc.returncode, "left": ls(out), "cwd": tmp / "cwd"}
     cmd = [sys.executable, "-m", "dit_jax.cli.convert"]
-    c["read"] = run_in(c["cwd"], cmd + ["to-torch", out, str(tmp / "x.pt")])
-    with redirect_stderr(io.StringIO()) as err:  # the same command line's main, in this process
+    # The refusals in this process (the command lines' main; both stop before any work): `to-torch` of what
+    # is left, `to-flax` again. test_convert_from_and_to_the_bucket runs `to-torch` as a process.
+    c["read"] = run_main("dit-jax-convert", "to-torch", out, tmp / "x.pt")
+    c["x.pt written"] = (tmp / "x.pt").exists()
+    with redirect_stderr(io.StringIO()) as err:
         c["again_rc"] = cli.main(["to-flax", f"{root}/tiny.pt", out])
     c["again_err"] = err.getvalue()
     c["overwrite"] = run_in(c["cwd"], cmd + ["to-flax", f"{root}/tiny.pt", out, "--overwrite"])
@@ -166,6 +170,7 @@ def test_convert_killed_mid_write_leaves_a_folder_that_is_refused(killed_convers
     assert r.returncode == 1 and r.stderr.strip() == (
         f"dit-jax-convert: error: {out}: incomplete, its write was interrupted ({INCOMPLETE_MARKER} is still "
         f"there); write it again with --overwrite"), r.stderr
+    assert not c["x.pt written"]
     assert c["again_rc"] == 1 and f"{out} already exists (an interrupted write)" in c["again_err"], c["again_err"]
     r = c["overwrite"]
     assert r.returncode == 0 and c["written"] == ["config.json", "params"], r.stderr[-3000:]

@@ -3,9 +3,7 @@ changed so that the files still decode is found by its checksum and set aside; s
 and rename nothing, and when they persist the run stops with one line; with two processes both reach the
 same verdict, whichever of them saw the evidence."""
 import logging
-import os
 import re
-import subprocess
 import uuid
 
 import numpy as np
@@ -13,7 +11,8 @@ import pytest
 import tensorstore as ts
 
 import cheap_commands
-from conftest import ROOT, tiny_config, train_command
+from cli_inprocess import run_main
+from conftest import tiny_config, train_command
 from dit_jax import checkpoint as ckpt_lib, train
 from dit_jax.utils import paths
 from faulty_gcs_proxy import FaultyProxy
@@ -37,12 +36,10 @@ def proxy(gcs_emulator):
 
 @pytest.fixture(scope="module")
 def trained(proxy):
-    """A run on the bucket with checkpoints at steps 1 and 2 (the tiny model on mesh data=2, fsdp=4)."""
+    """A run on the bucket with checkpoints at steps 1 and 2 (`tiny`). The verdicts do not depend on the mesh
+    that wrote it: the 2-process tests restore it on data=2 x fsdp=4 over both processes."""
     wd = f"gs://{BUCKET}/agreement-{uuid.uuid4().hex[:8]}/trained"
-    c = tiny_config(num_steps=2)
-    c.mesh.data, c.mesh.fsdp = 2, 4
-    c.checkpoint.every_steps, c.checkpoint.keep = 1, 5
-    train.train_and_evaluate(c, wd)
+    train.train_and_evaluate(tiny(2), wd)
     return wd
 
 
@@ -65,8 +62,10 @@ def names(workdir):
 
 
 def tiny(num_steps):
+    """The tiny model on one device (the program of the other tiny one-device runs; measured for this 2-step
+    run in a fresh process: 9 CPU seconds, 14 on data=2 x fsdp=4), a checkpoint after every step, all kept."""
     c = tiny_config(num_steps=num_steps)
-    c.mesh.data, c.mesh.fsdp = 2, 4
+    c.mesh.num_devices = 1
     c.checkpoint.every_steps, c.checkpoint.keep = 1, 5
     return c
 
@@ -95,16 +94,38 @@ def test_a_value_changed_so_that_the_files_decode_is_found_by_its_checksum(run, 
     assert sorted(out.losses) == [2, 3]
 
 
+class _ShortSleepsAsyncio:
+    """The asyncio module as gcsfs.retry sees it, with its sleeps SCALE times as long (as in the command lines
+    of this module: tests/command_site/sitecustomize.py with DIT_TEST_FAST_RETRIES)."""
+    SCALE = 0.05
+
+    def __getattr__(self, name):
+        import asyncio
+
+        return getattr(asyncio, name)
+
+    @staticmethod
+    async def sleep(seconds, *args, **kwargs):
+        import asyncio
+
+        return await asyncio.sleep(seconds * _ShortSleepsAsyncio.SCALE, *args, **kwargs)
+
+
 @pytest.mark.slow
-def test_a_few_failed_reads_are_retried_and_rename_nothing(run, proxy):
+def test_a_few_failed_reads_are_retried_and_rename_nothing(run, proxy, monkeypatch):
     """14 failed reads of meta (more than gcsfs's own retries absorb: the first try fails, the second
     succeeds) and 3 of the state's manifest (tensorstore retries them itself): the run resumes from step 2,
-    nothing is renamed."""
+    nothing is renamed. The command line's main in this process (the retries are the subject, not the
+    process; the 2-process tests below start the command), its waits between tries shortened as in the
+    command lines of this module: what is retried, how often and what is reported stay as they are."""
+    import gcsfs.retry
+
+    monkeypatch.setattr(gcsfs.retry, "asyncio", _ShortSleepsAsyncio())
+    monkeypatch.setattr(ckpt_lib, "BACKOFF_S", ckpt_lib.BACKOFF_S * _ShortSleepsAsyncio.SCALE)
     meta = proxy.fail("GET", r"checkpoints/2/meta/metadata", times=14)
     manifest = proxy.fail("GET", r"checkpoints/2/state/manifest\.ocdbt", times=3)
-    r = subprocess.run(train_command(run, "--config.num_steps=3", "--config.mesh.data=2", "--config.mesh.fsdp=4",
-                                     "--config.checkpoint.keep=5"),
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = run_main("dit-jax-train", *train_command(run, "--config.num_steps=3", "--config.mesh.num_devices=1",
+                                                 "--config.checkpoint.keep=5")[3:])
     assert r.returncode == 0, r.stderr[-3000:]
     assert proxy.failed[meta] == 14 and proxy.failed[manifest] == 3
     assert re.search(r"checkpoints/2: reading its meta failed \(.*503.*\); try 1 of 3", r.stderr), r.stderr[-3000:]

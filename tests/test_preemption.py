@@ -2,8 +2,9 @@
 GCS emulator) stops both at the same step, saved; SIGTERM exits 75 and the same command resumes exactly;
 a SIGTERM during an evaluation or a sample grid stops it between its batches.
 
-The SIGTERM and Ctrl-C tests read one chain of 2-process runs (`stopped_and_resumed`, three starts instead of
-five; each start costs ~12 CPU seconds): every stop is also resumed, and the uninterrupted reference is
+The SIGTERM, Ctrl-C and SIGTERM-during-evaluations tests read one chain of 2-process runs (`stopped_and_resumed`,
+three starts instead of six; each start costs ~12 CPU seconds): every stop is also resumed, the first run
+evaluates after every step so that its SIGTERM lands in an evaluation, and the uninterrupted reference is
 trained by the processes of the last run."""
 import os
 import re
@@ -33,12 +34,6 @@ def cheap():
     """The commands' programs cached, process 1's too; one BLAS thread; less GC (tests/cheap_commands.py)."""
     with cheap_commands.settings():
         yield
-
-
-@pytest.fixture
-def bucket(gcs_dir):
-    """A fresh gs:// folder on the emulator."""
-    return gcs_dir
 
 
 def run_two(workdir, tmp_path, sleep_s=0.0, flags=(), on_start=None, env=None):
@@ -125,10 +120,16 @@ def assert_nothing_local(tmp_path):
         assert not os.listdir(tmp_path / name), (name, os.listdir(tmp_path / name))
 
 
+EVAL_EVERY_STEP = ["--config.eval.every_steps=1", "--config.eval.num_samples=40", "--config.eval.batch_size=4",
+                   "--config.eval.respacing=ddim2"]
+
+
 @pytest.fixture(scope="module")
 def stopped_and_resumed(gcs_emulator, tmp_path_factory):
     """One 2-process run on a bucket stopped twice and resumed, and the same run uninterrupted:
-        sigterm   the run, SIGTERM to process 1 a few steps in                                  (exit 75)
+        sigterm   the run with an evaluation after every step (10 sampling calls each, no sleep in
+                  the data: the evaluations take most of a step), SIGTERM to process 1 a few
+                  steps in, so that it mostly lands inside an evaluation                        (exit 75)
         ctrl_c    the same command again, Ctrl-C to process 1 a few steps after it resumed      (exit 130)
         resumed   the same command again, to STEPS; then the same processes train the
                   uninterrupted reference from scratch (tests/preemption_worker.py)              (exit 0)
@@ -138,7 +139,8 @@ def stopped_and_resumed(gcs_emulator, tmp_path_factory):
     root = f"gs://{BUCKET}/preemption-{uuid.uuid4().hex[:8]}"
     c = {"ref": f"{root}/uninterrupted", "run": f"{root}/preempted", "tmp": tmp}
     flags = [f"--config.num_steps={STEPS}"]
-    c["sigterm"] = run_two(c["run"], tmp / "sigterm", sleep_s=0.5, flags=flags,
+    # Evaluations change no training state (they draw their own noise): the later runs and the reference do without.
+    c["sigterm"] = run_two(c["run"], tmp / "sigterm", sleep_s=0.0, flags=flags + EVAL_EVERY_STEP,
                            on_start=signal_a_few_steps_in(tmp / "sigterm", signal.SIGTERM))
     c["saved after sigterm"] = bucket_steps(c["run"])
     resumed_at = max(c["saved after sigterm"], default=0)
@@ -193,21 +195,19 @@ def test_ctrl_c_to_one_process_stops_both_at_the_same_step_saved(stopped_and_res
 
 
 @pytest.mark.slow
-def test_sigterm_during_evaluations_stops_both_processes_at_the_same_call(bucket, tmp_path):
+def test_sigterm_during_evaluations_stops_both_processes_at_the_same_call(stopped_and_resumed):
     """An evaluation after every step, 10 sampling calls each, so a SIGTERM mostly lands inside one: both
-    processes stop at the same step, inside the same evaluation or both at a step boundary."""
-    run = f"{bucket}/evaluating"
-    flags = ["--config.num_steps=1000", "--config.eval.every_steps=1", "--config.eval.num_samples=40",
-             "--config.eval.batch_size=4", "--config.eval.respacing=ddim2"]
-    results = run_two(run, tmp_path, sleep_s=0.0, flags=flags,  # two steps and evaluations in: compiled
-                      on_start=signal_a_few_steps_in(tmp_path, signal.SIGTERM, step=2))
+    processes stop at the same step, inside the same evaluation or both at a step boundary (the first run
+    of `stopped_and_resumed`)."""
+    c = stopped_and_resumed
+    results = c["sigterm"]
     for i, (rc, out) in enumerate(results):
         assert rc == EXIT_PREEMPTED, f"process {i} exited {rc}:\n{out[-3000:]}"
     steps = {saved_step(out, r"preempted \(SIGTERM\)") for _, out in results}
     assert len(steps) == 1, steps
     inside = [re.findall(r"preempted: stopping the evaluation of step (\d+)", out) for _, out in results]
     assert inside[0] == inside[1], inside
-    assert bucket_steps(run) == [steps.pop()]
+    assert c["saved after sigterm"] == [steps.pop()]
 
 
 def test_sigterm_single_process_saves_and_stops(tmp_path, monkeypatch):
