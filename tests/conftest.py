@@ -263,7 +263,7 @@ FAST_COMPILE_MODULES = {
     "test_config_flag", "test_data_folder", "test_data_latents", "test_data_multiprocess", "test_data_preprocess",
     "test_data_tfds", "test_data_train", "test_data_uint8_images", "test_latents_bucket", "test_mesh_by_compiling", "test_paths",
     "test_preemption", "test_state_split", "test_train_batch_kinds", "test_train_errors", "test_train_eval",
-    "test_train_resume", "test_train_sharding", "test_param_layout", "test_sample_cli", "test_sample_many",
+    "test_train_resume", "test_train_sharding", "test_param_layout", "test_mfu", "test_sample_cli", "test_sample_many",
     "test_bucket_commands", "test_train_multihost",  # the first keeps its TPU compile and Inception optimised
 }
 _FAST = "JAX_DISABLE_MOST_OPTIMIZATIONS"

@@ -10,9 +10,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import default
-from dit_jax import compile_report, topology, train
+from dit_jax import topology
 from dit_jax.nn import attention
-from dit_jax import sharding as shd
 from dit_jax.model import DiT, abstract_params
 from dit_jax.nn import model_ops
 from dit_jax.nn.model_ops import head_major_attention, recomputing_attention
@@ -257,30 +256,36 @@ def test_configs_and_model_default_to_auto():
 # ----------------------------------------------------------------------------------------------------
 # The Pallas TPU kernel in the real training step, compiled for v5e (libtpu, compile-only)
 # ----------------------------------------------------------------------------------------------------
-def _compile_v5e_step(impl):
-    """A DiT-S/2 at 512 px (1024 tokens) narrowed to 2 blocks of width 128 (2 heads of 64: the kernel's choice
-    depends on the tokens, not the width; a narrow step compiles in half the time), batch 8 on v5e:2x2
-    -> (HLO text, temp bytes per chip)."""
-    c = default.get_config("S/2,512")
-    c.data.name, c.model.depth, c.global_batch_size, c.model.attention_impl = "latents", 2, 8, impl
-    c.model.hidden_size, c.model.num_heads = 128, 2
-    topo = topology.tpu_topology("v5e:2x2")
-    env = train.setup(c, devices=topo.devices, process_count=topo.hosts)
-    state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                   env.abstract_state, env.state_shardings)
-    batch = compile_report.abstract_batch(c, env.model, env.batch_kind, env.mesh)
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=shd.replicated(env.mesh))
-    compiled, refusal, _ = compile_report.compile_step(train.jit_train_step(c, env), (state, batch, rng, None),
-                                                       env.mesh)
-    assert refusal is None
-    return compiled.as_text(), compiled.memory_analysis().temp_size_in_bytes
+@pytest.fixture(scope="module")
+def v5e_steps():
+    """benchmarks/attention_tpu's compile of the real training step (train.setup + train.jit_train_step +
+    compile_report.compile_step, as --compile-only builds it) for v5e:2x2, attention "auto" and "xla": a
+    DiT-S/2 at 512 px (1024 tokens) narrowed to 2 blocks of width 128 (2 heads of 64: the kernel's choice
+    depends on the tokens, not the width; a narrow step compiles in half the time), batch 8. One compile per
+    impl for this module: the product's rule and the benchmark's smoke run below read the same rows
+    (libtpu's compile-only programs cannot be read back from the persistent compilation cache)."""
+    from benchmarks import attention_tpu
+
+    rows = attention_tpu.main(["--variants", "S/2,512", "--impls", "auto", "xla", "--topology", "v5e:2x2",
+                               "--batch", "8", "--depth", "2", "--config.model.hidden_size=128",
+                               "--config.model.num_heads=2"])
+    return {r["attention_impl"]: r for r in rows}
 
 
 @pytest.mark.slow
-def test_auto_compiles_the_pallas_kernel_into_the_v5e_training_step_at_512px():
-    text, temp = _compile_v5e_step("auto")
-    # the splash forward and its two backward kernels, in the scanned blocks' loop bodies
-    assert text.count('custom_call_target="tpu_custom_call"') >= 3
-    text_xla, temp_xla = _compile_v5e_step("xla")
-    assert 'custom_call_target="tpu_custom_call"' not in text_xla
-    assert temp < temp_xla  # the (N, H, T, T) logits never reach HBM
+def test_auto_compiles_the_pallas_kernel_into_the_v5e_training_step_at_512px(v5e_steps):
+    auto, xla = v5e_steps["auto"], v5e_steps["xla"]
+    # the splash forward and its two backward kernels, in the scanned blocks' loop bodies (the count of
+    # custom_call_target="tpu_custom_call" in the compiled HLO text)
+    assert auto["pallas_kernels"] >= 3
+    assert xla["pallas_kernels"] == 0
+    assert auto["temp_gib"] < xla["temp_gib"]  # the (N, H, T, T) logits never reach HBM
+
+
+@pytest.mark.slow
+def test_attention_tpu_tiny(v5e_steps):
+    """benchmarks/attention_tpu runs and reports its numbers (moved here from test_benchmarks_smoke.py to read
+    the programs compiled above instead of compiling one more)."""
+    for r in v5e_steps.values():
+        assert r["tokens"] == 1024 and r["batch_per_chip"] == 2 and r["temp_gib"] > 0 and r["total_gib"] > 0
+        assert r["bytes_accessed_gib"] > 0 and r["compile_cpu_s"] > 0
