@@ -264,6 +264,7 @@ FAST_COMPILE_MODULES = {
     "test_data_tfds", "test_data_train", "test_data_uint8_images", "test_latents_bucket", "test_mesh_by_compiling", "test_paths",
     "test_preemption", "test_state_split", "test_train_batch_kinds", "test_train_errors", "test_train_eval",
     "test_train_resume", "test_train_sharding", "test_param_layout", "test_sample_cli", "test_sample_many",
+    "test_model_chunks", "test_model_options",
     "test_bucket_commands", "test_train_multihost",  # the first keeps its TPU compile and Inception optimised
 }
 _FAST = "JAX_DISABLE_MOST_OPTIMIZATIONS"
