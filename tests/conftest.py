@@ -264,6 +264,7 @@ FAST_COMPILE_MODULES = {
     "test_data_tfds", "test_data_train", "test_data_uint8_images", "test_latents_bucket", "test_mesh_by_compiling", "test_paths",
     "test_preemption", "test_state_split", "test_train_batch_kinds", "test_train_errors", "test_train_eval",
     "test_train_resume", "test_train_sharding", "test_param_layout", "test_mfu", "test_sample_cli", "test_sample_many",
+    "test_model_chunks", "test_model_options",
     "test_bucket_commands", "test_train_multihost",  # the first keeps its TPU compile and Inception optimised
 }
 _FAST = "JAX_DISABLE_MOST_OPTIMIZATIONS"
@@ -299,17 +300,25 @@ def one_thread_references():
     """PyTorch and NumPy's BLAS on one thread for a module (`pytestmark = pytest.mark.usefixtures(...)`), restored
     afterwards. On this machine's 2 shared cores their second thread mostly waits: measured on DiT forwards,
     PyTorch used 1.3x the CPU time on two threads, NumPy's float64 reference (OpenBLAS) 3x, and neither finished
-    sooner. XLA's threads are left as they are (the compiled programs stay the ones users get)."""
+    sooner. XLA's threads are left as they are (the compiled programs stay the ones users get).
+
+    Also NumPy's huge-page advice off: NumPy asks for transparent huge pages on every array of 4 MB or more, and
+    on this long-running shared machine the kernel compacts memory to find them, in the allocating call. The
+    full-depth XL/2's conversions and random params (2.7 GB per copy) spent 35 of their 45 CPU-s in the kernel
+    that way, 13 of 22 with the advice off (tests/test_model_parity.py). Values are the same either way."""
     import torch
+    from numpy._core import multiarray as np_multiarray
     from threadpoolctl import threadpool_limits  # scikit-learn's dependency (the test extra)
 
     saved = torch.get_num_threads()
+    saved_advice = np_multiarray._set_madvise_hugepage(False)
     torch.set_num_threads(1)
     try:
         with threadpool_limits(limits=1, user_api="blas"):
             yield
     finally:
         torch.set_num_threads(saved)
+        np_multiarray._set_madvise_hugepage(saved_advice)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,11 +10,10 @@ CPU. Tolerance 1e-5 everywhere, full depth included; t spans 0-999 (the release'
 are part of the model, so large t must agree as well as small t). Run with `-s` to see the errors.
 
 Cost: each model's JAX forward is one program (`forward`); tests of the same small model share it through
-module-scoped fixtures. The full-depth XL/2 (~675M parameters; its forwards are most of this module's time)
-splits T_VALUES between its two directions (XL2_IMPORT_T, XL2_EXPORT_T): each direction still has a small and a
-large t, and every t of T_VALUES is checked at full depth once, on weights from the same N(0, 0.05) (the release
-model's for torch -> flax, random Flax params for flax -> torch). PyTorch runs on one thread
-(conftest.one_thread_references).
+module-scoped fixtures. The full-depth models are built without the release's own initialisation (every value
+it draws is replaced by N(0, 0.05) anyway: `full_depth_release_model`), their Flax params are drawn in place;
+the full-depth XL/2 (~675M parameters) checks every t of T_VALUES in both directions, and its PyTorch and JAX
+forwards at batch 5 are most of this module's time. PyTorch runs on one thread (conftest.one_thread_references).
 """
 import json
 
@@ -37,7 +36,6 @@ TOL = 1e-5
 FEATURE_TOL = 2e-7  # absolute, timestep features against the release's function
 ALL_SIZES = sorted(TORCH_MODELS)  # the 12 names, "DiT-B/2" ... "DiT-XL/8"
 T_VALUES = (0, 3, 500, 977, 999)  # one example each (the 2-block sizes at 256 px: dit_t_values.depth2_t)
-XL2_IMPORT_T, XL2_EXPORT_T = (0, 500, 999), (3, 977)  # the full-depth XL/2's two directions (module docstring)
 
 pytestmark = pytest.mark.usefixtures("one_thread_references")
 
@@ -94,24 +92,37 @@ def random_flax_params(cfg: dict, std: float = 0.05, seed: int = 2) -> dict:
     rs = np.random.default_rng(seed)
 
     def leaf(s):
-        return rs.standard_normal(s.shape, dtype=np.float32) * np.float32(std)
+        a = rs.standard_normal(s.shape, dtype=np.float32)
+        a *= np.float32(std)  # in place: no second copy of the full-depth XL/2's 2.7 GB
+        return a
 
     return jax.tree_util.tree_map(leaf, abstract_params(DiT(**cfg)))
 
 
-def check_both_directions(name: str, depth=2, input_size: int = 32, import_t=T_VALUES, export_t=None):
-    """torch -> flax on the release model at `import_t`, then flax -> torch into the same reference module
-    (strict) at `export_t` (default: import_t); the examples of inputs_at_t at their union."""
-    export_t = import_t if export_t is None else export_t
-    every_t = sorted(set(import_t) | set(export_t))
-    tm = release_model(name, input_size, depth=depth)
-    x_all, t_all, y_all = inputs_at_t(tm, input_size, every_t)
+def full_depth_release_model(name: str, input_size: int, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """The release DiT `name` at its own depth, every trained parameter from N(0, std), like
+    benchmarks.precision.release_model but built on the meta device: the release's initialisation (xavier draws
+    for all ~675M values of XL/2, ~3.5 CPU-s) would be overwritten anyway. pos_embed is the release's table."""
+    from convert.reference.torch_dit import _sincos_2d
 
-    def at(ts):
-        rows = [every_t.index(v) for v in ts]
-        return x_all[rows], t_all[rows], y_all[rows]
+    with torch.device("meta"):
+        model = TORCH_MODELS[name](input_size=input_size)
+    model = model.to_empty(device="cpu").eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if key != "pos_embed":
+                p.normal_(0.0, std)
+        grid = input_size // model.patch_size
+        model.pos_embed.copy_(torch.from_numpy(_sincos_2d(model.pos_embed.shape[-1], grid)).float()[None])
+    return model
 
-    x, t, y = at(import_t)
+
+def check_both_directions(name: str, depth=2, input_size: int = 32, ts=T_VALUES):
+    """torch -> flax on the release model, then flax -> torch into the same reference module (strict), both
+    at every t of `ts` (inputs_at_t)."""
+    tm = release_model(name, input_size, depth=depth) if depth else full_depth_release_model(name, input_size)
+    x, t, y = inputs_at_t(tm, input_size, ts)
     with torch.no_grad():
         ref = tm(x, t, y)
     params, cfg = convert.torch_to_flax(tm.state_dict())
@@ -122,7 +133,6 @@ def check_both_directions(name: str, depth=2, input_size: int = 32, import_t=T_V
     del params, ref  # the full-depth XL/2 holds several GB per copy
     params = random_flax_params(cfg)
     tm.load_state_dict(convert.flax_to_torch(params, cfg), strict=True)
-    x, t, y = at(export_t)
     with torch.no_grad():
         ref = tm(x, t, y)
     check_per_t(label + " flax->torch", nchw(fwd(params, nhwc(x), t.numpy(), y.numpy())), ref, t)
@@ -147,7 +157,7 @@ def test_timestep_features_equal_release_at_every_t():
 @pytest.mark.parametrize("name", ALL_SIZES)
 def test_parity_all_sizes_depth2(name):
     """Every size at 2 blocks, at the t values test_model_precision uses for it (one compiled program each)."""
-    check_both_directions(name, import_t=depth2_t(name))
+    check_both_directions(name, ts=depth2_t(name))
 
 
 def test_parity_s2_full_depth():
@@ -156,7 +166,7 @@ def test_parity_s2_full_depth():
 
 @pytest.mark.slow
 def test_parity_xl2_full_depth():
-    check_both_directions("DiT-XL/2", depth=None, import_t=XL2_IMPORT_T, export_t=XL2_EXPORT_T)
+    check_both_directions("DiT-XL/2", depth=None)
 
 
 @pytest.fixture(scope="module")
