@@ -21,6 +21,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # scorer's MLP fit 6.6 vs 0.9 s, a 2048x2048 eigh 6.8 vs 1.1 s). XLA's own pool is not affected.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+# NumPy's transparent-huge-page advice off (here and in the command lines): NumPy asks for huge pages on every
+# array of 4 MB or more, and on a long-running machine the kernel compacts memory to find them, inside the
+# allocating call. The full-depth XL/2's conversions and random params (2.7 GB per copy) spent 35 of their
+# 45 CPU-s in the kernel that way, 13 of 22 with the advice off (tests/test_model_parity.py). Same values.
+os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 # One XLA compilation cache for the session: this process, the pytest-xdist workers and every command line a
 # test starts inherit it. Dozens of runs compile the same tiny training step; each compiles in ~9 s and loads
 # from the cache in well under one. Entries are keyed by the program, the compile options and the jax
@@ -300,25 +305,17 @@ def one_thread_references():
     """PyTorch and NumPy's BLAS on one thread for a module (`pytestmark = pytest.mark.usefixtures(...)`), restored
     afterwards. On this machine's 2 shared cores their second thread mostly waits: measured on DiT forwards,
     PyTorch used 1.3x the CPU time on two threads, NumPy's float64 reference (OpenBLAS) 3x, and neither finished
-    sooner. XLA's threads are left as they are (the compiled programs stay the ones users get).
-
-    Also NumPy's huge-page advice off: NumPy asks for transparent huge pages on every array of 4 MB or more, and
-    on this long-running shared machine the kernel compacts memory to find them, in the allocating call. The
-    full-depth XL/2's conversions and random params (2.7 GB per copy) spent 35 of their 45 CPU-s in the kernel
-    that way, 13 of 22 with the advice off (tests/test_model_parity.py). Values are the same either way."""
+    sooner. XLA's threads are left as they are (the compiled programs stay the ones users get)."""
     import torch
-    from numpy._core import multiarray as np_multiarray
     from threadpoolctl import threadpool_limits  # scikit-learn's dependency (the test extra)
 
     saved = torch.get_num_threads()
-    saved_advice = np_multiarray._set_madvise_hugepage(False)
     torch.set_num_threads(1)
     try:
         with threadpool_limits(limits=1, user_api="blas"):
             yield
     finally:
         torch.set_num_threads(saved)
-        np_multiarray._set_madvise_hugepage(saved_advice)
 
 
 # ----------------------------------------------------------------------------------------------------
