@@ -2,7 +2,7 @@
 # Creates .venv (or $DIT_VENV) and installs dit_jax with its test dependencies and the `tpu` extra
 # (libtpu, ~700 MB: the compile-only pod tests compile for TPU topologies on this CPU machine).
 # torch==2.13.0 goes first so the CPU wheel is taken instead of a multi-GB CUDA build.
-# The installer is uv (installed into the environment from PyPI first): 31 s instead of pip's 141 s for the
+# The installer is uv (installed into the environment from PyPI first): 40 s instead of pip's 141 s for the
 # whole environment on this 2-core machine with empty caches (2026-12-06). It is given pip's configuration
 # (scripts/uv_args.py: local wheels, indexes, constraints), so it resolves what pip would.
 # DIT_INSTALLER=pip installs with pip alone.
