@@ -15,7 +15,10 @@ fi
 py="$venv/bin/python"
 if [ "${DIT_INSTALLER:-uv}" = "uv" ] && "$py" -m pip install --quiet uv; then
   mapfile -t uv_opts < <("$py" "$here/scripts/uv_args.py")
-  install() { "$venv/bin/uv" pip install --python "$py" --quiet "${uv_opts[@]}" "$@"; }
+  install() {  # pip where uv fails (an index or an option uv does not take)
+    "$venv/bin/uv" pip install --python "$py" --quiet "${uv_opts[@]}" "$@" \
+      || { echo "setup_env.sh: uv failed on: $*; installing with pip" >&2; "$py" -m pip install --quiet "$@"; }
+  }
 else
   "$py" -m pip install --quiet --upgrade pip
   install() { "$py" -m pip install --quiet "$@"; }
