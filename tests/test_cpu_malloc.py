@@ -91,3 +91,22 @@ def test_libtpu_without_tpu_chips_is_no_accelerator(monkeypatch):
     monkeypatch.setattr(platforms, "tpu_hardware_present", lambda: True)
     assert platforms.accelerator_plugin_installed() and not platforms.skip_absent_tpu()
     assert "JAX_PLATFORMS" not in os.environ
+
+
+LIBTPU_NOISE = ("TPU accelerator type", "TPU_WORKER_HOSTNAMES", "libtpu")
+
+
+def test_a_command_line_on_this_cpu_machine_never_starts_libtpu():
+    """A command line imports JAX first and calls skip_absent_tpu() (run_command) after: JAX had read
+    JAX_PLATFORMS at import, so the variable alone came too late and every start printed libtpu's failed TPU
+    initialisation (and spent a second on it). Same order here, in a process without JAX_PLATFORMS."""
+    from dit_jax.utils import platforms
+
+    assert platforms.libtpu_installed() and not platforms.tpu_hardware_present()  # the test environment's premise
+    code = ("import jax\n"
+            "from dit_jax.cli.common import run_command\n"
+            "run_command('probe', lambda: print(jax.devices()[0].platform))\n")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "cpu", r.stdout + r.stderr[-2000:]
+    assert not [w for w in LIBTPU_NOISE if w in r.stderr], r.stderr[-2000:]

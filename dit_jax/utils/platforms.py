@@ -10,6 +10,7 @@ import glob
 import importlib.util
 import os
 import pkgutil
+import sys
 
 
 def tpu_hardware_present() -> bool:
@@ -53,5 +54,8 @@ def skip_absent_tpu() -> bool:
     -> whether it was set. Must run before JAX initialises its backends."""
     if os.environ.get("JAX_PLATFORMS") or not libtpu_installed() or tpu_hardware_present() or gpu_plugin_installed():
         return False
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["JAX_PLATFORMS"] = "cpu"  # a JAX imported later, and the processes this one starts
+    jax = sys.modules.get("jax")
+    if jax is not None:  # imported already (the command lines import it first): it read the variable then
+        jax.config.update("jax_platforms", "cpu")
     return True
