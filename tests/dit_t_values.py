@@ -5,7 +5,7 @@ compilation cache (tests/conftest.py) instead of compiling it again.
 """
 SMALL_T = (0, 1, 3, 5, 10)
 LARGE_T = (500, 750, 977, 999)
-DETAILED_SIZES = ("DiT-S/2", "DiT-B/4")  # measured at every SMALL_T + LARGE_T (not slow)
+DETAILED_SIZES = ("DiT-S/2", "DiT-B/4")  # measured at every SMALL_T + LARGE_T (S/2 in the quick loop, B/4 slow)
 EVERY_SIZE_T = (0, 3, 5, 10, 500, 977, 999)  # the other ten sizes
 
 

@@ -60,6 +60,7 @@ def _compile(config):
     return compiled, env
 
 
+@pytest.mark.slow
 def test_no_compute_dtype_copy_of_the_stacked_parameters():
     """XLA (TPU) used to cast all the stacked block parameters to bfloat16 once, before the loop over the
     blocks: a copy of them (1.26 GiB for DiT-XL/2) alive through the forward and backward passes. Each block's
@@ -89,6 +90,7 @@ def test_activation_bytes_per_example_by_policy():
     assert per_example["full"] < per_example["save_qkv_proj"]
 
 
+@pytest.mark.slow
 def test_mesh_plan_estimate_against_the_compiled_total():
     """mesh_plan's estimate of the step's bytes per chip (what "auto" picks fsdp by) against XLA's memory
     analysis of the same program: DiT-S/2 with 4 blocks, save_dots, 4 and 16 images per chip. Within 10% at

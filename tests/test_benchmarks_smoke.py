@@ -43,6 +43,7 @@ def test_flops_matches_table4_for_s2():
     assert xla_half >= macs  # XLA also counts elementwise work
 
 
+@pytest.mark.slow
 def test_throughput_tiny(quick_compiles):
     from benchmarks import throughput
 
@@ -82,6 +83,7 @@ def test_gpu_script_runs_on_cpu_tiny(tmp_path, quick_compiles):
     assert "8 images through FeatureExtractor.extract" in (tmp_path / "inception_speed.log").read_text()
 
 
+@pytest.mark.slow
 def test_inception_speed_tiny(quick_compiles):
     from benchmarks import inception_speed
 
@@ -90,6 +92,7 @@ def test_inception_speed_tiny(quick_compiles):
     assert "jax-fused" in names and "extract" in names and all(r["images_per_s"] > 0 for r in res)
 
 
+@pytest.mark.slow
 def test_compile_time_tiny(quick_compiles):
     from benchmarks import compile_time
 
@@ -105,6 +108,7 @@ def test_fsdp_split_table(capsys):
     assert "| 96 | **2.01** |" in out and "| 256 | 1.00 |" in out  # 96 = 32 x 3: no width of L/2 has a 3
 
 
+@pytest.mark.slow
 def test_pod_table_batch_per_chip_and_reprint(tmp_path, capsys):
     from benchmarks import pod_table
 

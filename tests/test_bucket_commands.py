@@ -94,6 +94,7 @@ def test_train_writes_its_workdir_into_the_bucket_and_nothing_locally(gcs_dir, t
     assert os.listdir(tmp_path / "cwd") == []
 
 
+@pytest.mark.slow
 def test_compile_only_report_into_the_bucket(gcs_dir, tmp_path):
     wd = f"{gcs_dir}/check"
     r = run_in(tmp_path / "cwd", train_command(wd, "--compile-only", "--topology", "v5e:2x2"),

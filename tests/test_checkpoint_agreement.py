@@ -70,6 +70,7 @@ def tiny(num_steps):
     return c
 
 
+@pytest.mark.slow
 def test_a_value_changed_so_that_the_files_decode_is_found_by_its_checksum(run, caplog):
     """One element of one stored array is rewritten through tensorstore (valid zarr chunks, a valid OCDBT
     manifest): restoring works, only the checksum can tell. Step 2 is set aside, step 1 resumed."""

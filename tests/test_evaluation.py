@@ -98,6 +98,7 @@ def _same_stats(call, sample_feats, ref_feats):
     return all(rel_err(a, b) <= 1e-12 for a, b in zip(call, (m1, s1, m2, s2)))
 
 
+@pytest.mark.slow
 def test_devices_split_matches_one_device(params):
     assert jax.device_count() == 8
     images = _images(3, 1)

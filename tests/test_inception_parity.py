@@ -66,6 +66,7 @@ def test_unfused_parity_non_square(ref, params):
         assert rel_err(got[k], want[k]) <= TOL, k
 
 
+@pytest.mark.slow
 def test_bfloat16_close(ref_of, params):
     """bf16 compute: pool_3 within 5% (relative to its largest value) of float32; not a parity claim."""
     images = _images(32)

@@ -41,6 +41,7 @@ def totals():
     return {f: _compiled_total(c, f) for f in (1, 2)}
 
 
+@pytest.mark.slow
 def test_compiled_candidates_below_the_estimates_choice_are_tried_and_the_measured_best_kept(totals):
     # A limit just above fsdp=2's compiled bytes: fsdp=1 does not fit, fsdp=2 does.
     budget = 1.02 * totals[2]
@@ -67,6 +68,7 @@ def test_compiled_candidates_below_the_estimates_choice_are_tried_and_the_measur
     assert dict(env.mesh.shape)["fsdp"] == best and env.plan.reason == "explicit config.mesh sizes"
 
 
+@pytest.mark.slow
 def test_when_the_estimate_chosen_mesh_does_not_fit_larger_fsdp_is_compiled():
     # bfloat16 at 32 examples per device: here the estimate is 1.5x under XLA's CPU bytes, so its choice
     # (margin included) does not fit; the search walks up from it until a compiled step fits.
@@ -104,6 +106,7 @@ def test_bad_plan_settings_are_named(field, value, words):
         train.setup(c)
 
 
+@pytest.mark.slow
 def test_dit_jax_train_runs_on_the_mesh_it_compiled_for(totals, tmp_path):
     budget = 1.02 * totals[2]
     gib = budget / (1 - mesh_plan.HEADROOM) / GIB

@@ -48,6 +48,7 @@ def test_forward_macs_equal_the_dots_of_the_lowered_program(name, latent):
     assert mfu.forward_macs(model)["total"] == measure(name, 8 * latent, depth=2)[1]
 
 
+@pytest.mark.slow
 def test_training_logs_tflops_and_mfu_that_images_per_sec_and_the_flops_give(tmp_path, monkeypatch):
     """Each logged step's tflops_per_device and mfu, recomputed here from its images_per_sec, the dot MACs of the
     lowered model and a rated peak given to the CPU for the test."""

@@ -154,7 +154,12 @@ def test_timestep_features_equal_release_at_every_t():
     np.testing.assert_allclose(np.asarray(timestep_embedding(t, 33)), ref, rtol=0, atol=FEATURE_TOL)
 
 
-@pytest.mark.parametrize("name", ALL_SIZES)
+# The L and XL sizes and B/2 take 4-8 CPU-s each (slow); S/2, S/4, S/8, B/4 and B/8 stay in the quick loop.
+SLOW_DEPTH2 = ("DiT-B/2", "DiT-L/2", "DiT-L/4", "DiT-L/8", "DiT-XL/2", "DiT-XL/4", "DiT-XL/8")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_DEPTH2 else n
+                                  for n in ALL_SIZES])
 def test_parity_all_sizes_depth2(name):
     """Every size at 2 blocks, at the t values test_model_precision uses for it (one compiled program each)."""
     check_both_directions(name, ts=depth2_t(name))
@@ -221,7 +226,7 @@ def test_parity_learn_sigma_false():
     check("DiT-B/4 learn_sigma=False", out, ref)
 
 
-@pytest.mark.parametrize("name", ["DiT-S/2", "DiT-XL/8"])
+@pytest.mark.parametrize("name", ["DiT-S/2", pytest.param("DiT-XL/8", marks=pytest.mark.slow)])
 def test_parity_512px_latents(name):
     check_both_directions(name, input_size=64)
 

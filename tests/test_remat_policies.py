@@ -109,6 +109,7 @@ def test_config_default_by_platform_and_alias():
         build.build_model(c, "tpu")
 
 
+@pytest.mark.slow
 def test_rounding_the_parameters_to_the_compute_dtype_is_exact():
     """block_step rounds each block's float32 parameters to bfloat16 precision before the layers cast them
     (so that XLA cannot hoist one cast of all the stacked parameters out of the loop): the same bits as the

@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 import torch
 
 import convert
@@ -15,6 +16,7 @@ from dit_jax.pretrained import model_config
 from dit_jax.training.state import init_state
 
 
+@pytest.mark.slow
 def test_export_of_sharded_perturbed_ema_is_exact(tmp_path):
     c = tiny_config(num_steps=1)
     c.model.depth = 2

@@ -81,6 +81,7 @@ def sd_pair():
     return m, AutoencoderKL(**cfg), torch_to_flax_vae(m.state_dict(), cfg)
 
 
+@pytest.mark.slow
 def test_sd_vae_parity_encode_decode(sd_pair):
     m, vae, params = sd_pair
     assert sum(p.numel() for p in m.parameters()) == sum(x.size for x in jax.tree_util.tree_leaves(params))
