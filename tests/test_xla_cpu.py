@@ -7,6 +7,7 @@ release (tests/test_model_precision.py).
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dit_jax.utils import xla_cpu
 
@@ -58,6 +59,7 @@ def test_static_jit_decorator():
     assert float(scaled(3, jnp.float32(2.0))) == 6.0
 
 
+@pytest.mark.slow
 def test_feature_extractor_uses_it():
     from dit_jax.evaluation.features import _compiled
 
