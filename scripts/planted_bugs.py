@@ -3,6 +3,7 @@
     python scripts/planted_bugs.py              # every bug; exit 0 when every one made its tests fail
     python scripts/planted_bugs.py --list       # the bugs and the test files run for each
     python scripts/planted_bugs.py --only ema   # bugs whose name contains "ema"
+    python scripts/planted_bugs.py --markers "not slow"   # what the quick loop catches
 
 Each bug is one textual edit of the product (the text must be found exactly once, so a bug that no longer
 applies is reported, not silently skipped) and the test files that must fail with it; a run "catches" a bug
@@ -10,7 +11,8 @@ when pytest exits 1 (tests failed), not 2-5 (collection or usage errors). The li
 closing notes of issues 19-22 name (tests made to fail on the old code) plus one per core behaviour, and is
 the check issue 22 asks for after tests are merged or shared: the suite still fails on each. The copy is
 made from the working tree (tracked and untracked files that git does not ignore), so uncommitted test
-changes are checked too. Runs every test of the listed files, slow ones included (`-m ""`).
+changes are checked too. Runs every test of the listed files, slow ones included (`-m ""`), unless --markers
+selects fewer.
 """
 from __future__ import annotations
 
@@ -90,7 +92,9 @@ def copy_tree(dest: str) -> None:
         shutil.copy2(src, os.path.join(dest, rel))
 
 
-def run_bug(bug: Bug, tree: str) -> str:
+def run_bug(bug: Bug, tree: str, markers: str = "") -> str:
+    """Plants `bug` in the copy at `tree`, runs its tests (those `-m markers` selects; "" is all of them),
+    restores the file; returns the verdict line."""
     path = os.path.join(tree, bug.path)
     original = open(path).read()
     if original.count(bug.old) != 1:
@@ -99,7 +103,7 @@ def run_bug(bug: Bug, tree: str) -> str:
     try:
         env = {**os.environ, "PYTHONPATH": tree + os.pathsep + os.environ.get("PYTHONPATH", "")}
         t0 = time.time()
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "", "-p", "no:cacheprovider",
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", markers, "-p", "no:cacheprovider",
                             *bug.tests], cwd=tree, env=env, capture_output=True, text=True)
         took = f"{time.time() - t0:.0f} s"
         if r.returncode == 1:
@@ -114,6 +118,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--list", action="store_true", help="print the bugs and their test files")
     p.add_argument("--only", default="", help="run the bugs whose name contains this text")
+    p.add_argument("--markers", default="", help='pytest -m expression for the tests run (default: all of them; '
+                   '"not slow" checks what the quick loop catches)')
     args = p.parse_args(argv)
     bugs = [b for b in BUGS if args.only in b.name]
     if args.list:
@@ -127,7 +133,7 @@ def main(argv=None) -> int:
         copy_tree(tree)
         results = []
         for i, b in enumerate(bugs, 1):
-            verdict = run_bug(b, tree)
+            verdict = run_bug(b, tree, args.markers)
             results.append(verdict.startswith("caught"))
             print(f"[{i}/{len(bugs)}] {b.name}: {verdict}", flush=True)
     print(f"{sum(results)} of {len(results)} planted bugs caught")

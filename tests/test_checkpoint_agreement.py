@@ -211,3 +211,31 @@ def test_a_missing_file_that_was_handled_is_no_evidence():
             raise TimeoutError("listing gs://b/run/checkpoints/2/meta")
     except TimeoutError as e:
         assert e.__context__ is not None and not ckpt_lib.is_damage_evidence(e)
+
+
+def test_a_phase_is_tried_three_times_before_the_run_stops(monkeypatch, caplog):
+    """One restore phase on one process, no storage (the retries through real storage are the slow tests above):
+    two storage errors then the value is a success on the third try; three errors stop the run with one line
+    that says nothing was renamed."""
+    monkeypatch.setattr(ckpt_lib, "BACKOFF_S", 0.0)
+    unavailable = ValueError("UNAVAILABLE: Error reading gs://b/run/checkpoints/2/meta/metadata: HTTP 503")
+
+    def failing(times):
+        calls = []
+
+        def fn():
+            calls.append(1)
+            if len(calls) <= times:
+                raise unavailable
+            return 7
+        return fn, calls
+
+    fn, calls = failing(2)
+    with caplog.at_level(logging.WARNING, logger="dit_jax"):
+        value, rows = ckpt_lib._together("reading its meta", "it cannot be restored", "w/2", fn, lambda v: [v], 1)
+    assert value == 7 and len(calls) == 3 and rows.tolist() == [[7]]
+    assert "reading its meta failed (ValueError: UNAVAILABLE" in caplog.text and "try 2 of 3" in caplog.text
+    fn, calls = failing(3)
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"reading its meta failed 3 times .* nothing was renamed"):
+        ckpt_lib._together("reading its meta", "it cannot be restored", "w/2", fn, lambda v: [v], 1)
+    assert len(calls) == 3

@@ -96,6 +96,21 @@ def test_estimate_plan_and_cpu_compile_nothing():
     assert compile_report.mesh_by_compiling(c) == (c, "")
 
 
+def test_the_estimate_must_fit_with_its_margin():
+    """config.mesh.plan="estimate" (nothing compiled): a limit that holds fsdp=1's estimate but not AUTO_MARGIN
+    times it makes "auto" shard more than fsdp=1, and the reason names the margin."""
+    c = _auto(**{"mesh.plan": "estimate", "mesh.memory_per_chip_gib": 1000.0})
+    plan = train.setup(c).plan
+    assert plan.shape[1] == 1, plan  # all the memory in the world: data parallel
+    est1 = plan.estimate["total"]
+    budget = est1 * (1 + mesh_plan.AUTO_MARGIN) / 2  # est1 <= budget < est1 * AUTO_MARGIN
+    with c.unlocked():
+        c.mesh.memory_per_chip_gib = budget / (1 - mesh_plan.HEADROOM) / GIB
+    plan = train.setup(c).plan
+    assert plan.shape[1] > 1 and f"(x{mesh_plan.AUTO_MARGIN} margin)" in plan.reason, plan
+    assert plan.estimate["total"] * mesh_plan.AUTO_MARGIN <= budget * (1 + 1e-9), plan
+
+
 @pytest.mark.parametrize("field,value,words", [("plan", "guess", "config.mesh.plan='guess'"),
                                                ("memory_per_chip_gib", -1.0, "config.mesh.memory_per_chip_gib=-1.0")])
 def test_bad_plan_settings_are_named(field, value, words):

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import cheap_commands
-from conftest import ROOT, env_without_xla_flags, free_port, rel_err, tiny_config
+from cli_inprocess import run_main
+from conftest import ROOT, env_without_xla_flags, free_port, rel_err, tiny_config, train_command
 from dit_jax import checkpoint as ckpt_lib, train
 from dit_jax.training import sample_quality as train_eval
 from gcs_emulator import BUCKET
@@ -210,23 +211,25 @@ def test_sigterm_during_evaluations_stops_both_processes_at_the_same_call(stoppe
     assert c["saved after sigterm"] == [steps.pop()]
 
 
+class _SigtermAtStep:
+    """A training source that sends this process SIGTERM when batch `step` is asked for."""
+
+    def __init__(self, src, step=2):
+        self.src, self.num_examples, self.step = src, src.num_examples, step
+
+    def batch(self, step):
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.src.batch(step)
+
+    def close(self):
+        self.src.close()
+
+
 def test_sigterm_single_process_saves_and_stops(tmp_path, monkeypatch):
     """One process: the SIGTERM handler stops the loop at the next step, after saving it."""
     real = train.make_source
-
-    class Kill:
-        def __init__(self, src):
-            self.src, self.num_examples = src, src.num_examples
-
-        def batch(self, step):
-            if step == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return self.src.batch(step)
-
-        def close(self):
-            self.src.close()
-
-    monkeypatch.setattr(train, "make_source", lambda c: Kill(real(c)))
+    monkeypatch.setattr(train, "make_source", lambda c: _SigtermAtStep(real(c)))
     before = signal.getsignal(signal.SIGTERM)
     c = tiny_config(num_steps=6)
     c.mesh.num_devices = 1
@@ -234,6 +237,17 @@ def test_sigterm_single_process_saves_and_stops(tmp_path, monkeypatch):
     assert out.preempted == 3
     assert sorted(int(n) for n in os.listdir(tmp_path / "w" / "checkpoints") if n.isdigit()) == [3]
     assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone again
+
+
+def test_preempted_command_exits_75(tmp_path, monkeypatch):
+    """dit-jax-train's main (in this process; the 2-process test below starts the command) returns 75 after a
+    SIGTERM, the "try again" status schedulers restart on, not 1 (a failure) or 0 (finished)."""
+    real = train.make_source
+    monkeypatch.setattr(train, "make_source", lambda c: _SigtermAtStep(real(c)))
+    r = run_main("dit-jax-train", *train_command(tmp_path / "w", "--config.num_steps=6", "--config.mesh.num_devices=1",
+                                                 "--config.checkpoint.every_steps=0")[3:])
+    assert r.returncode == 75, r.stderr[-3000:]
+    assert sorted(int(n) for n in os.listdir(tmp_path / "w" / "checkpoints") if n.isdigit()) == [3]
 
 
 def _sigterm_on_call(real_make, module, name, monkeypatch, on_call=2):
