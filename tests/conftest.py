@@ -389,6 +389,12 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def slow_except(names, quick):
+    """Parametrize values: the names in `quick` as they are, every other one marked `slow` (pytest.ini: the
+    quick loop keeps one or a few sizes of a check, the README command and CI run them all)."""
+    return [n if n in quick else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
 def pytest_collection_modifyitems(session, config, items):
     """Modules with slow tests first (order inside a module kept): with pytest-xdist (`-n 2 --dist loadfile`,
     scripts/test.sh) the long modules then overlap instead of leaving one worker alone at the end."""

@@ -11,6 +11,7 @@ import pytest
 import tensorstore as ts
 
 import cheap_commands
+from command_site import fast_retries
 from cli_inprocess import run_main
 from conftest import tiny_config, train_command
 from dit_jax import checkpoint as ckpt_lib, train
@@ -95,23 +96,6 @@ def test_a_value_changed_so_that_the_files_decode_is_found_by_its_checksum(run, 
     assert sorted(out.losses) == [2, 3]
 
 
-class _ShortSleepsAsyncio:
-    """The asyncio module as gcsfs.retry sees it, with its sleeps SCALE times as long (as in the command lines
-    of this module: tests/command_site/sitecustomize.py with DIT_TEST_FAST_RETRIES)."""
-    SCALE = 0.05
-
-    def __getattr__(self, name):
-        import asyncio
-
-        return getattr(asyncio, name)
-
-    @staticmethod
-    async def sleep(seconds, *args, **kwargs):
-        import asyncio
-
-        return await asyncio.sleep(seconds * _ShortSleepsAsyncio.SCALE, *args, **kwargs)
-
-
 @pytest.mark.slow
 def test_a_few_failed_reads_are_retried_and_rename_nothing(run, proxy, monkeypatch):
     """14 failed reads of meta (more than gcsfs's own retries absorb: the first try fails, the second
@@ -121,8 +105,8 @@ def test_a_few_failed_reads_are_retried_and_rename_nothing(run, proxy, monkeypat
     command lines of this module: what is retried, how often and what is reported stay as they are."""
     import gcsfs.retry
 
-    monkeypatch.setattr(gcsfs.retry, "asyncio", _ShortSleepsAsyncio())
-    monkeypatch.setattr(ckpt_lib, "BACKOFF_S", ckpt_lib.BACKOFF_S * _ShortSleepsAsyncio.SCALE)
+    monkeypatch.setattr(gcsfs.retry, "asyncio", fast_retries.FastSleepAsyncio())
+    monkeypatch.setattr(ckpt_lib, "BACKOFF_S", ckpt_lib.BACKOFF_S * fast_retries.SCALE)
     meta = proxy.fail("GET", r"checkpoints/2/meta/metadata", times=14)
     manifest = proxy.fail("GET", r"checkpoints/2/state/manifest\.ocdbt", times=3)
     r = run_main("dit-jax-train", *train_command(run, "--config.num_steps=3", "--config.mesh.num_devices=1",

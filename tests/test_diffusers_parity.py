@@ -18,7 +18,7 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 import convert
-from conftest import ROOT, perturbed_torch_dit, rel_err
+from conftest import ROOT, perturbed_torch_dit, rel_err, slow_except
 from convert import load_any, writers
 from convert.diffusers_keys import GAP_RANDOM, TimestepMathsWarning
 from dit_jax.cli import convert as cli
@@ -167,7 +167,7 @@ def test_release_weights_to_diffusers_via_cli(tmp_path, capsys):
     assert not os.path.exists(str(tmp_path / "diff") + ".tmp")
 
 
-@pytest.mark.parametrize("name", [n if n == "DiT-S/2" else pytest.param(n, marks=pytest.mark.slow) for n in sorted(GAP_RANDOM)])
+@pytest.mark.parametrize("name", slow_except(sorted(GAP_RANDOM), quick=("DiT-S/2",)))
 def test_the_documented_difference_on_random_weights(tmp_path, name):
     """The random-weight numbers the warning and docs/convert.md state (scripts/diffusers_gap.py's setup):
     diffusers' model on the export of release weights differs from the release model by GAP_RANDOM[name]

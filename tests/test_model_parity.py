@@ -24,7 +24,7 @@ import torch
 
 import convert
 from benchmarks.precision import release_model
-from conftest import nchw, nhwc, perturbed_torch_dit, rel_err
+from conftest import nchw, nhwc, perturbed_torch_dit, rel_err, slow_except
 from dit_t_values import depth2_t
 from convert.reference.torch_dit import DiT_models as TORCH_MODELS
 from convert.reference.torch_dit import TimestepEmbedder as TorchTimestepEmbedder
@@ -154,12 +154,11 @@ def test_timestep_features_equal_release_at_every_t():
     np.testing.assert_allclose(np.asarray(timestep_embedding(t, 33)), ref, rtol=0, atol=FEATURE_TOL)
 
 
-# The L and XL sizes and B/2 take 4-8 CPU-s each (slow); S/2, S/4, S/8, B/4 and B/8 stay in the quick loop.
-SLOW_DEPTH2 = ("DiT-B/2", "DiT-L/2", "DiT-L/4", "DiT-L/8", "DiT-XL/2", "DiT-XL/4", "DiT-XL/8")
+# The L and XL sizes and B/2 take 4-8 CPU-s each (slow); these five stay in the quick loop.
+QUICK_DEPTH2 = ("DiT-S/2", "DiT-S/4", "DiT-S/8", "DiT-B/4", "DiT-B/8")
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_DEPTH2 else n
-                                  for n in ALL_SIZES])
+@pytest.mark.parametrize("name", slow_except(ALL_SIZES, QUICK_DEPTH2))
 def test_parity_all_sizes_depth2(name):
     """Every size at 2 blocks, at the t values test_model_precision uses for it (one compiled program each)."""
     check_both_directions(name, ts=depth2_t(name))
@@ -226,7 +225,7 @@ def test_parity_learn_sigma_false():
     check("DiT-B/4 learn_sigma=False", out, ref)
 
 
-@pytest.mark.parametrize("name", ["DiT-S/2", pytest.param("DiT-XL/8", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", slow_except(["DiT-S/2", "DiT-XL/8"], quick=("DiT-S/2",)))
 def test_parity_512px_latents(name):
     check_both_directions(name, input_size=64)
 

@@ -19,13 +19,14 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.precision import measure, timestep_features64, timestep_features_release32
+from conftest import slow_except
 from dit_jax.nn.model_ops import timestep_embedding
 from dit_t_values import DETAILED_SIZES, EVERY_SIZE_T, LARGE_T, SMALL_T
 
 pytestmark = pytest.mark.usefixtures("one_thread_references")  # the float64 reference: 3x less CPU (conftest)
 RATIO = 1.5  # dit_jax's error may be at most this multiple of the release's
 # B/4 (7 CPU-s for both of its tests) is slow; S/2 keeps the every-t checks in the quick loop.
-DETAILED = [n if n == "DiT-S/2" else pytest.param(n, marks=pytest.mark.slow) for n in DETAILED_SIZES]
+DETAILED = slow_except(DETAILED_SIZES, quick=("DiT-S/2",))
 
 
 def test_timestep_features_as_exact_as_release_at_every_t():

@@ -14,8 +14,9 @@ Always:
 With DIT_TEST_FAST_RETRIES=1 (tests/test_checkpoint_agreement.py), storage retries without the long waits:
   gcsfs waits about 1, 2, 4, 8 and 16 s between the six tries of a failing request, and dit_jax.checkpoint
   2 then 4 s between its own tries of a restore phase: a test that makes storage fail on purpose spent
-  almost all of its two minutes asleep. Here every such wait is 20 times shorter; the number of tries, what
-  is retried and what the run reports stay as they are.
+  almost all of its two minutes asleep. Here every such wait is 20 times shorter (fast_retries.py, which
+  that module also uses in its own process); the number of tries, what is retried and what the run reports
+  stay as they are.
 What a command computes is unchanged: a cache entry is the program the compiler returned for that key.
 """
 import gc
@@ -23,25 +24,11 @@ import importlib.machinery
 import os
 import sys
 
+from fast_retries import SCALE, FastSleepAsyncio  # this folder is on the path; it imports nothing
+
 gc.set_threshold(10_000, 10, 10)
 
 FAST_RETRIES = os.environ.get("DIT_TEST_FAST_RETRIES") == "1"
-SCALE = 0.05  # of every retry wait, with FAST_RETRIES
-
-
-class _FastSleepAsyncio:
-    """The asyncio module as gcsfs.retry sees it, with shorter sleeps."""
-
-    def __getattr__(self, name):
-        import asyncio
-
-        return getattr(asyncio, name)
-
-    @staticmethod
-    async def sleep(seconds, *args, **kwargs):
-        import asyncio
-
-        return await asyncio.sleep(seconds * SCALE, *args, **kwargs)
 
 
 def _cache_from_every_process(compiler) -> None:
@@ -64,7 +51,7 @@ def _patch(name, module):
     if name == "jax._src.compiler":
         _cache_from_every_process(module)
     elif name == "gcsfs.retry":
-        module.asyncio = _FastSleepAsyncio()
+        module.asyncio = FastSleepAsyncio()
     elif name == "dit_jax.checkpoint":
         module.BACKOFF_S *= SCALE
 
